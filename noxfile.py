@@ -1,0 +1,40 @@
+"""Sessions: ``nox -s tests`` (the whole suite), ``lint``, ``typecheck``, ``bench``.
+
+Each session installs what it needs in its own virtualenv; extra arguments after ``--`` go to the
+tool (``nox -s tests -- -k heartbeat``).
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.reuse_existing_virtualenvs = True
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the whole test suite (stock asyncio loop and uvloop)."""
+    session.install("-e", ".[test]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """Run ruff on the package, tests, examples and benchmarks."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".", *session.posargs)
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """Run mypy (strict) on the package."""
+    session.install("mypy>=1.10", "-e", ".[uvloop]")
+    session.run("mypy", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Run the benchmarks; they print tables (``-- --json out.json`` to save figures)."""
+    session.install("-e", ".[uvloop]", "websockets>=13", "psutil>=5.9", "matplotlib>=3.8")
+    session.run("python", "bench/run_all.py", *session.posargs)

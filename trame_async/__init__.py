@@ -1,0 +1,105 @@
+"""trame_async: an asyncio server and client that relay typed binary frames (trames).
+
+Every frame is a typed *trame*: a 3-character code, the struct format of its value and the packed
+value, built and read by one codec shared by the server and its clients::
+
+    import trame_async
+
+    async with trame_async.connect("127.0.0.1", 8765) as client:
+        await client.multicast(trame_async.POS, (1.0, 2.0))
+        msg = await client.receive()
+        print(msg.sender, msg.trame, msg.value)
+
+See docs/ for the tutorial, the API and the wire protocol.
+"""
+
+from __future__ import annotations
+
+from .codec import (
+    BOL,
+    BYT,
+    FLT,
+    INT,
+    POS,
+    REGISTRY,
+    STR,
+    Message,
+    Position,
+    Registry,
+    Trame,
+    decode,
+    encode,
+    register,
+    registered,
+)
+from .codes import DisconnectReason, ErrorCode
+from .exceptions import (
+    AuthenticationError,
+    BadFormatError,
+    CodecError,
+    ConnectError,
+    ConnectionClosed,
+    FrameTooLargeError,
+    HandshakeError,
+    InvalidStateError,
+    InvalidTextError,
+    MalformedFrameError,
+    ProtocolError,
+    RegistrationError,
+    TrailingDataError,
+    TrameError,
+    TruncatedFrameError,
+    UnexpectedFrameError,
+    UnknownKindError,
+    UnknownTrameError,
+    ValueMismatchError,
+    ValueSizeMismatchError,
+)
+from .wire import DEFAULT_MAX_FRAME_SIZE, PROTOCOL_VERSION, FrameParser, Kind
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BOL",
+    "BYT",
+    "DEFAULT_MAX_FRAME_SIZE",
+    "FLT",
+    "INT",
+    "POS",
+    "PROTOCOL_VERSION",
+    "REGISTRY",
+    "STR",
+    "AuthenticationError",
+    "BadFormatError",
+    "CodecError",
+    "ConnectError",
+    "ConnectionClosed",
+    "DisconnectReason",
+    "ErrorCode",
+    "FrameParser",
+    "FrameTooLargeError",
+    "HandshakeError",
+    "InvalidStateError",
+    "InvalidTextError",
+    "Kind",
+    "MalformedFrameError",
+    "Message",
+    "Position",
+    "ProtocolError",
+    "Registry",
+    "RegistrationError",
+    "TrailingDataError",
+    "Trame",
+    "TrameError",
+    "TruncatedFrameError",
+    "UnexpectedFrameError",
+    "UnknownKindError",
+    "UnknownTrameError",
+    "ValueMismatchError",
+    "ValueSizeMismatchError",
+    "__version__",
+    "decode",
+    "encode",
+    "register",
+    "registered",
+]

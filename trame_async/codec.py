@@ -1,0 +1,632 @@
+"""The shared codec: trame types, their registry, and data frames (no asyncio).
+
+A *trame type* is a 3-character code plus a ``struct`` format. Its value is packed with that format
+and travels in a data frame (MULTICAST, RELAY or DATA) whose body is::
+
+    +---------+-------------+-----------------+------------------------+
+    | code[3] | fmt_len u8  | fmt[fmt_len]    | value (size of fmt)    |
+    +---------+-------------+-----------------+------------------------+
+
+RELAY bodies start with the sender's id (u32 BE) before the code. ``fmt`` is the ASCII struct format
+of *this* value with an explicit byte order, so any receiver can unpack a frame with ``struct`` alone.
+A variable-length type is registered as ``"<*s"`` and sends ``"<5s"`` for a 5-byte value.
+
+Structs are compiled at registration; encoding a fixed-size value is one ``Struct.pack`` that also
+writes the (constant) frame header, and decoding checks the header with one dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+import struct
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Final, NamedTuple, TypeVar
+
+from .exceptions import (
+    BadFormatError,
+    InvalidTextError,
+    RegistrationError,
+    TrailingDataError,
+    TruncatedFrameError,
+    UnexpectedFrameError,
+    UnknownKindError,
+    UnknownTrameError,
+    ValueMismatchError,
+    ValueSizeMismatchError,
+)
+from .wire import HEADER, LENGTH_SIZE, SENDER, Kind
+
+__all__ = [
+    "BOL",
+    "BYT",
+    "FLT",
+    "INT",
+    "POS",
+    "REGISTRY",
+    "STR",
+    "Message",
+    "Position",
+    "Registry",
+    "Trame",
+    "decode",
+    "encode",
+    "register",
+    "registered",
+]
+
+_T = TypeVar("_T")
+
+#: Byte-order characters a format may start with. Native ones ("@", "=") are refused: their sizes or
+#: order change from one machine to another.
+_PORTABLE_ORDERS: Final = "<>!"
+_VARIABLE_BODY: Final = "*s"
+_DATA_KINDS: Final = frozenset((Kind.MULTICAST, Kind.RELAY, Kind.DATA))
+#: Upper bound on cached formats of unregistered codes (server relay checks, generic decode).
+_FORMAT_CACHE_SIZE: Final = 1024
+
+
+def _check_code(code: object) -> bytes:
+    if not isinstance(code, str):
+        raise RegistrationError(f"trame code must be a str of 3 characters, not {code!r}")
+    raw = code.encode("ascii", "replace")
+    if len(code) != 3 or not code.isascii() or not all(0x20 <= b <= 0x7E for b in raw):
+        raise RegistrationError(
+            f"trame code {code!r} is not 3 printable ASCII characters; use a code like 'POS'"
+        )
+    return raw
+
+
+def _normalize_format(code: str, fmt: object) -> str:
+    if not isinstance(fmt, str):
+        raise RegistrationError(f"format of trame {code!r} must be a str, not {fmt!r}")
+    norm = "".join(fmt.split())
+    if not norm:
+        raise RegistrationError(f"format of trame {code!r} is empty; give a struct format")
+    if norm[0] in "@=":
+        raise RegistrationError(
+            f"format {fmt!r} of trame {code!r} uses native byte order or alignment, which differs "
+            f"between machines; start it with '<' (little-endian), '>' or '!' (big-endian)"
+        )
+    if norm[0] not in _PORTABLE_ORDERS:
+        norm = "<" + norm
+    if not norm.isascii() or len(norm) > 255:
+        raise RegistrationError(
+            f"format {fmt!r} of trame {code!r} must be ASCII and at most 255 characters"
+        )
+    return norm
+
+
+class Trame(str):
+    """A registered trame type: its 3-character code (the ``str`` value) plus its format.
+
+    A ``Trame`` compares and hashes as its code, so ``msg.trame == "POS"`` works and the trame can
+    key a dict. Get one from :func:`register` or ``trame_async.INT``/``STR``/...; do not build one
+    directly.
+
+    Attributes:
+        fmt: The registered struct format, normalised (explicit byte order, ``"<*s"`` for
+            variable-length types).
+        cls: The Python type of decoded values (a NamedTuple, a dataclass, ``str`` for text), or
+            None for plain values/tuples.
+        size: The value's size in bytes for fixed-size types, None for variable-length ones.
+    """
+
+    fmt: str
+    cls: type[Any] | None
+    size: int | None
+    registered: bool
+
+    def __new__(cls, code: str, fmt: str, value_cls: type[Any] | None = None) -> Trame:
+        """Build a trame type; :func:`register` validates ``code`` and ``fmt`` first."""
+        self = super().__new__(cls, code)
+        self.fmt = fmt
+        self.cls = None
+        self.registered = False
+        self._code = code.encode("ascii")
+        self._variable = fmt[1:] == _VARIABLE_BODY
+        self._text = False
+        self._struct: struct.Struct | None = None
+        self._items = 1
+        self._getter: Callable[[Any], Any] | None = None
+        self._make: Callable[..., Any] | None = None
+        self._star = False  # build values as make(*fields) rather than make(fields)
+        # Per-kind (frame struct, frame prefix) of fixed-size types, built on first use.
+        self._frames: dict[int, tuple[struct.Struct, bytes]] = {}
+        if self._variable:
+            self.size = None
+            self.head = b""
+        else:
+            try:
+                st = struct.Struct(fmt)
+            except struct.error as err:
+                raise RegistrationError(
+                    f"format {fmt!r} of trame {code!r} is not a struct format: {err}"
+                ) from err
+            self._items = len(st.unpack(bytes(st.size)))
+            if self._items == 0:
+                raise RegistrationError(
+                    f"format {fmt!r} of trame {code!r} carries no value (only padding); add a field"
+                )
+            self._struct = st
+            self.size = st.size
+            fmt_b = fmt.encode("ascii")
+            #: code + fmt_len + fmt: constant start of every data body of this type.
+            self.head = self._code + bytes((len(fmt_b),)) + fmt_b
+        if value_cls is not None:
+            self._bind(value_cls)
+        return self
+
+    # str subclasses must keep hashing and comparing as their code.
+    __hash__ = str.__hash__
+
+    def __repr__(self) -> str:
+        cls_name = f", cls={self.cls.__name__}" if self.cls is not None else ""
+        return f"Trame({str(self)!r}, {self.fmt!r}{cls_name})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Trame, (str(self), self.fmt, self.cls))
+
+    @property
+    def code(self) -> str:
+        """The 3-character code as a plain ``str``."""
+        return str(self)
+
+    @property
+    def variable(self) -> bool:
+        """Whether values have a variable length (``"<*s"`` formats)."""
+        return self._variable
+
+    def __call__(self, value_cls: type[_T]) -> type[_T]:
+        """Bind ``value_cls`` as the type of decoded values; lets :func:`register` decorate."""
+        self._bind(value_cls)
+        return value_cls
+
+    def _bind(self, value_cls: type[Any]) -> None:
+        if not isinstance(value_cls, type):
+            raise RegistrationError(f"cls of trame {self.code!r} must be a class, not {value_cls!r}")
+        if self.cls is not None:
+            raise RegistrationError(
+                f"trame {self.code!r} already has cls {self.cls.__name__}; register it once"
+            )
+        if self._variable:
+            if value_cls not in (str, bytes):
+                raise RegistrationError(
+                    f"variable-length trame {self.code!r} carries str (UTF-8 text) or bytes, "
+                    f"not {value_cls.__name__}"
+                )
+            self._text = value_cls is str
+            self.cls = value_cls
+            return
+        fields: tuple[str, ...] | None = None
+        if dataclasses.is_dataclass(value_cls):
+            fields = tuple(f.name for f in dataclasses.fields(value_cls))
+            self._getter = operator.attrgetter(*fields)
+            self._make = value_cls
+            self._star = True
+        elif issubclass(value_cls, tuple) and hasattr(value_cls, "_fields"):
+            fields = tuple(value_cls._fields)
+            if self._items > 1:
+                self._make = value_cls._make
+            else:
+                self._make = value_cls
+                self._getter = operator.itemgetter(0)
+        else:
+            self._make = value_cls
+            self._star = True
+        if fields is not None and len(fields) != self._items:
+            raise RegistrationError(
+                f"{value_cls.__name__} has {len(fields)} fields but format {self.fmt!r} of trame "
+                f"{self.code!r} has {self._items} items; make them match"
+            )
+        self.cls = value_cls
+
+    # --- values ---------------------------------------------------------------------------------
+
+    def _mismatch(self, value: object, err: BaseException) -> ValueMismatchError:
+        return ValueMismatchError(self.code, self.fmt, value, str(err) or type(err).__name__)
+
+    def _variable_bytes(self, value: object) -> bytes:
+        if self._text:
+            if not isinstance(value, str):
+                raise ValueMismatchError(self.code, self.fmt, value, "expected str")
+            try:
+                return value.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise self._mismatch(value, err) from err
+        if isinstance(value, bytes):
+            return value
+        if isinstance(value, (bytearray, memoryview)):
+            return bytes(value)
+        raise ValueMismatchError(self.code, self.fmt, value, "expected bytes")
+
+    def pack_frame(self, kind: int, value: Any) -> bytes:
+        """Return a whole data frame of ``kind`` (MULTICAST, DATA, or RELAY from the server)."""
+        if self._variable:
+            data = self._variable_bytes(value)
+            fmt = b"<%ds" % len(data)
+            extra = b"\0\0\0\0" if kind == Kind.RELAY else b""
+            n = len(extra) + 4 + len(fmt) + len(data)
+            return b"".join(
+                (HEADER.pack(1 + n, kind), extra, self._code, bytes((len(fmt),)), fmt, data)
+            )
+        entry = self._frames.get(kind)
+        if entry is None:
+            entry = self._frame_struct(kind)
+        st, prefix = entry
+        try:
+            getter = self._getter
+            if self._items == 1:
+                return st.pack(prefix, value if getter is None else getter(value))
+            if getter is not None:
+                return st.pack(prefix, *getter(value))
+            return st.pack(prefix, *value)
+        except (struct.error, TypeError, ValueError, OverflowError, AttributeError) as err:
+            raise self._mismatch(value, err) from err
+
+    def _frame_struct(self, kind: int) -> tuple[struct.Struct, bytes]:
+        if kind not in _DATA_KINDS:
+            raise ValueError(f"kind {kind!r} is not a data frame kind")
+        assert self.size is not None
+        extra = b"\0\0\0\0" if kind == Kind.RELAY else b""
+        prefix = HEADER.pack(1 + len(extra) + len(self.head) + self.size, kind) + extra + self.head
+        # One struct writes the constant prefix and the value: one allocation per frame.
+        st = struct.Struct(f"{self.fmt[0]}{len(prefix)}s{self.fmt[1:]}")
+        self._frames[kind] = (st, prefix)
+        return st, prefix
+
+    def pack(self, value: Any) -> bytes:
+        """Return the packed value alone (no frame), as ``struct.pack(fmt, ...)`` would."""
+        if self._variable:
+            return self._variable_bytes(value)
+        st = self._struct
+        assert st is not None
+        try:
+            getter = self._getter
+            if self._items == 1:
+                return st.pack(value if getter is None else getter(value))
+            if getter is not None:
+                return st.pack(*getter(value))
+            return st.pack(*value)
+        except (struct.error, TypeError, ValueError, OverflowError, AttributeError) as err:
+            raise self._mismatch(value, err) from err
+
+    def wire_format(self, value_size: int) -> str:
+        """Return the format sent on the wire for a value of ``value_size`` bytes."""
+        return f"<{value_size}s" if self._variable else self.fmt
+
+    def unpack_from(self, buf: bytes | memoryview, offset: int = 0) -> Any:
+        """Unpack a fixed-size value at ``offset`` of ``buf`` (size already checked)."""
+        st = self._struct
+        assert st is not None
+        vals = st.unpack_from(buf, offset)
+        make = self._make
+        if self._items == 1:
+            return vals[0] if make is None else make(vals[0])
+        if make is None:
+            return vals
+        return make(*vals) if self._star else make(vals)
+
+    def unpack_variable(self, raw: bytes | memoryview) -> Any:
+        """Turn the raw bytes of a variable-length value into ``str`` or ``bytes``."""
+        if self._text:
+            try:
+                return str(raw, "utf-8")
+            except UnicodeDecodeError as err:
+                raise InvalidTextError(f"value of trame {self.code!r}", str(err.reason)) from err
+        return bytes(raw)
+
+
+class Position(NamedTuple):
+    """A 2-D position: the value type of the built-in ``POS`` trame."""
+
+    x: float
+    y: float
+
+
+class Message(NamedTuple):
+    """A data frame received: who sent it, its trame type and its decoded value.
+
+    ``sender`` is the client id of the sender, 0 for the server. ``kind`` is RELAY for a multicast
+    and DATA for a frame addressed to this peer alone.
+    """
+
+    sender: int
+    trame: Trame
+    value: Any
+    kind: Kind = Kind.RELAY
+
+
+def _parse_digits(raw: bytes | memoryview) -> int:
+    digits = bytes(raw)
+    if not digits.isdigit() or (len(digits) > 1 and digits[0] == 0x30):
+        return -1
+    return int(digits)
+
+
+class Registry:
+    """Trame types by code. :data:`REGISTRY` is the one used unless another is passed.
+
+    Server and clients must register the same types (same codes and formats); the server relays
+    codes it does not know after checking that their frames are well formed.
+    """
+
+    def __init__(self, *, builtins: bool = True) -> None:
+        """Make a registry, holding the built-in types unless ``builtins`` is false."""
+        self._by_code: dict[bytes, Trame] = {}
+        # code+fmt_len+fmt of fixed-size types -> type: one lookup checks code and format together.
+        self._by_head: dict[bytes, Trame] = {}
+        self._generic: dict[bytes, tuple[Trame, int]] = {}
+        if builtins:
+            for t in (INT, FLT, BOL, STR, BYT, POS):
+                self._add(t)
+
+    def _add(self, trame: Trame) -> None:
+        self._by_code[trame._code] = trame
+        if not trame.variable:
+            self._by_head[trame.head] = trame
+
+    def register(self, code: str, fmt: str, cls: type[Any] | None = None) -> Trame:
+        """Register trame type ``code`` with struct format ``fmt``; return it.
+
+        ``fmt`` is a struct format with an explicit portable byte order (``"<"`` is added when
+        none is given), or ``"<*s"`` for a variable-length value (``cls=str`` for UTF-8 text,
+        bytes otherwise). ``cls`` is the type of decoded values: a NamedTuple or dataclass whose
+        fields map onto the format's items in order. The result also works as a class decorator::
+
+            @trame_async.register("VEL", "<ff")
+            class Velocity(NamedTuple):
+                dx: float
+                dy: float
+
+        Raises:
+            RegistrationError: the code is not 3 printable ASCII characters, is registered already,
+                or the format cannot be carried (native byte order, no field, not a struct format).
+        """
+        raw = _check_code(code)
+        if raw in self._by_code:
+            have = self._by_code[raw]
+            raise RegistrationError(
+                f"trame code {code!r} is already registered with format {have.fmt!r}; "
+                f"pick another code"
+            )
+        trame = Trame(code, _normalize_format(code, fmt), cls)
+        trame.registered = True
+        self._add(trame)
+        return trame
+
+    def __getitem__(self, code: str) -> Trame:
+        trame = self._by_code.get(code.encode("ascii", "replace"))
+        if trame is None:
+            raise UnknownTrameError(code)
+        return trame
+
+    def get(self, code: str) -> Trame | None:
+        """Return the type registered as ``code``, or None."""
+        return self._by_code.get(code.encode("ascii", "replace"))
+
+    def __contains__(self, code: object) -> bool:
+        return isinstance(code, str) and code.encode("ascii", "replace") in self._by_code
+
+    def __iter__(self) -> Iterator[Trame]:
+        return iter(self._by_code.values())
+
+    def __len__(self) -> int:
+        return len(self._by_code)
+
+    def listing(self) -> Mapping[str, tuple[str, type[Any] | None]]:
+        """Return ``{code: (format, value type)}`` for every registered type."""
+        return {str(t): (t.fmt, t.cls) for t in self._by_code.values()}
+
+    def _resolve(self, trame: Trame | str) -> Trame:
+        if isinstance(trame, Trame) and trame.registered:
+            return trame
+        if not isinstance(trame, str):
+            raise TypeError(f"trame must be a Trame or a 3-character code, not {trame!r}")
+        return self[trame]
+
+    # --- data frames ----------------------------------------------------------------------------
+
+    def encode(self, trame: Trame | str, value: Any, kind: int = Kind.MULTICAST) -> bytes:
+        """Return a whole data frame (MULTICAST by default) carrying ``value``."""
+        return self._resolve(trame).pack_frame(kind, value)
+
+    def decode_body(
+        self, buf: bytes | memoryview, start: int, *, strict: bool = True
+    ) -> tuple[Trame, Any]:
+        """Decode the data body ``buf[start:]`` (code, format, value).
+
+        With ``strict`` an unknown code raises :class:`UnknownTrameError`; otherwise the value is
+        unpacked with the frame's own format into a tuple (a scalar for one item).
+        """
+        end = len(buf)
+        if end - start < 4:
+            raise TruncatedFrameError("data frame code and format length", 4, end - start)
+        fmt_end = start + 4 + buf[start + 3]
+        if fmt_end > end:
+            raise TruncatedFrameError("data frame format", fmt_end - start, end - start)
+        trame = self._by_head.get(buf[start:fmt_end])  # type: ignore[call-overload]
+        if trame is not None:
+            if end - fmt_end != trame.size:
+                raise ValueSizeMismatchError(trame.code, trame.fmt, trame.size or 0, end - fmt_end)
+            return trame, trame.unpack_from(buf, fmt_end)
+        return self._decode_slow(buf, start, fmt_end, strict)
+
+    def _decode_slow(
+        self, buf: bytes | memoryview, start: int, fmt_end: int, strict: bool
+    ) -> tuple[Trame, Any]:
+        code_raw = bytes(buf[start : start + 3])
+        if not all(0x20 <= b <= 0x7E for b in code_raw):
+            raise BadFormatError(code_raw, "trame code is not 3 printable ASCII characters")
+        fmt_raw = buf[start + 4 : fmt_end]
+        value = buf[fmt_end:]
+        code = code_raw.decode("ascii")
+        trame = self._by_code.get(code_raw)
+        if trame is not None:
+            if trame.variable:
+                if (
+                    len(fmt_raw) >= 3
+                    and fmt_raw[0] == 0x3C  # "<"
+                    and fmt_raw[-1] == 0x73  # "s"
+                ):
+                    declared = _parse_digits(fmt_raw[1:-1])
+                    if declared >= 0:
+                        if declared != len(value):
+                            raise ValueSizeMismatchError(
+                                trame.code, f"<{declared}s", declared, len(value)
+                            )
+                        return trame, trame.unpack_variable(value)
+                raise ValueSizeMismatchError(
+                    trame.code, trame.fmt, f"<{len(value)}s", _fmt_text(fmt_raw)
+                )
+            # A fixed type whose format differs from the registered one.
+            raise ValueSizeMismatchError(trame.code, trame.fmt, trame.fmt, _fmt_text(fmt_raw))
+        if strict:
+            raise UnknownTrameError(code)
+        generic, size = self.check_format(code_raw, fmt_raw)
+        if size != len(value):
+            raise ValueSizeMismatchError(code, generic.fmt, size, len(value))
+        return generic, generic.unpack_from(value)
+
+    def check_format(self, code_raw: bytes, fmt_raw: bytes | memoryview) -> tuple[Trame, int]:
+        """Return an unregistered trame for ``code_raw`` with format ``fmt_raw``, and its size.
+
+        Raises :class:`BadFormatError` when the format is not a portable struct format.
+        """
+        key = code_raw + bytes(fmt_raw)
+        hit = self._generic.get(key)
+        if hit is not None:
+            return hit
+        fmt = _fmt_text(fmt_raw)
+        if not fmt or fmt[0] not in _PORTABLE_ORDERS or not fmt.isascii() or fmt != fmt.strip():
+            raise BadFormatError(bytes(fmt_raw), "no explicit '<', '>' or '!' byte order")
+        try:
+            st = struct.Struct(fmt)
+        except struct.error as err:
+            raise BadFormatError(bytes(fmt_raw), str(err)) from err
+        try:
+            trame = Trame(code_raw.decode("ascii"), fmt)
+        except RegistrationError as err:
+            raise BadFormatError(bytes(fmt_raw), str(err)) from err
+        if len(self._generic) >= _FORMAT_CACHE_SIZE:
+            self._generic.clear()
+        self._generic[key] = (trame, st.size)
+        return trame, st.size
+
+    def check_body(self, buf: bytes | memoryview, start: int) -> None:
+        """Check that the data body ``buf[start:]`` is well formed, without keeping its value.
+
+        Registered codes are checked against their type (format, size, UTF-8 text); unknown codes
+        against their own format. Used by the server before relaying.
+        """
+        end = len(buf)
+        if end - start >= 4:
+            fmt_end = start + 4 + buf[start + 3]
+            trame = self._by_head.get(buf[start:fmt_end])  # type: ignore[call-overload]
+            if trame is not None and end - fmt_end == trame.size:
+                return
+        self.decode_body(buf, start, strict=False)
+
+    def decode_frame(self, frame: memoryview | bytes, *, strict: bool = True) -> Message:
+        """Decode a data frame given from its kind byte (as :class:`~.wire.FrameParser` yields)."""
+        if not frame:
+            raise TruncatedFrameError("frame kind", 1, 0)
+        kind = frame[0]
+        if kind == Kind.RELAY:
+            if len(frame) < 5:
+                raise TruncatedFrameError("RELAY sender", 4, len(frame) - 1)
+            sender: int = SENDER.unpack_from(frame, 1)[0]
+            trame, value = self.decode_body(frame, 5, strict=strict)
+            return Message(sender, trame, value, Kind.RELAY)
+        if kind == Kind.MULTICAST or kind == Kind.DATA:
+            trame, value = self.decode_body(frame, 1, strict=strict)
+            return Message(0, trame, value, Kind(kind))
+        if kind in _KIND_NAMES:
+            raise UnexpectedFrameError(_KIND_NAMES[kind], "where a data frame was expected")
+        raise UnknownKindError(kind)
+
+    def decode(self, message: bytes | memoryview) -> tuple[Trame, Any]:
+        """Decode one whole data frame (length field included); see :func:`decode`."""
+        if not isinstance(message, bytes):
+            message = bytes(message)  # views used as dict keys must be read-only
+        n = len(message)
+        if n < LENGTH_SIZE + 1:
+            raise TruncatedFrameError("frame header", LENGTH_SIZE + 1, n)
+        length = int.from_bytes(message[:LENGTH_SIZE])
+        if length < 1:
+            raise TruncatedFrameError("frame header (length shorter than the kind byte)", 1, length)
+        if n < LENGTH_SIZE + length:
+            raise TruncatedFrameError("frame body", length, n - LENGTH_SIZE)
+        if n > LENGTH_SIZE + length:
+            raise TrailingDataError("the frame", n - LENGTH_SIZE - length)
+        view = memoryview(message)[LENGTH_SIZE:]
+        msg = self.decode_frame(view)
+        return msg.trame, msg.value
+
+
+_KIND_NAMES: Final = {int(k): k.name for k in Kind}
+
+
+def _fmt_text(fmt_raw: bytes | memoryview) -> str:
+    return bytes(fmt_raw).decode("ascii", "replace")
+
+
+def _builtin(code: str, fmt: str, cls: type[Any] | None = None) -> Trame:
+    trame = Trame(code, _normalize_format(code, fmt), cls)
+    trame.registered = True
+    return trame
+
+
+#: Signed 64-bit integer.
+INT: Final = _builtin("INT", "<q")
+#: IEEE 754 double.
+FLT: Final = _builtin("FLT", "<d")
+#: Boolean (one byte, 0 or 1).
+BOL: Final = _builtin("BOL", "<?")
+#: UTF-8 text of any length (up to the frame size).
+STR: Final = _builtin("STR", "<*s", str)
+#: Raw bytes of any length (up to the frame size).
+BYT: Final = _builtin("BYT", "<*s", bytes)
+#: 2-D position: two doubles, decoded as :class:`Position`.
+POS: Final = _builtin("POS", "<dd", Position)
+
+#: The registry used by default by :func:`register`, :func:`encode`, :func:`decode`, servers and
+#: clients.
+REGISTRY: Final = Registry()
+
+
+def register(code: str, fmt: str, cls: type[Any] | None = None) -> Trame:
+    """Register a trame type in the default registry; see :meth:`Registry.register`."""
+    return REGISTRY.register(code, fmt, cls)
+
+
+def registered() -> Mapping[str, tuple[str, type[Any] | None]]:
+    """Return ``{code: (format, value type)}`` of the default registry."""
+    return REGISTRY.listing()
+
+
+def encode(trame: Trame | str, value: Any) -> tuple[bytes, str]:
+    """Encode ``value`` as a MULTICAST frame of ``trame``; return ``(message, format)``.
+
+    ``message`` is the whole frame, ready for ``client.send(message)``; ``format`` is the struct
+    format of the value as sent.
+
+    Raises:
+        UnknownTrameError: ``trame`` is a code that is not registered.
+        ValueMismatchError: the value does not fit the trame's format.
+    """
+    t = REGISTRY._resolve(trame)
+    message = t.pack_frame(Kind.MULTICAST, value)
+    if t.variable:
+        return message, t.wire_format(len(message) - LENGTH_SIZE - 1 - 4 - message[8])
+    return message, t.fmt
+
+
+def decode(message: bytes | memoryview) -> tuple[Trame, Any]:
+    """Decode one whole data frame (MULTICAST, RELAY or DATA); return ``(trame, value)``.
+
+    Raises only :class:`~trame_async.TrameError` subclasses, whatever the bytes: a
+    :class:`~trame_async.ProtocolError` for malformed bytes, :class:`UnknownTrameError` for an
+    unregistered code.
+    """
+    return REGISTRY.decode(message)

@@ -1,0 +1,400 @@
+"""Framing of trames on a byte stream, and the control frames of the protocol (no asyncio).
+
+Every frame on the wire::
+
+    0        4       5
+    +--------+-------+----------------------------+
+    | length | kind  | body (length - 1 bytes)    |
+    | u32 BE | u8    |                            |
+    +--------+-------+----------------------------+
+
+``length`` counts the kind byte and the body, so it is at least 1; the *frame size* checked against
+``max_frame_size`` is this ``length``. All header integers are big-endian (network order); values of
+data frames use the byte order of their own format. docs/protocol.md gives every kind's layout with
+hex examples.
+
+:class:`FrameParser` is the incremental parser: it is fed arbitrary chunks and returns whole frames,
+refusing an oversized length from the header alone, before any body is buffered.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from typing import Final, NamedTuple
+
+from .codes import DisconnectReason, ErrorCode
+from .exceptions import (
+    FrameTooLargeError,
+    HandshakeError,
+    InvalidTextError,
+    TrailingDataError,
+    TruncatedFrameError,
+    UnknownKindError,
+)
+
+__all__ = [
+    "DEFAULT_MAX_FRAME_SIZE",
+    "HANDSHAKE_MAX_FRAME_SIZE",
+    "HEADER",
+    "MAGIC",
+    "PROTOCOL_VERSION",
+    "ErrorFrame",
+    "FrameParser",
+    "Goodbye",
+    "Hello",
+    "Kind",
+    "Welcome",
+]
+
+#: Opening bytes of HELLO and WELCOME bodies: a stray HTTP request or another protocol fails here.
+MAGIC: Final = b"TRAM"
+#: Version of the wire protocol described in docs/protocol.md.
+PROTOCOL_VERSION: Final = 1
+#: Default largest frame (value of the length field) a peer accepts: 1 MiB.
+DEFAULT_MAX_FRAME_SIZE: Final = 1 << 20
+#: Largest frame accepted before the handshake completes (a HELLO with a token fits easily).
+HANDSHAKE_MAX_FRAME_SIZE: Final = 4096
+#: Largest frame size the length field can express.
+MAX_LENGTH: Final = 0xFFFF_FFFF
+
+#: length u32 | kind u8
+HEADER: Final = struct.Struct(">IB")
+LENGTH_SIZE: Final = 4
+_LENGTH: Final = struct.Struct(">I")
+
+# Bodies of the control frames (after the kind byte):
+#: HELLO: magic[4] | version u8 | flags u8 | token_len u16 | token[token_len]
+_HELLO: Final = struct.Struct(">4sBBH")
+#: WELCOME: magic[4] | version u8 | flags u8 | client_id u32 | interval_ms u32 | timeout_ms u32 |
+#: max_frame_size u32
+_WELCOME: Final = struct.Struct(">4sBBIIII")
+#: PING / PONG: ping_id u32
+_PING_ID: Final = struct.Struct(">I")
+#: ERROR: code u16 | reason_len u8 | reason[reason_len]
+_ERROR: Final = struct.Struct(">HB")
+#: GOODBYE: reason u16 | retry_after_ms u32 | text_len u8 | text[text_len]
+_GOODBYE: Final = struct.Struct(">HIB")
+#: RELAY prefix before the data body: sender u32
+SENDER: Final = struct.Struct(">I")
+
+#: HELLO flag: the client wants its own multicasts back.
+FLAG_ECHO: Final = 0x01
+
+
+class Kind(enum.IntEnum):
+    """The function of a frame: its first byte after the length."""
+
+    HELLO = 0x01
+    """Client -> server: opens the connection (magic, version, flags, token)."""
+    WELCOME = 0x02
+    """Server -> client: accepts it (client id, heartbeat settings, limits)."""
+    PING = 0x03
+    """Either way: liveness probe carrying an id."""
+    PONG = 0x04
+    """Either way: answer to PING, echoing its id."""
+    MULTICAST = 0x10
+    """Client -> server: a trame to relay to every connected client."""
+    RELAY = 0x11
+    """Server -> client: a multicast as relayed, with the sender's id (0: the server)."""
+    DATA = 0x12
+    """Client -> server: a trame for the server's own handlers; server -> client: a direct trame."""
+    ERROR = 0x20
+    """Either way: the sender found a protocol error and closes after this frame."""
+    GOODBYE = 0x21
+    """Either way: clean close, with a reason and a retry-after hint for shutdowns."""
+
+
+_KINDS: Final = frozenset(int(k) for k in Kind)
+
+
+def check_kind(kind: int) -> Kind:
+    """Return ``kind`` as a :class:`Kind`, or raise :class:`UnknownKindError`."""
+    if kind not in _KINDS:
+        raise UnknownKindError(kind)
+    return Kind(kind)
+
+
+def frame(kind: Kind, body: bytes = b"") -> bytes:
+    """Return a whole frame of ``kind`` around ``body``."""
+    return HEADER.pack(1 + len(body), kind) + body
+
+
+def _exact(body: memoryview | bytes, size: int, what: str) -> None:
+    if len(body) < size:
+        raise TruncatedFrameError(what, size, len(body))
+    if len(body) > size:
+        raise TrailingDataError(what, len(body) - size)
+
+
+def _text(raw: bytes | memoryview, what: str) -> str:
+    try:
+        return str(raw, "utf-8")
+    except UnicodeDecodeError as err:
+        raise InvalidTextError(what, str(err.reason)) from err
+
+
+def _short_text(text: str) -> bytes:
+    """UTF-8 encode ``text``, cut at 255 bytes on a character boundary."""
+    raw = text.encode("utf-8", "replace")
+    if len(raw) > 255:
+        raw = raw[:255].decode("utf-8", "ignore").encode("utf-8")
+    return raw
+
+
+# --- control frames ---------------------------------------------------------------------------
+
+
+class Hello(NamedTuple):
+    """Body of a HELLO frame."""
+
+    version: int
+    flags: int
+    token: bytes
+
+    @property
+    def echo(self) -> bool:
+        """Whether the client asked to receive its own multicasts."""
+        return bool(self.flags & FLAG_ECHO)
+
+    def encode(self) -> bytes:
+        """Return the whole HELLO frame."""
+        if len(self.token) > 0xFFFF:
+            raise ValueError("authentication token longer than 65535 bytes")
+        return frame(
+            Kind.HELLO, _HELLO.pack(MAGIC, self.version, self.flags, len(self.token)) + self.token
+        )
+
+    @classmethod
+    def parse(cls, body: memoryview | bytes) -> Hello:
+        """Parse a HELLO body (after the kind byte); check magic before anything else."""
+        if len(body) < 4 or bytes(body[:4]) != MAGIC:
+            raise HandshakeError(
+                f"first frame does not start with magic {MAGIC!r}: the peer is not a "
+                f"trame_async client"
+            )
+        if len(body) < _HELLO.size:
+            raise TruncatedFrameError("HELLO", _HELLO.size, len(body))
+        _, version, flags, token_len = _HELLO.unpack_from(body)
+        _exact(body, _HELLO.size + token_len, "HELLO")
+        return cls(version, flags, bytes(body[_HELLO.size :]))
+
+
+class Welcome(NamedTuple):
+    """Body of a WELCOME frame. Times are in milliseconds on the wire, seconds here."""
+
+    version: int
+    flags: int
+    client_id: int
+    heartbeat_interval: float | None
+    heartbeat_timeout: float | None
+    max_frame_size: int
+
+    def encode(self) -> bytes:
+        """Return the whole WELCOME frame."""
+        return frame(
+            Kind.WELCOME,
+            _WELCOME.pack(
+                MAGIC,
+                self.version,
+                self.flags,
+                self.client_id,
+                _to_ms(self.heartbeat_interval),
+                _to_ms(self.heartbeat_timeout),
+                self.max_frame_size,
+            ),
+        )
+
+    @classmethod
+    def parse(cls, body: memoryview | bytes) -> Welcome:
+        """Parse a WELCOME body (after the kind byte)."""
+        if len(body) < 4 or bytes(body[:4]) != MAGIC:
+            raise HandshakeError(
+                f"answer does not start with magic {MAGIC!r}: the peer is not a trame_async server"
+            )
+        _exact(body, _WELCOME.size, "WELCOME")
+        _, version, flags, client_id, interval, timeout, max_size = _WELCOME.unpack_from(body)
+        return cls(version, flags, client_id, _from_ms(interval), _from_ms(timeout), max_size)
+
+
+def _to_ms(seconds: float | None) -> int:
+    if seconds is None:
+        return 0
+    return max(1, min(MAX_LENGTH, round(seconds * 1000)))
+
+
+def _from_ms(ms: int) -> float | None:
+    return None if ms == 0 else ms / 1000
+
+
+def ping(ping_id: int) -> bytes:
+    """Return a PING frame."""
+    return HEADER.pack(5, Kind.PING) + _PING_ID.pack(ping_id)
+
+
+def pong(ping_id: int) -> bytes:
+    """Return a PONG frame echoing ``ping_id``."""
+    return HEADER.pack(5, Kind.PONG) + _PING_ID.pack(ping_id)
+
+
+def parse_ping_id(body: memoryview | bytes, what: str) -> int:
+    """Return the id of a PING or PONG body."""
+    _exact(body, 4, what)
+    value: int = _PING_ID.unpack_from(body)[0]
+    return value
+
+
+class ErrorFrame(NamedTuple):
+    """Body of an ERROR frame: numeric code and short reason (never internals)."""
+
+    code: int
+    reason: str
+
+    def encode(self) -> bytes:
+        """Return the whole ERROR frame."""
+        raw = _short_text(self.reason)
+        return frame(Kind.ERROR, _ERROR.pack(self.code, len(raw)) + raw)
+
+    @classmethod
+    def parse(cls, body: memoryview | bytes) -> ErrorFrame:
+        """Parse an ERROR body (after the kind byte)."""
+        if len(body) < _ERROR.size:
+            raise TruncatedFrameError("ERROR", _ERROR.size, len(body))
+        code, n = _ERROR.unpack_from(body)
+        _exact(body, _ERROR.size + n, "ERROR")
+        return cls(code, _text(body[_ERROR.size :], "ERROR reason"))
+
+    @property
+    def error_code(self) -> ErrorCode | None:
+        """The code as an :class:`ErrorCode`, or None for a code this version does not know."""
+        try:
+            return ErrorCode(self.code)
+        except ValueError:
+            return None
+
+
+class Goodbye(NamedTuple):
+    """Body of a GOODBYE frame: reason, retry-after hint (seconds, None for none), short text."""
+
+    reason: int
+    retry_after: float | None
+    text: str
+
+    def encode(self) -> bytes:
+        """Return the whole GOODBYE frame."""
+        raw = _short_text(self.text)
+        return frame(Kind.GOODBYE, _GOODBYE.pack(self.reason, _to_ms(self.retry_after), len(raw)) + raw)
+
+    @classmethod
+    def parse(cls, body: memoryview | bytes) -> Goodbye:
+        """Parse a GOODBYE body (after the kind byte)."""
+        if len(body) < _GOODBYE.size:
+            raise TruncatedFrameError("GOODBYE", _GOODBYE.size, len(body))
+        reason, retry_ms, n = _GOODBYE.unpack_from(body)
+        _exact(body, _GOODBYE.size + n, "GOODBYE")
+        return cls(reason, _from_ms(retry_ms), _text(body[_GOODBYE.size :], "GOODBYE text"))
+
+    @property
+    def disconnect_reason(self) -> DisconnectReason:
+        """The reason as a :class:`DisconnectReason` (GOODBYE for codes this version does not know)."""
+        try:
+            return DisconnectReason(self.reason)
+        except ValueError:
+            return DisconnectReason.GOODBYE
+
+
+# --- incremental parser -----------------------------------------------------------------------
+
+
+class FrameParser:
+    """Cut a byte stream into frames, checking each length before buffering its body.
+
+    :meth:`feed` returns the frames completed by a chunk, each as a read-only ``memoryview`` that
+    starts at the kind byte (the length field is stripped). The views stay valid forever: they point
+    into immutable ``bytes``, never into the parser's own buffer.
+
+    Work is linear in the bytes fed, whatever the chunking: complete frames are sliced out of the
+    chunk without copying, and only the unfinished tail is kept, in a buffer never larger than
+    ``max_frame_size + 4`` bytes. After an error the parser is failed and refuses further input.
+    """
+
+    __slots__ = ("_buf", "_failed", "_need", "max_frame_size")
+
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+        if not 1 <= max_frame_size <= MAX_LENGTH:
+            raise ValueError(f"max_frame_size must be between 1 and {MAX_LENGTH}")
+        #: Largest accepted value of the length field; may be changed between feeds.
+        self.max_frame_size = max_frame_size
+        self._buf = bytearray()
+        # Total bytes (header included) of the frame being buffered, 0 while the header is short.
+        self._need = 0
+        self._failed = False
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of an unfinished frame held by the parser."""
+        return len(self._buf)
+
+    @property
+    def in_frame(self) -> bool:
+        """Whether a frame has been started but not completed."""
+        return bool(self._buf)
+
+    def _check_length(self, length: int) -> int:
+        if length > self.max_frame_size:
+            self._failed = True
+            raise FrameTooLargeError(length, self.max_frame_size)
+        if length < 1:
+            self._failed = True
+            raise TruncatedFrameError("frame header (length shorter than the kind byte)", 1, length)
+        return length + LENGTH_SIZE
+
+    def feed(self, data: bytes) -> list[memoryview]:
+        """Consume ``data``; return the frames it completes, in order.
+
+        Raises:
+            FrameTooLargeError: a length prefix above :attr:`max_frame_size`.
+            TruncatedFrameError: a length of 0 (shorter than the header).
+        """
+        if self._failed:
+            raise ValueError("parser failed earlier; close the connection")
+        if type(data) is not bytes:
+            data = bytes(data)  # views handed out must point into immutable memory
+        frames: list[memoryview] = []
+        buf = self._buf
+        pos = 0
+        end = len(data)
+        if buf:
+            # Finish the frame in progress first: only the bytes it needs are copied.
+            if not self._need:
+                take = LENGTH_SIZE - len(buf)
+                buf += data[:take]
+                pos = min(take, end)
+                if len(buf) < LENGTH_SIZE:
+                    return frames
+                self._need = self._check_length(_LENGTH.unpack_from(buf)[0])
+            take = self._need - len(buf)
+            if take > end - pos:
+                buf += data[pos:]
+                return frames
+            buf += data[pos : pos + take]
+            pos += take
+            frames.append(memoryview(bytes(buf))[LENGTH_SIZE:])
+            buf.clear()
+            self._need = 0
+        view = memoryview(data)
+        max_size = self.max_frame_size
+        unpack_length = _LENGTH.unpack_from
+        while end - pos >= LENGTH_SIZE:
+            length = unpack_length(view, pos)[0]
+            if length > max_size or length < 1:
+                self._check_length(length)
+            stop = pos + LENGTH_SIZE + length
+            if stop > end:
+                self._need = stop - pos
+                break
+            frames.append(view[pos + LENGTH_SIZE : stop])
+            pos = stop
+        if pos < end:
+            buf += view[pos:]
+        return frames
