@@ -15,6 +15,7 @@ See docs/ for the tutorial, the API and the wire protocol.
 
 from __future__ import annotations
 
+from .client import Client, QueuePolicy, connect
 from .codec import (
     BOL,
     BYT,
@@ -55,6 +56,8 @@ from .exceptions import (
     ValueMismatchError,
     ValueSizeMismatchError,
 )
+from .netutil import get_host_ip
+from .server import RemoteClient, Server, ServerConfig, serve, start_server
 from .wire import DEFAULT_MAX_FRAME_SIZE, PROTOCOL_VERSION, FrameParser, Kind
 
 __version__ = "0.1.0"
@@ -71,6 +74,7 @@ __all__ = [
     "STR",
     "AuthenticationError",
     "BadFormatError",
+    "Client",
     "CodecError",
     "ConnectError",
     "ConnectionClosed",
@@ -86,8 +90,12 @@ __all__ = [
     "Message",
     "Position",
     "ProtocolError",
-    "Registry",
+    "QueuePolicy",
     "RegistrationError",
+    "Registry",
+    "RemoteClient",
+    "Server",
+    "ServerConfig",
     "TrailingDataError",
     "Trame",
     "TrameError",
@@ -98,8 +106,12 @@ __all__ = [
     "ValueMismatchError",
     "ValueSizeMismatchError",
     "__version__",
+    "connect",
     "decode",
     "encode",
+    "get_host_ip",
     "register",
     "registered",
+    "serve",
+    "start_server",
 ]

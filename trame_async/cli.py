@@ -1,0 +1,266 @@
+"""``trame-serve``: run a trame_async relay server from the command line.
+
+Ctrl+C (SIGINT) or SIGTERM shuts it down gracefully (queued frames flushed, clients told to retry)
+and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import os
+import signal
+import ssl
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import __version__
+from .netutil import get_host_ip
+from .server import ServerConfig, start_server
+
+__all__ = ["main"]
+
+TOKEN_ENV = "TRAME_TOKEN"
+
+
+def _seconds(text: str) -> float | None:
+    if text.lower() in ("none", "off", "0"):
+        return None
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be a positive number of seconds (or 'off')")
+    return value
+
+
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    lowered = text.lower().removesuffix("ib").removesuffix("b")
+    factor = units.get(lowered[-1:], 1)
+    number = lowered[:-1] if factor != 1 else lowered
+    try:
+        value = int(float(number) * factor)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a size in bytes: {text!r} (e.g. 65536, 64k, 1M)"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1 byte")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of ``trame-serve`` (every option documented)."""
+    d = ServerConfig()
+    p = argparse.ArgumentParser(
+        prog="trame-serve",
+        description=(
+            "Run a trame_async relay: every client's multicast reaches every connected client. "
+            "Ctrl+C or SIGTERM shuts down cleanly."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"trame-serve {__version__}")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all IPv4)")
+    p.add_argument("--port", type=int, default=8765, help="TCP port; 0 lets the OS choose")
+    p.add_argument(
+        "--heartbeat-interval",
+        type=_seconds,
+        default=d.heartbeat_interval,
+        metavar="S",
+        help="seconds between pings to each client ('off' disables heartbeats)",
+    )
+    p.add_argument(
+        "--heartbeat-timeout",
+        type=_seconds,
+        default=d.heartbeat_timeout,
+        metavar="S",
+        help="declare a client dead when nothing arrives this long after a ping",
+    )
+    p.add_argument(
+        "--max-frame-size",
+        type=_size,
+        default=d.max_frame_size,
+        metavar="N",
+        help="largest frame accepted from a client, in bytes (security limit)",
+    )
+    p.add_argument(
+        "--loop",
+        choices=("auto", "asyncio", "uvloop"),
+        default="auto",
+        help="event loop: uvloop when installed with 'auto'",
+    )
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+        help="logging level (connects and disconnects are logged at INFO)",
+    )
+    sec = p.add_argument_group("limits and security")
+    sec.add_argument(
+        "--token",
+        default=None,
+        help=f"shared secret clients must present (default: ${TOKEN_ENV} if set); never logged",
+    )
+    sec.add_argument(
+        "--allow-anonymous",
+        action="store_true",
+        help="allow listening on a non-loopback address without a token",
+    )
+    sec.add_argument("--tls-cert", metavar="FILE", help="PEM certificate chain: serve over TLS")
+    sec.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
+    sec.add_argument(
+        "--tls-client-ca",
+        metavar="FILE",
+        help="PEM CA bundle: require client certificates signed by it",
+    )
+    sec.add_argument("--max-clients", type=int, default=None, metavar="N", help="connection limit")
+    sec.add_argument(
+        "--handshake-timeout",
+        type=_seconds,
+        default=d.handshake_timeout,
+        metavar="S",
+        help="close connections that do not complete the handshake (TLS and HELLO) in time",
+    )
+    sec.add_argument(
+        "--frame-timeout",
+        type=_seconds,
+        default=d.frame_timeout,
+        metavar="S",
+        help="close connections that leave a frame unfinished this long (slow-loris)",
+    )
+    sec.add_argument(
+        "--max-queue-bytes",
+        type=_size,
+        default=d.max_queue_bytes,
+        metavar="N",
+        help="outbound budget per client before the slow-consumer policy applies",
+    )
+    sec.add_argument(
+        "--slow-consumer-policy",
+        choices=("disconnect", "drop-oldest", "keep-latest"),
+        default=d.slow_consumer_policy,
+        help="what to do with a client over its budget",
+    )
+    sec.add_argument(
+        "--slow-consumer-timeout",
+        type=_seconds,
+        default=d.slow_consumer_timeout,
+        metavar="S",
+        help="cut a client that stays congested (not reading) this long",
+    )
+    sec.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=d.drain_timeout,
+        metavar="S",
+        help="on shutdown, time allowed for queued frames to reach clients",
+    )
+    return p
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    if choice == "asyncio":
+        return asyncio.new_event_loop
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise SystemExit(
+                "trame-serve: --loop uvloop needs uvloop: pip install 'trame-async[uvloop]'"
+            ) from None
+        return asyncio.new_event_loop
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    if not args.tls_cert and not args.tls_key:
+        if args.tls_client_ca:
+            raise SystemExit("trame-serve: --tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if not (args.tls_cert and args.tls_key):
+        raise SystemExit("trame-serve: give both --tls-cert and --tls-key")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(args.tls_cert, args.tls_key)
+    if args.tls_client_ca:
+        ctx.load_verify_locations(args.tls_client_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+async def _serve(args: argparse.Namespace, token: str | None, tls: ssl.SSLContext | None) -> int:
+    config = ServerConfig(
+        heartbeat_interval=args.heartbeat_interval,
+        heartbeat_timeout=args.heartbeat_timeout,
+        max_frame_size=args.max_frame_size,
+        handshake_timeout=args.handshake_timeout,
+        frame_timeout=args.frame_timeout,
+        max_clients=args.max_clients,
+        token=token,
+        max_queue_bytes=max(args.max_queue_bytes, args.max_frame_size),
+        slow_consumer_policy=args.slow_consumer_policy,
+        slow_consumer_timeout=args.slow_consumer_timeout,
+        drain_timeout=args.drain_timeout,
+    )
+    try:
+        server = await start_server(args.host, args.port, config=config, ssl=tls)
+    except OSError as err:
+        print(f"trame-serve: cannot listen on {args.host}:{args.port}: {err}", file=sys.stderr)
+        return 1
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    sockname = server.sockets[0].getsockname()
+    host = sockname[0]
+    shown = f"[{host}]" if ":" in host else host
+    scheme = " (TLS)" if tls is not None else ""
+    print(f"listening on {shown}:{sockname[1]}{scheme} lan {get_host_ip()}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        server.close()
+        await server.wait_closed()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``trame-serve``; return the exit status (0 after a clean shutdown)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
+    if not token and not args.allow_anonymous and not _is_loopback(args.host):
+        print(
+            f"trame-serve: refusing to listen on non-loopback address {args.host} without a "
+            f"token: anyone who can reach it could join. Set --token (or ${TOKEN_ENV}), or pass "
+            f"--allow-anonymous if anonymous access is really wanted.",
+            file=sys.stderr,
+        )
+        return 2
+    tls = _tls_context(args)
+    runner_kwargs: dict[str, Any] = {"loop_factory": _loop_factory(args.loop)}
+    with asyncio.Runner(**runner_kwargs) as runner:
+        return runner.run(_serve(args, token, tls))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

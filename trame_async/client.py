@@ -1,0 +1,555 @@
+"""The asyncio client: ``await connect(...)`` / ``async with connect(...)``, send and receive.
+
+The connection is one ``asyncio.Protocol`` (:class:`_ClientProtocol`) driving a sans-I/O
+:class:`~trame_async.protocol.ClientCore`: it answers pings as soon as they are parsed, watches the
+server's heartbeat, and queues received multicasts. :meth:`Client.receive` is the one-shot receive of
+the original design: each call waits for the next message and re-arms; messages arriving between
+calls wait in a bounded queue, so none is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import socket
+from collections.abc import Generator
+from typing import Any, Final, Literal
+
+from .codec import REGISTRY, Message, Registry, Trame
+from .codes import DisconnectReason
+from .exceptions import (
+    AuthenticationError,
+    ConnectError,
+    ConnectionClosed,
+    FrameTooLargeError,
+    InvalidStateError,
+    TrameError,
+)
+from .protocol import ClientCore, CoreState
+from .wire import DEFAULT_MAX_FRAME_SIZE, LENGTH_SIZE, Kind
+
+__all__ = ["Client", "QueuePolicy", "connect"]
+
+logger = logging.getLogger("trame_async.client")
+
+QueuePolicy = Literal["backpressure", "disconnect", "drop-oldest", "keep-latest"]
+_POLICIES: Final = ("backpressure", "disconnect", "drop-oldest", "keep-latest")
+_MULTICAST: Final = int(Kind.MULTICAST)
+_DATA: Final = int(Kind.DATA)
+_CLEAN: Final = frozenset((DisconnectReason.CLOSED, DisconnectReason.GOODBYE))
+
+
+class _ClientProtocol(asyncio.Protocol):
+    """One TCP connection of a :class:`Client`."""
+
+    def __init__(self, client: Client, core: ClientCore) -> None:
+        self._client = client
+        self.core = core
+        self.transport: asyncio.Transport | None = None
+        self.loop = asyncio.get_running_loop()
+        self.handshake: asyncio.Future[None] = self.loop.create_future()
+        self.lost: asyncio.Future[None] = self.loop.create_future()
+        self._drain: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
+
+    # --- asyncio.Protocol -------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self._write_outgoing()
+
+    def data_received(self, data: bytes) -> None:
+        core = self.core
+        was_open = core.state is CoreState.OPEN
+        messages = core.receive_data(data, self.loop.time())
+        if core.outgoing:
+            self._write_outgoing()
+        if messages:
+            self._client._deliver(messages)
+        if core.closed:
+            self._end()
+        elif not was_open and core.state is CoreState.OPEN:
+            if not self.handshake.done():
+                self.handshake.set_result(None)
+            self._arm()
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        core = self.core
+        core.connection_lost()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        error = self._client._closed_error(core, exc)
+        if not self.handshake.done():
+            self.handshake.set_exception(error)
+            self.handshake.exception()  # retrieved: connect() reports it
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_exception(error)
+            self._drain.exception()
+        if not self.lost.done():
+            self.lost.set_result(None)
+        self.transport = None
+        self._client._lost(self, error)
+
+    def pause_writing(self) -> None:
+        if self._drain is None or self._drain.done():
+            self._drain = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _write_outgoing(self) -> None:
+        core = self.core
+        transport = self.transport
+        if transport is not None:
+            for frame in core.outgoing:
+                transport.write(frame)
+        core.outgoing.clear()
+
+    def _end(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def _arm(self) -> None:
+        when = self.core.next_timer()
+        if when is None or when == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self.loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = float("inf")
+        core = self.core
+        core.handle_timer(self.loop.time())
+        if core.outgoing:
+            self._write_outgoing()
+        if core.closed:
+            self._end()
+            # A silent peer may never send FIN: do not wait for the transport to flush.
+            if self.transport is not None:
+                self.transport.abort()
+        else:
+            self._arm()
+
+    async def drain(self) -> None:
+        drain = self._drain
+        if drain is not None and not drain.done():
+            await drain
+
+    def send(self, frame: bytes) -> None:
+        core = self.core
+        if core.state is not CoreState.OPEN or self.transport is None:
+            raise self._client._closed_error(core, None)
+        self.transport.write(frame)
+
+
+class Client:
+    """A connection to a trame_async server. Get one from :func:`connect`.
+
+    Attributes:
+        host, port: The server's address as given to :func:`connect`.
+        dropped: Messages dropped by the receive queue's policy (``drop-oldest``/``keep-latest``).
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        registry: Registry,
+        max_queue: int,
+        queue_policy: QueuePolicy,
+    ) -> None:
+        """Prepare a client; :func:`connect` opens it."""
+        if max_queue < 1:
+            raise ValueError("max_queue must be at least 1")
+        if queue_policy not in _POLICIES:
+            raise ValueError(f"queue_policy must be one of {', '.join(_POLICIES)}")
+        self.host = host
+        self.port = port
+        self.registry = registry
+        self.max_queue = max_queue
+        self.queue_policy: QueuePolicy = queue_policy
+        self.dropped = 0
+        self._proto: _ClientProtocol | None = None
+        self._queue: collections.deque[Message] = collections.deque()
+        self._latest: dict[tuple[int, str], Message] | None = (
+            {} if queue_policy == "keep-latest" else None
+        )
+        self._waiter: asyncio.Future[None] | None = None
+        self._read_paused = False
+        self._error: ConnectionClosed | None = None
+        self._closing = False
+
+    def __repr__(self) -> str:
+        return f"<Client id={self.id} server={self.host}:{self.port} closed={self.closed}>"
+
+    # --- public ---------------------------------------------------------------------------------
+
+    @property
+    def id(self) -> int:
+        """Client id assigned by the server (0 before the handshake)."""
+        return self._proto.core.client_id if self._proto is not None else 0
+
+    @property
+    def rtt(self) -> float | None:
+        """Last measured round-trip time to the server in seconds (None before the first)."""
+        return self._proto.core.rtt if self._proto is not None else None
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection is over (messages may still wait in the queue)."""
+        return self._error is not None
+
+    @property
+    def close_reason(self) -> DisconnectReason | None:
+        """Why the connection ended, or None while it is open."""
+        return self._error.reason if self._error is not None else None
+
+    @property
+    def server_settings(self) -> Any:
+        """The WELCOME the server sent: heartbeat interval/timeout and max frame size."""
+        return self._proto.core.welcome if self._proto is not None else None
+
+    @property
+    def local_address(self) -> Any:
+        """This end's ``(host, port)``."""
+        proto = self._proto
+        if proto is None or proto.transport is None:
+            return None
+        return proto.transport.get_extra_info("sockname")
+
+    async def multicast(self, trame: Trame | str, value: Any) -> None:
+        """Encode ``value`` as ``trame`` and multicast it through the server to every client.
+
+        Waits only when the transport's buffer is full (flow control).
+
+        Raises:
+            ConnectionClosed: the connection is closed.
+            UnknownTrameError, ValueMismatchError: bad trame or value; nothing is sent.
+            FrameTooLargeError: the frame exceeds the server's maximum; nothing is sent.
+        """
+        await self.send(self.registry.encode(trame, value, _MULTICAST))
+
+    async def send_data(self, trame: Trame | str, value: Any) -> None:
+        """Send a DATA frame to the server alone (handled by its ``on_data`` hook)."""
+        await self.send(self.registry.encode(trame, value, _DATA))
+
+    async def send(self, message: bytes) -> None:
+        """Send an already-encoded message (from :func:`trame_async.encode`) as it is.
+
+        The message must be one whole MULTICAST or DATA frame.
+        """
+        proto = self._open_proto()
+        if len(message) < LENGTH_SIZE + 1 or message[4] not in (_MULTICAST, _DATA):
+            raise InvalidStateError(
+                "send() takes one whole MULTICAST or DATA frame, as trame_async.encode() returns"
+            )
+        limit = proto.core.server_max_frame_size
+        if len(message) - LENGTH_SIZE > limit:
+            raise FrameTooLargeError(len(message) - LENGTH_SIZE, limit)
+        proto.send(message)
+        await proto.drain()
+
+    async def receive(self, timeout: float | None = None) -> Message:
+        """Return the next message (multicast or direct DATA) from the server.
+
+        Messages received before the connection closed are returned first; then
+        :class:`~trame_async.ConnectionClosed` is raised with the reason.
+
+        Raises:
+            TimeoutError: nothing arrived within ``timeout`` seconds.
+            ConnectionClosed: the connection is closed and no message is left.
+        """
+        while True:
+            if self._queue:
+                return self._pop()
+            if self._latest:
+                return self._pop_latest()
+            if self._error is not None:
+                raise self._error
+            waiter = self._waiter
+            if waiter is None or waiter.done():
+                waiter = self._waiter = asyncio.get_running_loop().create_future()
+            if timeout is None:
+                await waiter
+            else:
+                async with asyncio.timeout(timeout):
+                    await asyncio.shield(waiter)
+
+    def __aiter__(self) -> Client:
+        return self
+
+    async def __anext__(self) -> Message:
+        """Iterate over messages; stop on a clean close, raise on any other end."""
+        try:
+            return await self.receive()
+        except ConnectionClosed as err:
+            if err.reason in _CLEAN:
+                raise StopAsyncIteration from None
+            raise
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Say goodbye to the server and close the connection (idempotent)."""
+        self._closing = True
+        proto = self._proto
+        if proto is None:
+            return
+        core = proto.core
+        if not core.closed:
+            core.goodbye(DisconnectReason.CLOSED)
+            proto._write_outgoing()
+            proto._end()
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(proto.lost)
+        except TimeoutError:
+            if proto.transport is not None:
+                proto.transport.abort()
+            await proto.lost
+
+    async def wait_closed(self) -> None:
+        """Wait until the connection is over."""
+        if self._proto is not None:
+            await asyncio.shield(self._proto.lost)
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _open_proto(self) -> _ClientProtocol:
+        proto = self._proto
+        if proto is None or self._error is not None or proto.core.state is not CoreState.OPEN:
+            if self._error is not None:
+                raise self._error
+            raise InvalidStateError("client is not connected")
+        return proto
+
+    def _pop(self) -> Message:
+        msg = self._queue.popleft()
+        if self._read_paused and len(self._queue) <= self.max_queue // 4:
+            self._set_reading(True)
+        return msg
+
+    def _pop_latest(self) -> Message:
+        latest = self._latest
+        assert latest
+        key = next(iter(latest))
+        return latest.pop(key)
+
+    def _set_reading(self, reading: bool) -> None:
+        proto = self._proto
+        self._read_paused = not reading
+        if proto is not None and proto.transport is not None:
+            if reading:
+                proto.transport.resume_reading()
+            else:
+                proto.transport.pause_reading()
+
+    def _deliver(self, messages: list[Message]) -> None:
+        queue = self._queue
+        queue.extend(messages)
+        if len(queue) > self.max_queue:
+            self._overflow()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _overflow(self) -> None:
+        queue = self._queue
+        policy = self.queue_policy
+        if policy == "backpressure":
+            if not self._read_paused:
+                self._set_reading(False)
+        elif policy == "drop-oldest":
+            while len(queue) > self.max_queue:
+                queue.popleft()
+                self.dropped += 1
+        elif policy == "keep-latest":
+            # Fold the backlog into the newest message per (sender, trame): the reader catches up
+            # with current state instead of history.
+            latest = self._latest
+            assert latest is not None
+            while queue:
+                msg = queue.popleft()
+                key = (msg.sender, str(msg.trame))
+                if latest.pop(key, None) is not None:
+                    self.dropped += 1
+                latest[key] = msg
+        else:
+            proto = self._proto
+            if proto is not None and not proto.core.closed:
+                proto.core._close(
+                    DisconnectReason.SLOW_CONSUMER,
+                    f"receive queue above max_queue={self.max_queue}",
+                )
+                proto.core.goodbye()
+                proto._end()
+
+    def _closed_error(self, core: ClientCore, exc: Exception | None) -> ConnectionClosed:
+        if self._error is not None:
+            return self._error
+        reason = core.close_reason or DisconnectReason.CONNECTION_LOST
+        detail = core.close_detail
+        if exc is not None and reason is DisconnectReason.CONNECTION_LOST:
+            detail = f"{detail}: {exc}"
+        cls = AuthenticationError if reason is DisconnectReason.AUTH_FAILED else ConnectionClosed
+        return cls(reason, detail, error_code=core.error_code, retry_after=core.retry_after)
+
+    def _lost(self, proto: _ClientProtocol, error: ConnectionClosed) -> None:
+        if proto is not self._proto:
+            return
+        self._error = error
+        if error.reason not in _CLEAN:
+            logger.info("connection to %s:%d closed: %s", self.host, self.port, error)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _connect(
+        self,
+        *,
+        local_addr: tuple[str, int] | None,
+        ssl: Any,
+        server_hostname: str | None,
+        token: bytes | None,
+        echo: bool,
+        timeout: float | None,
+        rtt_interval: float | None,
+        max_frame_size: int,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        core = ClientCore(
+            loop.time(),
+            token=token,
+            echo=echo,
+            max_frame_size=max_frame_size,
+            rtt_interval=rtt_interval,
+            registry=self.registry,
+        )
+        proto = _ClientProtocol(self, core)
+        self._proto = proto
+        self._error = None
+        kwargs: dict[str, Any] = {}
+        if ssl is not None:
+            kwargs["ssl"] = ssl
+            if server_hostname is not None:
+                kwargs["server_hostname"] = server_hostname
+            if timeout is not None:
+                kwargs["ssl_handshake_timeout"] = timeout
+        try:
+            async with asyncio.timeout(timeout):
+                await loop.create_connection(
+                    lambda: proto, self.host, self.port, local_addr=local_addr, **kwargs
+                )
+                await proto.handshake
+        except TimeoutError as err:
+            await _abort(proto)
+            raise ConnectError(
+                self.host, self.port, f"no answer within {timeout:g} s (timed out)"
+            ) from err
+        except ConnectionClosed:
+            raise
+        except OSError as err:
+            await _abort(proto)
+            if isinstance(err, TrameError):
+                raise
+            raise ConnectError(self.host, self.port, err.strerror or str(err)) from err
+        with contextlib.suppress(OSError):
+            sock = proto.transport.get_extra_info("socket") if proto.transport else None
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+async def _abort(proto: _ClientProtocol) -> None:
+    if proto.transport is not None:
+        proto.transport.abort()
+        await proto.lost
+
+
+class connect:
+    """Open a connection: ``client = await connect(...)`` or ``async with connect(...) as client``.
+
+    Args:
+        host, port: The server's address.
+        local_addr: ``(host_ip, port)`` to bind the local end to, as the original
+            ``connect(host_ip, port, server_host, server_port)`` did.
+        token: Shared secret the server asks for (str or bytes); never logged.
+        echo: Receive this client's own multicasts too.
+        ssl: An ``ssl.SSLContext`` (or True) for TLS; ``server_hostname`` overrides the name checked.
+        timeout: Seconds allowed for the TCP connect, TLS and trame handshakes together.
+        max_queue: Messages held for :meth:`Client.receive` before ``queue_policy`` applies.
+        queue_policy: ``"backpressure"`` (stop reading from the socket until the application
+            catches up: nothing is lost, the server may then cut this client as a slow consumer),
+            ``"drop-oldest"``, ``"keep-latest"`` (newest per sender and trame) or ``"disconnect"``.
+        rtt_interval: Seconds between this client's own RTT probes (None: no probe; the server's
+            heartbeat still runs).
+        max_frame_size: Largest frame accepted from the server.
+        registry: The trame registry to decode with.
+
+    Raises:
+        ConnectError: the connection could not be opened (refused, timed out).
+        AuthenticationError: the server refused the token.
+        ConnectionClosed: the server refused the connection for another reason.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 8765,
+        *,
+        local_addr: tuple[str, int] | None = None,
+        token: str | bytes | None = None,
+        echo: bool = False,
+        ssl: Any = None,
+        server_hostname: str | None = None,
+        timeout: float | None = 10.0,
+        max_queue: int = 10_000,
+        queue_policy: QueuePolicy = "backpressure",
+        rtt_interval: float | None = 30.0,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        registry: Registry = REGISTRY,
+    ) -> None:
+        self._client = Client(
+            host, port, registry=registry, max_queue=max_queue, queue_policy=queue_policy
+        )
+        self._kwargs: dict[str, Any] = {
+            "local_addr": local_addr,
+            "ssl": ssl,
+            "server_hostname": server_hostname,
+            "token": token.encode("utf-8") if isinstance(token, str) else token,
+            "echo": echo,
+            "timeout": timeout,
+            "rtt_interval": rtt_interval,
+            "max_frame_size": max_frame_size,
+        }
+
+    async def _open(self) -> Client:
+        await self._client._connect(**self._kwargs)
+        return self._client
+
+    def __await__(self) -> Generator[Any, None, Client]:
+        return self._open().__await__()
+
+    async def __aenter__(self) -> Client:
+        return await self._open()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._client.close()

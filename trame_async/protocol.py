@@ -1,0 +1,561 @@
+"""Sans-I/O connection state for both ends: handshake, heartbeat, limits, close (no asyncio).
+
+Theory of operation
+-------------------
+A core is fed bytes with :meth:`receive_data` and the current time, and answers with the data frames
+the application must see. Control frames (HELLO/WELCOME, PING/PONG, ERROR, GOODBYE) are handled
+inside: answers go to :attr:`outgoing`, which the I/O adapter writes out right after the call, so a
+PONG never waits behind application work. The adapter asks :meth:`next_timer` when to call
+:meth:`handle_timer` again; every timeout (heartbeat, handshake, slow-loris) is a pure function of
+the ``now`` values passed in, so tests drive time by hand.
+
+States::
+
+    HANDSHAKE --HELLO ok / WELCOME--> OPEN --GOODBYE, ERROR, timeout, close()--> CLOSED
+
+A core never closes anything itself: once :attr:`closed` is true the adapter writes
+:attr:`outgoing` (an ERROR or GOODBYE frame, if any) and closes the transport. :attr:`close_reason`
+is set exactly once, by the first cause.
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+from dataclasses import dataclass
+from typing import Final
+
+from .codec import REGISTRY, Message, Registry
+from .codes import DisconnectReason, ErrorCode
+from .exceptions import (
+    HandshakeError,
+    ProtocolError,
+    TrameError,
+    UnexpectedFrameError,
+    UnknownKindError,
+)
+from .wire import (
+    DEFAULT_MAX_FRAME_SIZE,
+    FLAG_ECHO,
+    HANDSHAKE_MAX_FRAME_SIZE,
+    MAGIC,
+    PROTOCOL_VERSION,
+    ErrorFrame,
+    FrameParser,
+    Goodbye,
+    Hello,
+    Kind,
+    Welcome,
+    parse_ping_id,
+    ping,
+    pong,
+)
+
+__all__ = ["ClientCore", "CoreState", "ServerCore", "ServerLimits"]
+
+_MULTICAST: Final = int(Kind.MULTICAST)
+_DATA: Final = int(Kind.DATA)
+_RELAY: Final = int(Kind.RELAY)
+_PING: Final = int(Kind.PING)
+_PONG: Final = int(Kind.PONG)
+_INF: Final = float("inf")
+
+# An ERROR code received from the server, as the reason the client reports.
+_REASON_FOR_ERROR: Final = {
+    ErrorCode.AUTH_FAILED: DisconnectReason.AUTH_FAILED,
+    ErrorCode.SLOW_CONSUMER: DisconnectReason.SLOW_CONSUMER,
+    ErrorCode.HANDSHAKE_TIMEOUT: DisconnectReason.HANDSHAKE_TIMEOUT,
+    ErrorCode.FRAME_TIMEOUT: DisconnectReason.FRAME_TIMEOUT,
+    ErrorCode.TOO_MANY_CLIENTS: DisconnectReason.TOO_MANY_CLIENTS,
+    ErrorCode.SHUTTING_DOWN: DisconnectReason.SERVER_SHUTDOWN,
+}
+
+
+class CoreState(enum.Enum):
+    """Where a connection is in its life."""
+
+    HANDSHAKE = "handshake"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    """The per-connection settings a server core enforces. Times in seconds, sizes in bytes;
+    None disables a limit."""
+
+    heartbeat_interval: float | None = 20.0
+    heartbeat_timeout: float | None = 20.0
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    handshake_max_frame_size: int = HANDSHAKE_MAX_FRAME_SIZE
+    handshake_timeout: float | None = 10.0
+    frame_timeout: float | None = 30.0
+    token: bytes | None = None
+
+
+class _Core:
+    """What both ends share: the parser, the outgoing list, close bookkeeping."""
+
+    def __init__(self, max_frame_size: int) -> None:
+        self.parser = FrameParser(max_frame_size)
+        #: Frames the adapter must write, in order (control frames only: data goes its own way).
+        self.outgoing: list[bytes] = []
+        self.state = CoreState.HANDSHAKE
+        #: Why the connection ended; set once, by the first cause.
+        self.close_reason: DisconnectReason | None = None
+        #: Human-readable detail of :attr:`close_reason` (for logs; never the token).
+        self.close_detail = ""
+        #: ERROR code we sent, or that the peer sent us.
+        self.error_code: ErrorCode | None = None
+        #: Retry-after hint from a GOODBYE, in seconds.
+        self.retry_after: float | None = None
+        self._ping_seq = 0
+        self._frame_started: float | None = None
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection is over and the adapter must close the transport."""
+        return self.state is CoreState.CLOSED
+
+    def _close(self, reason: DisconnectReason, detail: str = "") -> None:
+        if self.state is not CoreState.CLOSED:
+            self.state = CoreState.CLOSED
+            self.close_reason = reason
+            self.close_detail = detail
+
+    def fail(self, error: ProtocolError, reason: DisconnectReason | None = None) -> None:
+        """Send an ERROR frame for ``error`` (code and a short generic text) and close."""
+        if self.state is CoreState.CLOSED:
+            return
+        code = error.error_code
+        self.error_code = code
+        self.outgoing.append(ErrorFrame(code, code.name.lower().replace("_", " ")).encode())
+        self._close(reason or DisconnectReason.PROTOCOL_ERROR, str(error))
+
+    def refuse(self, code: ErrorCode, reason: DisconnectReason, detail: str = "") -> None:
+        """Send an ERROR frame with ``code`` and close with ``reason`` (limits, auth, timeouts)."""
+        if self.state is CoreState.CLOSED:
+            return
+        self.error_code = code
+        self.outgoing.append(ErrorFrame(code, code.name.lower().replace("_", " ")).encode())
+        self._close(reason, detail or code.name.lower())
+
+    def goodbye(
+        self,
+        reason: DisconnectReason = DisconnectReason.CLOSED,
+        *,
+        retry_after: float | None = None,
+        text: str = "",
+    ) -> None:
+        """Queue a GOODBYE frame and close (the local side ends the connection on purpose)."""
+        if self.state is CoreState.CLOSED:
+            return
+        wire_reason = DisconnectReason.GOODBYE if reason is DisconnectReason.CLOSED else reason
+        self.outgoing.append(Goodbye(wire_reason, retry_after, text).encode())
+        self._close(reason, text)
+
+    def connection_lost(self) -> DisconnectReason:
+        """Note that the transport ended; return the reason to report (the first cause wins)."""
+        self._close(DisconnectReason.CONNECTION_LOST, "connection lost (EOF or reset)")
+        assert self.close_reason is not None
+        return self.close_reason
+
+    def _next_ping_id(self) -> int:
+        self._ping_seq = (self._ping_seq + 1) & 0xFFFF_FFFF
+        return self._ping_seq
+
+    def _track_partial(self, completed: bool, now: float) -> None:
+        if self.parser.in_frame:
+            if completed or self._frame_started is None:
+                self._frame_started = now
+        else:
+            self._frame_started = None
+
+    def _peer_error(self, body: memoryview) -> None:
+        err = ErrorFrame.parse(body)
+        code = err.error_code
+        self.error_code = code
+        reason = DisconnectReason.ERROR_RECEIVED
+        if code is not None:
+            reason = _REASON_FOR_ERROR.get(code, reason)
+        self._close(reason, f"peer sent error {code.name if code else err.code}: {err.reason}")
+
+    def _peer_goodbye(self, body: memoryview) -> None:
+        bye = Goodbye.parse(body)
+        self.retry_after = bye.retry_after
+        reason = bye.disconnect_reason
+        if reason is not DisconnectReason.SERVER_SHUTDOWN:
+            reason = DisconnectReason.GOODBYE
+        self._close(reason, bye.text)
+
+
+class ServerCore(_Core):
+    """The server's view of one client connection."""
+
+    def __init__(
+        self,
+        client_id: int,
+        limits: ServerLimits,
+        now: float,
+        registry: Registry = REGISTRY,
+    ) -> None:
+        """Start a connection accepted at ``now``; the client must send HELLO first."""
+        super().__init__(limits.handshake_max_frame_size)
+        self.client_id = client_id
+        self.limits = limits
+        self.registry = registry
+        #: The client asked for its own multicasts back.
+        self.echo = False
+        #: Last measured round-trip time in seconds.
+        self.rtt: float | None = None
+        self._opened_at = now
+        self._first = True
+        self._interval = limits.heartbeat_interval
+        self._timeout = limits.heartbeat_timeout
+        self._next_ping = _INF
+        # Time of the first ping sent since the last frame received; None while the peer is live.
+        self._awaiting: float | None = None
+        self._rtt_ping: tuple[int, float] | None = None
+        # While we do not read from this client, or it cannot read our pings because its
+        # transport is congested, its silence is not its fault (slow-consumer limits cover it).
+        self._read_paused = False
+        self._write_congested = False
+        self._paused_at: float | None = None
+
+    def receive_data(self, data: bytes, now: float) -> list[memoryview]:
+        """Feed bytes from the client; return its valid MULTICAST and DATA frames.
+
+        Each returned frame is a memoryview from the kind byte, already checked to be well formed.
+        Control frames are answered in :attr:`outgoing`. On a protocol error an ERROR frame is
+        queued and :attr:`closed` becomes true; frames before the bad one are still returned.
+        """
+        if self.state is CoreState.CLOSED:
+            return []
+        if self._first:
+            self._first = False
+            try:
+                self._check_preamble(data)
+            except ProtocolError as err:
+                self.fail(err)
+                return []
+        try:
+            frames = self.parser.feed(data)
+        except ProtocolError as err:
+            self.fail(err)
+            return []
+        self._awaiting = None  # any byte from the peer proves it alive
+        if self.limits.frame_timeout is not None:
+            self._track_partial(bool(frames), now)
+        out: list[memoryview] = []
+        check = self.registry.check_body
+        for frame in frames:
+            kind = frame[0]
+            if kind == _MULTICAST or kind == _DATA:
+                if self.state is not CoreState.OPEN:
+                    self.fail(UnexpectedFrameError(Kind(kind).name, "before the handshake"))
+                    break
+                try:
+                    check(frame, 1)
+                except ProtocolError as err:
+                    self.fail(err)
+                    break
+                except TrameError as err:  # an unknown code is relayed, so this is a bug
+                    self.fail(ProtocolError(str(err)))
+                    break
+                out.append(frame)
+            else:
+                try:
+                    self._control(frame, kind, now)
+                except ProtocolError as err:
+                    self.fail(err)
+                if self.closed:
+                    break
+        return out
+
+    def _check_preamble(self, data: bytes) -> None:
+        # A stray HTTP request or TLS hello must be told apart from an oversized HELLO.
+        if len(data) > 4 and data[4] != Kind.HELLO:
+            if data[4] in _KIND_VALUES:
+                raise UnexpectedFrameError(Kind(data[4]).name, "before HELLO")
+            raise HandshakeError("first frame is not a HELLO: the peer is not a trame_async client")
+        head = data[5:9]
+        if head != MAGIC[: len(head)]:
+            raise HandshakeError(
+                f"first frame does not start with magic {MAGIC!r}: the peer is not a "
+                f"trame_async client"
+            )
+
+    def _control(self, frame: memoryview, kind: int, now: float) -> None:
+        body = frame[1:]
+        if kind == _PING:
+            self.outgoing.append(pong(parse_ping_id(body, "PING")))
+        elif kind == _PONG:
+            ping_id = parse_ping_id(body, "PONG")
+            if self._rtt_ping is not None and self._rtt_ping[0] == ping_id:
+                self.rtt = now - self._rtt_ping[1]
+                self._rtt_ping = None
+        elif kind == Kind.HELLO:
+            if self.state is not CoreState.HANDSHAKE:
+                raise UnexpectedFrameError("HELLO", "after the handshake")
+            self._hello(Hello.parse(body), now)
+        elif kind == Kind.GOODBYE:
+            self._peer_goodbye(body)
+        elif kind == Kind.ERROR:
+            self._peer_error(body)
+        elif kind in _KIND_VALUES:
+            raise UnexpectedFrameError(Kind(kind).name, "from a client")
+        else:
+            raise UnknownKindError(kind)
+
+    def _hello(self, hello: Hello, now: float) -> None:
+        if hello.version != PROTOCOL_VERSION:
+            raise HandshakeError(
+                f"client speaks protocol version {hello.version}, this server speaks "
+                f"{PROTOCOL_VERSION}; upgrade the older side",
+                ErrorCode.UNSUPPORTED_VERSION,
+            )
+        expected = self.limits.token
+        if expected is not None and not hmac.compare_digest(hello.token, expected):
+            self.refuse(
+                ErrorCode.AUTH_FAILED,
+                DisconnectReason.AUTH_FAILED,
+                "wrong token" if hello.token else "no token",
+            )
+            return
+        self.echo = bool(hello.flags & FLAG_ECHO)
+        self.state = CoreState.OPEN
+        self.parser.max_frame_size = self.limits.max_frame_size
+        self.outgoing.append(
+            Welcome(
+                PROTOCOL_VERSION,
+                0,
+                self.client_id,
+                self._interval,
+                self._timeout,
+                self.limits.max_frame_size,
+            ).encode()
+        )
+        if self._interval is not None:
+            self._next_ping = now + self._interval
+
+    # --- timers ---------------------------------------------------------------------------------
+
+    def next_timer(self) -> float | None:
+        """Return when :meth:`handle_timer` must next run, or None when no timer is needed."""
+        if self.state is CoreState.CLOSED:
+            return None
+        when = _INF
+        limits = self.limits
+        if self.state is CoreState.HANDSHAKE:
+            if limits.handshake_timeout is not None:
+                when = self._opened_at + limits.handshake_timeout
+        else:
+            when = self._next_ping
+            if self._awaiting is not None and self._timeout is not None:
+                when = min(when, self._awaiting + self._timeout)
+        if self._frame_started is not None and limits.frame_timeout is not None:
+            when = min(when, self._frame_started + limits.frame_timeout)
+        return None if when == _INF else when
+
+    def handle_timer(self, now: float) -> None:
+        """Fire whatever is due at ``now``: handshake/frame timeouts, heartbeat ping or death."""
+        if self.state is CoreState.CLOSED:
+            return
+        limits = self.limits
+        if self.state is CoreState.HANDSHAKE:
+            if limits.handshake_timeout is not None and now >= (
+                self._opened_at + limits.handshake_timeout
+            ):
+                self.refuse(
+                    ErrorCode.HANDSHAKE_TIMEOUT,
+                    DisconnectReason.HANDSHAKE_TIMEOUT,
+                    f"no handshake within {limits.handshake_timeout:g} s",
+                )
+                return
+        if (
+            self._frame_started is not None
+            and limits.frame_timeout is not None
+            and now >= self._frame_started + limits.frame_timeout
+        ):
+            self.refuse(
+                ErrorCode.FRAME_TIMEOUT,
+                DisconnectReason.FRAME_TIMEOUT,
+                f"frame not completed within {limits.frame_timeout:g} s",
+            )
+            return
+        if self.state is not CoreState.OPEN:
+            return
+        if self._paused_at is not None:
+            # Reading is paused by us: the peer's pongs may be unread, so it is not silent.
+            self._awaiting = None
+        elif (
+            self._awaiting is not None
+            and self._timeout is not None
+            and now >= self._awaiting + self._timeout
+        ):
+            self._close(
+                DisconnectReason.HEARTBEAT_TIMEOUT,
+                f"nothing received within {self._timeout:g} s of a ping",
+            )
+            return
+        if self._interval is not None and now >= self._next_ping:
+            ping_id = self._next_ping_id()
+            self.outgoing.append(ping(ping_id))
+            if self._rtt_ping is None:
+                self._rtt_ping = (ping_id, now)
+            if self._awaiting is None and self._paused_at is None:
+                self._awaiting = now
+            self._next_ping = now + self._interval
+
+    def reading_paused(self, paused: bool, now: float) -> None:
+        """Tell the core that the adapter paused (or resumed) reading from this client."""
+        self._read_paused = paused
+        self._update_pause(now)
+
+    def writing_congested(self, congested: bool, now: float) -> None:
+        """Tell the core that the client's transport is (or is no longer) above its high water."""
+        self._write_congested = congested
+        self._update_pause(now)
+
+    def _update_pause(self, now: float) -> None:
+        if self._read_paused or self._write_congested:
+            if self._paused_at is None:
+                self._paused_at = now
+        else:
+            self._paused_at = None
+            self._awaiting = None
+
+
+_KIND_VALUES: Final = frozenset(int(k) for k in Kind)
+
+
+class ClientCore(_Core):
+    """The client's view of its connection to the server."""
+
+    def __init__(
+        self,
+        now: float,
+        *,
+        token: bytes | None = None,
+        echo: bool = False,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        rtt_interval: float | None = None,
+        registry: Registry = REGISTRY,
+    ) -> None:
+        """Start a connection opened at ``now``; the HELLO is queued in :attr:`outgoing`."""
+        super().__init__(max_frame_size)
+        self.registry = registry
+        #: Id the server assigned (0 until WELCOME).
+        self.client_id = 0
+        #: The WELCOME received, with the server's heartbeat settings and limits.
+        self.welcome: Welcome | None = None
+        #: Last measured round-trip time in seconds.
+        self.rtt: float | None = None
+        self._last_rx = now
+        self._silence_limit = _INF
+        self._rtt_interval = rtt_interval
+        self._next_probe = _INF
+        self._probe: tuple[int, float] | None = None
+        self.outgoing.append(
+            Hello(PROTOCOL_VERSION, FLAG_ECHO if echo else 0, token or b"").encode()
+        )
+
+    @property
+    def server_max_frame_size(self) -> int:
+        """Largest frame the server accepts (known after WELCOME)."""
+        return self.welcome.max_frame_size if self.welcome else HANDSHAKE_MAX_FRAME_SIZE
+
+    def receive_data(self, data: bytes, now: float) -> list[Message]:
+        """Feed bytes from the server; return the RELAY and DATA frames decoded as messages."""
+        if self.state is CoreState.CLOSED:
+            return []
+        try:
+            frames = self.parser.feed(data)
+        except ProtocolError as err:
+            self.fail(err)
+            return []
+        self._last_rx = now
+        out: list[Message] = []
+        decode = self.registry.decode_frame
+        for frame in frames:
+            kind = frame[0]
+            if kind == _RELAY or kind == _DATA:
+                if self.state is not CoreState.OPEN:
+                    self.fail(UnexpectedFrameError(Kind(kind).name, "before WELCOME"))
+                    break
+                try:
+                    msg = decode(frame, strict=False)
+                except ProtocolError as err:
+                    self.fail(err)
+                    break
+                out.append(msg)
+            else:
+                try:
+                    self._control(frame, kind, now)
+                except ProtocolError as err:
+                    self.fail(err)
+                if self.closed:
+                    break
+        return out
+
+    def _control(self, frame: memoryview, kind: int, now: float) -> None:
+        body = frame[1:]
+        if kind == _PING:
+            self.outgoing.append(pong(parse_ping_id(body, "PING")))
+        elif kind == _PONG:
+            ping_id = parse_ping_id(body, "PONG")
+            if self._probe is not None and self._probe[0] == ping_id:
+                self.rtt = now - self._probe[1]
+                self._probe = None
+        elif kind == Kind.WELCOME:
+            if self.state is not CoreState.HANDSHAKE:
+                raise UnexpectedFrameError("WELCOME", "after the handshake")
+            self._welcome(Welcome.parse(body), now)
+        elif kind == Kind.GOODBYE:
+            self._peer_goodbye(body)
+        elif kind == Kind.ERROR:
+            self._peer_error(body)
+        elif kind in _KIND_VALUES:
+            raise UnexpectedFrameError(Kind(kind).name, "from the server")
+        else:
+            raise UnknownKindError(kind)
+
+    def _welcome(self, welcome: Welcome, now: float) -> None:
+        if welcome.version != PROTOCOL_VERSION:
+            raise HandshakeError(
+                f"server speaks protocol version {welcome.version}, this client speaks "
+                f"{PROTOCOL_VERSION}; upgrade the older side",
+                ErrorCode.UNSUPPORTED_VERSION,
+            )
+        self.welcome = welcome
+        self.client_id = welcome.client_id
+        self.state = CoreState.OPEN
+        interval, timeout = welcome.heartbeat_interval, welcome.heartbeat_timeout
+        if interval is not None and timeout is not None:
+            # The server pings every interval: silence longer than interval + timeout means dead.
+            self._silence_limit = interval + timeout
+        if self._rtt_interval is not None:
+            self._next_probe = now
+
+    def next_timer(self) -> float | None:
+        """Return when :meth:`handle_timer` must next run, or None."""
+        if self.state is not CoreState.OPEN:
+            return None
+        when = min(self._last_rx + self._silence_limit, self._next_probe)
+        return None if when == _INF else when
+
+    def handle_timer(self, now: float) -> None:
+        """Declare the server dead after too long a silence; send an RTT probe when due."""
+        if self.state is not CoreState.OPEN:
+            return
+        if now >= self._last_rx + self._silence_limit:
+            self._close(
+                DisconnectReason.HEARTBEAT_TIMEOUT,
+                f"server silent for more than {self._silence_limit:g} s",
+            )
+            return
+        if self._rtt_interval is not None and now >= self._next_probe:
+            ping_id = self._next_ping_id()
+            self.outgoing.append(ping(ping_id))
+            self._probe = (ping_id, now)
+            self._next_probe = now + self._rtt_interval

@@ -1,0 +1,785 @@
+"""The asyncio server: one Protocol per client, multicast fan-out, heartbeats, shutdown.
+
+Each accepted connection is a :class:`RemoteClient` (an ``asyncio.Protocol``) driving a sans-I/O
+:class:`~trame_async.protocol.ServerCore`. The per-client "heartbeat task" of the original design is a
+deadline in one shared :class:`~trame_async.timers.TimerWheel`; the one-shot multicast-receive task
+is the Protocol's ``data_received`` callback, re-armed by the loop for every chunk.
+
+Fan-out: a client's MULTICAST becomes one RELAY ``bytes`` object (built once, sender id inside) that
+is appended to every recipient's pending list, without a task or an await per recipient. Once per
+loop iteration each recipient's pending frames go to its transport in a single write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import socket
+import struct
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Final, Literal
+
+from .codec import REGISTRY, Message, Registry, Trame
+from .codes import DisconnectReason, ErrorCode
+from .exceptions import InvalidStateError
+from .protocol import CoreState, ServerCore, ServerLimits
+from .timers import TimerWheel
+from .wire import DEFAULT_MAX_FRAME_SIZE, HANDSHAKE_MAX_FRAME_SIZE, Kind
+
+__all__ = ["RemoteClient", "Server", "ServerConfig", "serve", "start_server"]
+
+logger = logging.getLogger("trame_async.server")
+
+#: length u32 | kind u8 | sender u32: the part of a RELAY frame the server writes itself.
+_RELAY_HEAD: Final = struct.Struct(">IBI")
+_RELAY: Final = int(Kind.RELAY)
+_DATA: Final = int(Kind.DATA)
+
+SlowConsumerPolicy = Literal["disconnect", "drop-oldest", "keep-latest"]
+ConnectHook = Callable[["RemoteClient"], "Awaitable[None] | None"]
+DisconnectHook = Callable[["RemoteClient", DisconnectReason], "Awaitable[None] | None"]
+DataHook = Callable[["RemoteClient", Message], "Awaitable[None] | None"]
+MulticastFilter = Callable[["RemoteClient", Message], bool]
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Every setting of a server. Times in seconds, sizes in bytes; None disables a limit.
+
+    The limits here are security limits: see docs/api.md for what each protects against.
+    """
+
+    heartbeat_interval: float | None = 20.0
+    """Ping each client this often."""
+    heartbeat_timeout: float | None = 20.0
+    """Declare a client dead when nothing arrives within this long after a ping."""
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    """Largest frame accepted from a client after its handshake (the length field's value)."""
+    handshake_max_frame_size: int = HANDSHAKE_MAX_FRAME_SIZE
+    """Largest frame accepted before the handshake completes."""
+    handshake_timeout: float | None = 10.0
+    """Close a connection that has not completed its HELLO within this long."""
+    frame_timeout: float | None = 30.0
+    """Close a connection that started a frame and did not finish it within this long."""
+    max_clients: int | None = None
+    """Refuse connections beyond this many (an ERROR frame, then close)."""
+    token: str | bytes | None = field(default=None, repr=False)
+    """Shared secret every client must present in its HELLO; never logged."""
+    max_queue_bytes: int = 4 << 20
+    """Outbound budget per client: bytes queued in user space (our queue + transport buffer)."""
+    slow_consumer_policy: SlowConsumerPolicy = "disconnect"
+    """What to do with a client over its budget: cut it, drop its oldest frames, or keep only the
+    latest frame per (sender, trame code)."""
+    slow_consumer_timeout: float | None = 5.0
+    """Cut a client whose transport stays congested (not reading) for this long."""
+    write_high_water: int = 64 << 10
+    """Transport buffer size at which a client counts as congested (pause_writing)."""
+    send_buffer_size: int | None = 128 << 10
+    """SO_SNDBUF of client sockets, kept modest so that the budget above is the real bound."""
+    drain_timeout: float = 5.0
+    """On shutdown, how long to wait for queued frames to reach the clients before aborting."""
+    retry_after: float | None = 1.0
+    """Retry-after hint sent in the shutdown GOODBYE."""
+
+    def __post_init__(self) -> None:
+        _positive("heartbeat_interval", self.heartbeat_interval)
+        _positive("heartbeat_timeout", self.heartbeat_timeout)
+        _positive("handshake_timeout", self.handshake_timeout)
+        _positive("frame_timeout", self.frame_timeout)
+        _positive("slow_consumer_timeout", self.slow_consumer_timeout)
+        if not 64 <= self.max_frame_size <= 0xFFFF_FFFF:
+            raise ValueError(
+                f"max_frame_size must be between 64 and 4294967295 bytes, not {self.max_frame_size}"
+            )
+        if not 64 <= self.handshake_max_frame_size <= self.max_frame_size:
+            raise ValueError("handshake_max_frame_size must be between 64 and max_frame_size")
+        if self.max_clients is not None and self.max_clients < 1:
+            raise ValueError("max_clients must be at least 1 (or None for no limit)")
+        if self.max_queue_bytes < self.max_frame_size:
+            raise ValueError(
+                f"max_queue_bytes ({self.max_queue_bytes}) must be at least max_frame_size "
+                f"({self.max_frame_size}) so that one frame always fits"
+            )
+        if self.slow_consumer_policy not in ("disconnect", "drop-oldest", "keep-latest"):
+            raise ValueError(
+                f"slow_consumer_policy must be 'disconnect', 'drop-oldest' or 'keep-latest', "
+                f"not {self.slow_consumer_policy!r}"
+            )
+        if self.drain_timeout < 0:
+            raise ValueError("drain_timeout must be >= 0")
+
+    def limits(self) -> ServerLimits:
+        """Return the per-connection limits for the sans-I/O core."""
+        token = self.token.encode("utf-8") if isinstance(self.token, str) else self.token
+        return ServerLimits(
+            heartbeat_interval=self.heartbeat_interval,
+            heartbeat_timeout=self.heartbeat_timeout,
+            max_frame_size=self.max_frame_size,
+            handshake_max_frame_size=self.handshake_max_frame_size,
+            handshake_timeout=self.handshake_timeout,
+            frame_timeout=self.frame_timeout,
+            token=token,
+        )
+
+
+def _positive(name: str, value: float | None) -> None:
+    if value is not None and not value > 0:
+        raise ValueError(f"{name} must be a positive number of seconds, or None to disable it")
+
+
+class RemoteClient(asyncio.Protocol):
+    """One client connection as the server sees it.
+
+    Attributes:
+        id: Client id assigned by the server (1, 2, ...; 0 is the server itself).
+        address: The peer's ``(host, port, ...)`` as the socket reports it.
+        connected_since: Wall-clock time (``time.time()``) of the accept.
+    """
+
+    __slots__ = (
+        "_core",
+        "_dirty",
+        "_out",
+        "_out_bytes",
+        "_server",
+        "_transport",
+        "_was_open",
+        "_write_paused",
+        "address",
+        "connected_since",
+        "id",
+    )
+
+    def __init__(self, server: Server, client_id: int) -> None:
+        self._server = server
+        self.id = client_id
+        self.address: Any = None
+        self.connected_since = time.time()
+        self._transport: asyncio.Transport | None = None
+        self._core = ServerCore(client_id, server._limits, server._loop.time(), server.registry)
+        # Frames waiting for this loop iteration's write (or for the transport to drain).
+        self._out: list[bytes] = []
+        self._out_bytes = 0
+        self._dirty = False
+        self._write_paused = False
+        self._was_open = False
+
+    def __repr__(self) -> str:
+        return (
+            f"<RemoteClient id={self.id} address={self.address!r} state={self._core.state.value}>"
+        )
+
+    # --- public ---------------------------------------------------------------------------------
+
+    @property
+    def rtt(self) -> float | None:
+        """Last measured round-trip time in seconds (None before the first pong)."""
+        return self._core.rtt
+
+    @property
+    def echo(self) -> bool:
+        """Whether this client receives its own multicasts."""
+        return self._core.echo
+
+    @property
+    def is_open(self) -> bool:
+        """Whether the handshake is done and the connection not closed."""
+        return self._core.state is CoreState.OPEN
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes queued for this client in user space (pending frames + transport buffer)."""
+        transport = self._transport
+        buffered = transport.get_write_buffer_size() if transport is not None else 0
+        return self._out_bytes + buffered
+
+    def send(self, trame: Trame | str, value: Any) -> None:
+        """Send a DATA frame to this client alone (it arrives with sender 0, kind DATA)."""
+        if not self.is_open:
+            raise InvalidStateError(f"client {self.id} is not connected")
+        self._queue(self._server.registry.encode(trame, value, Kind.DATA))
+
+    def disconnect(self, text: str = "") -> None:
+        """Say goodbye to this client (after its queued frames) and close the connection."""
+        self._close(DisconnectReason.CLOSED, text=text)
+
+    # --- asyncio.Protocol -------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self.address = transport.get_extra_info("peername")
+        server = self._server
+        config = server.config
+        sock = transport.get_extra_info("socket")
+        if sock is not None and config.send_buffer_size is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, config.send_buffer_size)
+        transport.set_write_buffer_limits(high=config.write_high_water)
+        server._accepted(self)
+
+    def data_received(self, data: bytes) -> None:
+        core = self._core
+        was_open = core.state is CoreState.OPEN
+        frames = core.receive_data(data, self._server._loop.time())
+        if core.outgoing:
+            self._write_control()
+        if frames:
+            self._server._dispatch(self, frames)
+        if core.state is not CoreState.OPEN:
+            if core.closed:
+                self._finish()
+            elif core.parser.in_frame:
+                self._server._reschedule(self)
+        elif not was_open:
+            self._server._opened(self)
+        elif core.parser.in_frame:
+            self._server._reschedule(self)
+
+    def eof_received(self) -> bool | None:
+        return None  # let the transport close; connection_lost reports it
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = self._core.connection_lost()
+        self._server._lost(self, reason, exc)
+        self._transport = None
+        self._out = []
+        self._out_bytes = 0
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._server._congested(self, True)
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._server._congested(self, False)
+        if self._out:
+            self._flush()
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _queue(self, frame: bytes) -> None:
+        self._out.append(frame)
+        self._out_bytes += len(frame)
+        if not self._dirty:
+            self._dirty = True
+            self._server._mark_dirty(self)
+
+    def _flush(self) -> None:
+        """Write the pending frames in one call (unless the transport is congested)."""
+        self._dirty = False
+        out = self._out
+        transport = self._transport
+        if not out or transport is None or self._write_paused:
+            return
+        if len(out) == 1:
+            transport.write(out[0])
+        else:
+            # One join and one syscall beat one syscall per frame by far (see docs/performance.md).
+            transport.write(b"".join(out))
+        self._out = []
+        self._out_bytes = 0
+
+    def _write_control(self) -> None:
+        core = self._core
+        transport = self._transport
+        if transport is not None:
+            if core.closed:
+                # ERROR/GOODBYE go after every frame already queued for this client.
+                self._write_paused = False
+                self._flush()
+            for frame in core.outgoing:
+                transport.write(frame)
+        core.outgoing.clear()
+
+    def _on_timer(self, now: float) -> None:
+        core = self._core
+        core.handle_timer(now)
+        if core.outgoing:
+            self._write_control()
+        if core.closed:
+            self._finish()
+        else:
+            self._server._reschedule(self)
+
+    def _close(
+        self, reason: DisconnectReason, *, retry_after: float | None = None, text: str = ""
+    ) -> None:
+        core = self._core
+        if core.closed:
+            return
+        core.goodbye(reason, retry_after=retry_after, text=text)
+        self._write_control()
+        self._finish()
+
+    def _cut(self, reason: DisconnectReason, code: ErrorCode, detail: str) -> None:
+        """End the connection at once, dropping what is queued (slow consumers)."""
+        core = self._core
+        if core.closed:
+            return
+        core.refuse(code, reason, detail)
+        core.outgoing.clear()  # it would sit behind the backlog that caused the cut
+        self._out = []
+        self._out_bytes = 0
+        transport = self._transport
+        if transport is not None:
+            transport.abort()
+
+    def _finish(self) -> None:
+        """The core is closed: close the transport once its buffer is flushed."""
+        self._server._closing(self)
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.close()
+
+
+class Server:
+    """A running trame_async server. Get one from :func:`start_server` or :func:`serve`.
+
+    ``close()`` and ``wait_closed()`` behave as in asyncio, with a graceful twist: closing stops
+    accepting, flushes what is queued for each client, sends it a GOODBYE with a retry-after hint,
+    and aborts only the clients that have not drained within ``drain_timeout``.
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        registry: Registry = REGISTRY,
+        on_connect: ConnectHook | None = None,
+        on_disconnect: DisconnectHook | None = None,
+        on_data: DataHook | None = None,
+        on_multicast: MulticastFilter | None = None,
+    ) -> None:
+        """Prepare a server; :meth:`start` binds it. Prefer :func:`start_server`."""
+        self.config = config
+        self.registry = registry
+        self.on_connect = on_connect
+        self.on_disconnect = on_disconnect
+        self.on_data = on_data
+        self.on_multicast = on_multicast
+        self._limits = config.limits()
+        self._loop = asyncio.get_running_loop()
+        self._server: asyncio.Server | None = None
+        self._next_id = 0
+        # Every connection (handshaking, open or closing) and the open ones by id.
+        self._all: set[RemoteClient] = set()
+        self._open: dict[int, RemoteClient] = {}
+        self._dirty: list[RemoteClient] = []
+        self._flush_handle: asyncio.Handle | None = None
+        self._wheel: TimerWheel[RemoteClient] = TimerWheel(_resolution(config))
+        self._tick_handle: asyncio.TimerHandle | None = None
+        self._tick_at = float("inf")
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing_flag = False
+        self._closed = asyncio.Event()
+        self._shutdown_task: asyncio.Task[None] | None = None
+        self._gone: asyncio.Event = asyncio.Event()
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def start(
+        self,
+        host: str | Sequence[str] | None,
+        port: int,
+        *,
+        ssl: Any = None,
+        reuse_port: bool | None = None,
+        backlog: int = 1024,
+        ssl_handshake_timeout: float | None = None,
+        sock: socket.socket | None = None,
+    ) -> None:
+        """Bind and start accepting connections."""
+        if self._server is not None:
+            raise InvalidStateError("server already started")
+        kwargs: dict[str, Any] = {}
+        if ssl is not None:
+            kwargs["ssl"] = ssl
+            kwargs["ssl_handshake_timeout"] = (
+                ssl_handshake_timeout or self.config.handshake_timeout or 60.0
+            )
+        if sock is not None:
+            self._server = await self._loop.create_server(
+                self._make_protocol, sock=sock, backlog=backlog, **kwargs
+            )
+        else:
+            self._server = await self._loop.create_server(
+                self._make_protocol,
+                host,
+                port,
+                reuse_port=reuse_port,
+                backlog=backlog,
+                **kwargs,
+            )
+        for s in self.sockets:
+            logger.info("listening on %s", _format_address(s.getsockname()))
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        """The listening sockets."""
+        if self._server is None:
+            return ()
+        return tuple(self._server.sockets)
+
+    @property
+    def port(self) -> int:
+        """The port actually bound (useful with port 0)."""
+        for s in self.sockets:
+            port: int = s.getsockname()[1]
+            return port
+        raise InvalidStateError("server is not listening")
+
+    @property
+    def clients(self) -> list[RemoteClient]:
+        """The connected clients (handshake done), in connection order."""
+        return list(self._open.values())
+
+    def is_serving(self) -> bool:
+        """Whether the server accepts new connections."""
+        return self._server is not None and self._server.is_serving() and not self._closing_flag
+
+    async def serve_forever(self) -> None:
+        """Serve until :meth:`close` is called or the task is cancelled (then shut down)."""
+        if self._server is None:
+            raise InvalidStateError("server not started")
+        try:
+            await self._closed.wait()
+        except asyncio.CancelledError:
+            self.close()
+            await asyncio.shield(self.wait_closed())
+            raise
+
+    def close(self, *, retry_after: float | None = None) -> None:
+        """Start a graceful shutdown; :meth:`wait_closed` waits for its end."""
+        if self._shutdown_task is None:
+            self._shutdown_task = self._loop.create_task(self.shutdown(retry_after=retry_after))
+
+    async def wait_closed(self) -> None:
+        """Wait until the server is closed and every connection is gone."""
+        if self._shutdown_task is not None:
+            await asyncio.shield(self._shutdown_task)
+        await self._closed.wait()
+
+    async def shutdown(
+        self, *, retry_after: float | None = None, drain_timeout: float | None = None
+    ) -> None:
+        """Stop accepting, flush each client, say goodbye, close; abort laggards at the deadline."""
+        if self._closing_flag:
+            await self._closed.wait()
+            return
+        self._closing_flag = True
+        if self._server is not None:
+            self._server.close()
+        hint = self.config.retry_after if retry_after is None else retry_after
+        for client in list(self._all):
+            client._close(
+                DisconnectReason.SERVER_SHUTDOWN, retry_after=hint, text="server shutdown"
+            )
+        deadline = self.config.drain_timeout if drain_timeout is None else drain_timeout
+        if self._all:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wait_gone(), deadline)
+        for client in list(self._all):
+            if client._transport is not None:
+                client._transport.abort()
+        if self._all:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wait_gone(), 1.0)
+        if self._server is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+            self._tick_handle = None
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=self.config.drain_timeout or None)
+            for task in list(self._tasks):
+                task.cancel()
+            if self._tasks:
+                await asyncio.wait(set(self._tasks))
+        self._closed.set()
+        logger.info("server closed")
+
+    async def _wait_gone(self) -> None:
+        while self._all:
+            self._gone.clear()
+            await self._gone.wait()
+
+    async def __aenter__(self) -> Server:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+        await self.wait_closed()
+
+    # --- multicast ------------------------------------------------------------------------------
+
+    def multicast(self, trame: Trame | str, value: Any) -> None:
+        """Send a server-originated multicast (sender 0) to every connected client."""
+        self.fanout(self.registry.encode(trame, value, _RELAY))
+
+    def fanout(self, relay_frame: bytes, exclude: RemoteClient | None = None) -> None:
+        """Queue an already-encoded RELAY frame for every open client except ``exclude``.
+
+        The same ``bytes`` object goes to every client: nothing is copied or re-encoded per
+        recipient. This is the entry point for frames from other nodes (backplane).
+        """
+        n = len(relay_frame)
+        dirty = self._dirty
+        for client in self._open.values():
+            if client is exclude:
+                continue
+            client._out.append(relay_frame)
+            client._out_bytes += n
+            if not client._dirty:
+                client._dirty = True
+                dirty.append(client)
+        if dirty and self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self._flush_all)
+
+    def _dispatch(self, sender: RemoteClient, frames: list[memoryview]) -> None:
+        on_multicast = self.on_multicast
+        for frame in frames:
+            if frame[0] == _DATA:
+                self._handle_data(sender, frame)
+                continue
+            if on_multicast is not None:
+                try:
+                    keep = on_multicast(sender, self.registry.decode_frame(frame, strict=False))
+                except Exception:
+                    logger.exception("on_multicast hook failed for client %d", sender.id)
+                    keep = False
+                if not keep:
+                    continue
+            relay = _RELAY_HEAD.pack(len(frame) + 4, _RELAY, sender.id) + frame[1:]
+            self.fanout(relay, None if sender._core.echo else sender)
+
+    def _handle_data(self, sender: RemoteClient, frame: memoryview) -> None:
+        hook = self.on_data
+        if hook is None:
+            return
+        message = self.registry.decode_frame(frame, strict=False)
+        message = message._replace(sender=sender.id)
+        self._call_hook("on_data", hook, sender, message)
+
+    def _mark_dirty(self, client: RemoteClient) -> None:
+        self._dirty.append(client)
+        if self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self._flush_all)
+
+    def _flush_all(self) -> None:
+        self._flush_handle = None
+        dirty = self._dirty
+        self._dirty = []
+        for client in dirty:
+            client._flush()
+
+    # --- connections ----------------------------------------------------------------------------
+
+    def _make_protocol(self) -> RemoteClient:
+        self._next_id += 1
+        return RemoteClient(self, self._next_id)
+
+    def _accepted(self, client: RemoteClient) -> None:
+        self._all.add(client)
+        core = client._core
+        if self._closing_flag:
+            core.refuse(ErrorCode.SHUTTING_DOWN, DisconnectReason.SERVER_SHUTDOWN)
+            client._write_control()
+            client._finish()
+            return
+        max_clients = self.config.max_clients
+        if max_clients is not None and len(self._all) > max_clients:
+            core.refuse(
+                ErrorCode.TOO_MANY_CLIENTS,
+                DisconnectReason.TOO_MANY_CLIENTS,
+                f"server is at max_clients={max_clients}",
+            )
+            client._write_control()
+            client._finish()
+            return
+        self._reschedule(client)
+
+    def _opened(self, client: RemoteClient) -> None:
+        client._was_open = True
+        self._open[client.id] = client
+        self._reschedule(client)
+        logger.info("client %d connected from %s", client.id, _format_address(client.address))
+        if self.on_connect is not None:
+            self._call_hook("on_connect", self.on_connect, client)
+
+    def _closing(self, client: RemoteClient) -> None:
+        """The client's core closed: stop sending it multicasts and timers."""
+        if self._open.pop(client.id, None) is not None:
+            self._wheel.cancel(client)
+
+    def _lost(self, client: RemoteClient, reason: DisconnectReason, exc: Exception | None) -> None:
+        opened = client._was_open
+        self._open.pop(client.id, None)
+        self._wheel.cancel(client)
+        self._all.discard(client)
+        self._gone.set()
+        core = client._core
+        detail = core.close_detail
+        if exc is not None and reason is DisconnectReason.CONNECTION_LOST:
+            detail = f"{detail}: {exc}"
+        if opened:
+            logger.info("client %d disconnected: %s (%s)", client.id, reason, detail)
+            if self.on_disconnect is not None:
+                self._call_hook("on_disconnect", self.on_disconnect, client, reason)
+        else:
+            logger.info(
+                "connection from %s closed before handshake: %s (%s)",
+                _format_address(client.address),
+                reason,
+                detail,
+            )
+
+    def _congested(self, client: RemoteClient, congested: bool) -> None:
+        client._core.writing_congested(congested, self._loop.time())
+
+    # --- timers ---------------------------------------------------------------------------------
+
+    def _reschedule(self, client: RemoteClient) -> None:
+        when = client._core.next_timer()
+        if when is None:
+            self._wheel.cancel(client)
+            return
+        self._wheel.schedule(client, when)
+        if when < self._tick_at:
+            self._arm()
+
+    def _arm(self) -> None:
+        when = self._wheel.next_time()
+        if self._tick_handle is not None:
+            if when is not None and when == self._tick_at:
+                return
+            self._tick_handle.cancel()
+            self._tick_handle = None
+        if when is None:
+            self._tick_at = float("inf")
+            return
+        self._tick_at = when
+        self._tick_handle = self._loop.call_at(when, self._tick)
+
+    def _tick(self) -> None:
+        self._tick_handle = None
+        now = max(self._loop.time(), self._tick_at)
+        self._tick_at = float("inf")
+        for client in self._wheel.pop_due(now):
+            client._on_timer(now)
+        self._arm()
+
+    # --- hooks ----------------------------------------------------------------------------------
+
+    def _call_hook(self, name: str, hook: Callable[..., Any], *args: Any) -> None:
+        try:
+            result = hook(*args)
+        except Exception:
+            logger.exception("%s hook failed", name)
+            return
+        if inspect.isawaitable(result):
+            task = self._loop.create_task(_guard(name, result))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+
+async def _guard(name: str, awaitable: Awaitable[Any]) -> None:
+    try:
+        await awaitable
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        logger.exception("%s hook failed", name)
+
+
+def _resolution(config: ServerConfig) -> float:
+    times = [
+        t
+        for t in (
+            config.heartbeat_interval,
+            config.heartbeat_timeout,
+            config.handshake_timeout,
+            config.frame_timeout,
+        )
+        if t is not None
+    ]
+    shortest = min(times, default=1.0)
+    return min(0.05, max(0.001, shortest / 20))
+
+
+def _format_address(address: Any) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host = address[0]
+        return f"[{host}]:{address[1]}" if ":" in str(host) else f"{host}:{address[1]}"
+    return str(address)
+
+
+def _config(config: ServerConfig | None, options: dict[str, Any]) -> ServerConfig:
+    base = config or ServerConfig()
+    return replace(base, **options) if options else base
+
+
+async def start_server(
+    host: str | Sequence[str] | None = "127.0.0.1",
+    port: int = 8765,
+    *,
+    config: ServerConfig | None = None,
+    registry: Registry = REGISTRY,
+    ssl: Any = None,
+    reuse_port: bool | None = None,
+    sock: socket.socket | None = None,
+    on_connect: ConnectHook | None = None,
+    on_disconnect: DisconnectHook | None = None,
+    on_data: DataHook | None = None,
+    on_multicast: MulticastFilter | None = None,
+    **options: Any,
+) -> Server:
+    """Start a server listening on ``host:port`` (``port=0``: the OS picks; see ``server.port``).
+
+    ``options`` are :class:`ServerConfig` fields (``heartbeat_interval=5.0``, ``token="s3cret"``,
+    ...). Hooks may be plain functions or coroutine functions:
+
+    - ``on_connect(client)`` after a client's handshake;
+    - ``on_disconnect(client, reason)`` exactly once for every client that was connected;
+    - ``on_data(client, message)`` for each DATA frame a client addresses to the server;
+    - ``on_multicast(client, message) -> bool`` (plain function) to filter multicasts before they are
+      relayed; it costs a decode per multicast, so leave it unset when not needed.
+
+    Installs no signal handler and changes no loop policy: embed it in any asyncio program.
+    """
+    server = Server(
+        _config(config, options),
+        registry=registry,
+        on_connect=on_connect,
+        on_disconnect=on_disconnect,
+        on_data=on_data,
+        on_multicast=on_multicast,
+    )
+    await server.start(host, port, ssl=ssl, reuse_port=reuse_port, sock=sock)
+    return server
+
+
+@contextlib.asynccontextmanager
+async def serve(
+    host: str | Sequence[str] | None = "127.0.0.1",
+    port: int = 8765,
+    **kwargs: Any,
+) -> AsyncIterator[Server]:
+    """``async with serve(host, port, ...) as server:`` runs a server for the block's duration.
+
+    Takes the arguments of :func:`start_server`; on exit the server shuts down gracefully.
+    """
+    server = await start_server(host, port, **kwargs)
+    try:
+        yield server
+    finally:
+        server.close()
+        await server.wait_closed()
