@@ -15,7 +15,8 @@ See docs/ for the tutorial, the API and the wire protocol.
 
 from __future__ import annotations
 
-from .client import Client, QueuePolicy, connect
+from typing import TYPE_CHECKING, Any
+
 from .codec import (
     BOL,
     BYT,
@@ -56,9 +57,43 @@ from .exceptions import (
     ValueMismatchError,
     ValueSizeMismatchError,
 )
-from .netutil import get_host_ip
-from .server import RemoteClient, Server, ServerConfig, serve, start_server
 from .wire import DEFAULT_MAX_FRAME_SIZE, PROTOCOL_VERSION, FrameParser, Kind
+
+if TYPE_CHECKING:
+    from .client import Backoff, Client, QueuePolicy, connect
+    from .netutil import get_host_ip
+    from .server import RemoteClient, Server, ServerConfig, serve, start_server
+
+# The asyncio parts load on first use, so that the sans-I/O codec can be imported (by a tool, a
+# backplane worker, another event loop) without importing asyncio.
+_LAZY = {
+    "Backoff": "client",
+    "Client": "client",
+    "QueuePolicy": "client",
+    "connect": "client",
+    "get_host_ip": "netutil",
+    "RemoteClient": "server",
+    "Server": "server",
+    "ServerConfig": "server",
+    "serve": "server",
+    "start_server": "server",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'trame_async' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __version__ = "0.1.0"
 
@@ -73,6 +108,7 @@ __all__ = [
     "REGISTRY",
     "STR",
     "AuthenticationError",
+    "Backoff",
     "BadFormatError",
     "Client",
     "CodecError",

@@ -12,9 +12,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import inspect
 import logging
+import random
 import socket
-from collections.abc import Generator
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from .codec import REGISTRY, Message, Registry, Trame
@@ -30,7 +33,7 @@ from .exceptions import (
 from .protocol import ClientCore, CoreState
 from .wire import DEFAULT_MAX_FRAME_SIZE, LENGTH_SIZE, Kind
 
-__all__ = ["Client", "QueuePolicy", "connect"]
+__all__ = ["Backoff", "Client", "QueuePolicy", "connect"]
 
 logger = logging.getLogger("trame_async.client")
 
@@ -39,6 +42,33 @@ _POLICIES: Final = ("backpressure", "disconnect", "drop-oldest", "keep-latest")
 _MULTICAST: Final = int(Kind.MULTICAST)
 _DATA: Final = int(Kind.DATA)
 _CLEAN: Final = frozenset((DisconnectReason.CLOSED, DisconnectReason.GOODBYE))
+
+
+#: Reasons after which reconnecting would fail the same way again.
+_FATAL: Final = frozenset((DisconnectReason.AUTH_FAILED, DisconnectReason.CLOSED))
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Full-jitter exponential backoff for reconnects (seconds).
+
+    Attempt ``n`` waits ``uniform(0, min(maximum, initial * factor**n))``, so a crowd of clients that
+    lost the same server spreads its attempts instead of storming back at once. A retry-after hint
+    from the server's GOODBYE is waited first.
+    """
+
+    initial: float = 0.5
+    factor: float = 1.6
+    maximum: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not (self.initial > 0 and self.factor >= 1 and self.maximum >= self.initial):
+            raise ValueError("backoff needs initial > 0, factor >= 1 and maximum >= initial")
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        """Return the wait before attempt number ``attempt`` (0 for the first)."""
+        cap = min(self.maximum, self.initial * self.factor ** min(attempt, 64))
+        return (retry_after or 0.0) + random.uniform(0.0, cap)
 
 
 class _ClientProtocol(asyncio.Protocol):
@@ -193,6 +223,16 @@ class Client:
         self._read_paused = False
         self._error: ConnectionClosed | None = None
         self._closing = False
+        #: Times this client reconnected after losing its connection.
+        self.reconnects = 0
+        self._reconnect: Backoff | None = None
+        self._connect_kwargs: dict[str, Any] = {}
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self._down: ConnectionClosed | None = None
+        self._connected = asyncio.Event()
+        self._hook_tasks: set[asyncio.Future[Any]] = set()
+        self.on_disconnect: Callable[[ConnectionClosed], Any] | None = None
+        self.on_reconnect: Callable[[Client], Any] | None = None
 
     def __repr__(self) -> str:
         return f"<Client id={self.id} server={self.host}:{self.port} closed={self.closed}>"
@@ -302,9 +342,31 @@ class Client:
                 raise StopAsyncIteration from None
             raise
 
+    @property
+    def connected(self) -> bool:
+        """Whether the connection is open now (false while a reconnect is under way)."""
+        proto = self._proto
+        return proto is not None and proto.core.state is CoreState.OPEN and self._down is None
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Wait until the connection is open (after a reconnect); raise if it ended for good."""
+        async with asyncio.timeout(timeout):
+            while not self.connected:
+                if self._error is not None:
+                    raise self._error
+                self._connected.clear()
+                await self._connected.wait()
+
     async def close(self, timeout: float = 5.0) -> None:
         """Say goodbye to the server and close the connection (idempotent)."""
         self._closing = True
+        task = self._reconnect_task
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._down is not None and self._error is None:
+            self._fail(ConnectionClosed(DisconnectReason.CLOSED, "closed while reconnecting"))
         proto = self._proto
         if proto is None:
             return
@@ -339,6 +401,10 @@ class Client:
         if proto is None or self._error is not None or proto.core.state is not CoreState.OPEN:
             if self._error is not None:
                 raise self._error
+            if self._down is not None:
+                raise ConnectionClosed(
+                    self._down.reason, "disconnected, reconnecting: not sent (at-most-once)"
+                )
             raise InvalidStateError("client is not connected")
         return proto
 
@@ -414,14 +480,71 @@ class Client:
         return cls(reason, detail, error_code=core.error_code, retry_after=core.retry_after)
 
     def _lost(self, proto: _ClientProtocol, error: ConnectionClosed) -> None:
-        if proto is not self._proto:
+        if proto is not self._proto or self._down is not None:
             return
+        if (
+            self._reconnect is not None
+            and not self._closing
+            and proto.handshake.done()
+            and error.reason not in _FATAL
+        ):
+            # Stay alive: receive() keeps waiting while a new connection is made.
+            self._down = error
+            self._connected.set()
+            logger.info("connection to %s:%d lost (%s); reconnecting", self.host, self.port, error)
+            self._notify(self.on_disconnect, error)
+            self._reconnect_task = asyncio.get_running_loop().create_task(
+                self._reconnect_loop(error.retry_after)
+            )
+            return
+        self._fail(error)
+
+    def _fail(self, error: ConnectionClosed) -> None:
         self._error = error
+        self._down = None
+        self._connected.set()
         if error.reason not in _CLEAN:
             logger.info("connection to %s:%d closed: %s", self.host, self.port, error)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def _notify(self, hook: Callable[..., Any] | None, arg: Any) -> None:
+        if hook is None:
+            return
+        try:
+            result = hook(arg)
+            if inspect.isawaitable(result):
+                task = asyncio.ensure_future(result)
+                self._hook_tasks.add(task)
+                task.add_done_callback(self._hook_tasks.discard)
+        except Exception:
+            logger.exception("client hook failed")
+
+    async def _reconnect_loop(self, retry_after: float | None) -> None:
+        backoff = self._reconnect
+        assert backoff is not None
+        attempt = 0
+        while True:
+            await asyncio.sleep(backoff.delay(attempt, retry_after))
+            retry_after = None
+            attempt += 1
+            try:
+                await self._connect(**self._connect_kwargs)
+            except ConnectionClosed as err:
+                if err.reason in _FATAL:
+                    self._fail(err)
+                    return
+                retry_after = err.retry_after
+                continue
+            except ConnectError:
+                continue
+            self._down = None
+            self.reconnects += 1
+            self._connected.set()
+            logger.info("reconnected to %s:%d as client %d", self.host, self.port, self.id)
+            self._notify(self.on_reconnect, self)
+            return
 
     async def _connect(
         self,
@@ -447,6 +570,8 @@ class Client:
         proto = _ClientProtocol(self, core)
         self._proto = proto
         self._error = None
+        if self._read_paused:
+            self._read_paused = False  # a new transport reads until the queue is full again
         kwargs: dict[str, Any] = {}
         if ssl is not None:
             kwargs["ssl"] = ssl
@@ -503,6 +628,13 @@ class connect:
             heartbeat still runs).
         max_frame_size: Largest frame accepted from the server.
         registry: The trame registry to decode with.
+        reconnect: Reconnect by itself after losing the connection (not after ``close()`` or an
+            authentication failure), with full-jitter exponential backoff; True for the default
+            :class:`Backoff`, or a :class:`Backoff`. ``receive()`` keeps waiting meanwhile; sends
+            raise :class:`~trame_async.ConnectionClosed` (at-most-once: nothing is buffered).
+        on_disconnect: Called with the :class:`~trame_async.ConnectionClosed` error each time the
+            connection is lost while reconnecting is on (function or coroutine function).
+        on_reconnect: Called with the client after each successful reconnect.
 
     Raises:
         ConnectError: the connection could not be opened (refused, timed out).
@@ -526,10 +658,17 @@ class connect:
         rtt_interval: float | None = 30.0,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         registry: Registry = REGISTRY,
+        reconnect: bool | Backoff = False,
+        on_disconnect: Callable[[ConnectionClosed], Any] | None = None,
+        on_reconnect: Callable[[Client], Any] | None = None,
     ) -> None:
         self._client = Client(
             host, port, registry=registry, max_queue=max_queue, queue_policy=queue_policy
         )
+        if reconnect:
+            self._client._reconnect = reconnect if isinstance(reconnect, Backoff) else Backoff()
+        self._client.on_disconnect = on_disconnect
+        self._client.on_reconnect = on_reconnect
         self._kwargs: dict[str, Any] = {
             "local_addr": local_addr,
             "ssl": ssl,
@@ -542,6 +681,7 @@ class connect:
         }
 
     async def _open(self) -> Client:
+        self._client._connect_kwargs = self._kwargs
         await self._client._connect(**self._kwargs)
         return self._client
 

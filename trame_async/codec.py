@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import re
 import struct
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Final, NamedTuple, TypeVar
+from typing import Any, Final, NamedTuple, TypeVar, cast
 
 from .exceptions import (
     BadFormatError,
@@ -116,6 +117,17 @@ class Trame(str):
     cls: type[Any] | None
     size: int | None
     registered: bool
+    head: bytes
+    _code: bytes
+    _variable: bool
+    _text: bool
+    _struct: struct.Struct | None
+    _items: int
+    _getter: Callable[[Any], Any] | None
+    _make: Callable[..., Any] | None
+    _star: bool
+    _frames: dict[int, tuple[struct.Struct, bytes]]
+    _owner: Registry
 
     def __new__(cls, code: str, fmt: str, value_cls: type[Any] | None = None) -> Trame:
         """Build a trame type; :func:`register` validates ``code`` and ``fmt`` first."""
@@ -126,13 +138,13 @@ class Trame(str):
         self._code = code.encode("ascii")
         self._variable = fmt[1:] == _VARIABLE_BODY
         self._text = False
-        self._struct: struct.Struct | None = None
+        self._struct = None
         self._items = 1
-        self._getter: Callable[[Any], Any] | None = None
-        self._make: Callable[..., Any] | None = None
+        self._getter = None
+        self._make = None
         self._star = False  # build values as make(*fields) rather than make(fields)
         # Per-kind (frame struct, frame prefix) of fixed-size types, built on first use.
-        self._frames: dict[int, tuple[struct.Struct, bytes]] = {}
+        self._frames = {}
         if self._variable:
             self.size = None
             self.head = b""
@@ -143,7 +155,12 @@ class Trame(str):
                 raise RegistrationError(
                     f"format {fmt!r} of trame {code!r} is not a struct format: {err}"
                 ) from err
-            self._items = len(st.unpack(bytes(st.size)))
+            if _ZERO_PASCAL.search(fmt):
+                # CPython raises SystemError when unpacking "0p"; a peer could send it.
+                raise RegistrationError(
+                    f"format {fmt!r} of trame {code!r} has a zero-length Pascal string '0p'"
+                )
+            self._items = _count_items(fmt)
             if self._items == 0:
                 raise RegistrationError(
                     f"format {fmt!r} of trame {code!r} carries no value (only padding); add a field"
@@ -179,12 +196,20 @@ class Trame(str):
 
     def __call__(self, value_cls: type[_T]) -> type[_T]:
         """Bind ``value_cls`` as the type of decoded values; lets :func:`register` decorate."""
-        self._bind(value_cls)
+        try:
+            self._bind(value_cls)
+        except RegistrationError:
+            owner = self.__dict__.get("_owner")
+            if owner is not None and self.cls is None:
+                owner._remove(self)  # a refused class must not leave the code taken
+            raise
         return value_cls
 
     def _bind(self, value_cls: type[Any]) -> None:
         if not isinstance(value_cls, type):
-            raise RegistrationError(f"cls of trame {self.code!r} must be a class, not {value_cls!r}")
+            raise RegistrationError(
+                f"cls of trame {self.code!r} must be a class, not {value_cls!r}"
+            )
         if self.cls is not None:
             raise RegistrationError(
                 f"trame {self.code!r} already has cls {self.cls.__name__}; register it once"
@@ -202,12 +227,12 @@ class Trame(str):
         if dataclasses.is_dataclass(value_cls):
             fields = tuple(f.name for f in dataclasses.fields(value_cls))
             self._getter = operator.attrgetter(*fields)
-            self._make = value_cls
+            self._make = cast("Callable[..., Any]", value_cls)
             self._star = True
         elif issubclass(value_cls, tuple) and hasattr(value_cls, "_fields"):
             fields = tuple(value_cls._fields)
             if self._items > 1:
-                self._make = value_cls._make
+                self._make = value_cls._make  # type: ignore[attr-defined]
             else:
                 self._make = value_cls
                 self._getter = operator.itemgetter(0)
@@ -337,6 +362,25 @@ class Message(NamedTuple):
     kind: Kind = Kind.RELAY
 
 
+_FORMAT_ITEM: Final = re.compile(r"(\d*)([A-Za-z?])")
+_ZERO_PASCAL: Final = re.compile(r"(?<!\d)0+p")
+
+
+def _count_items(fmt: str) -> int:
+    """Return how many values ``struct`` packs for the valid format ``fmt``, without unpacking.
+
+    Counting by unpacking ``bytes(size)`` would let a peer's 20-byte frame declaring
+    ``"<2000000000s"`` make the receiver allocate gigabytes before the value size is checked.
+    """
+    items = 0
+    for count, char in _FORMAT_ITEM.findall(fmt):
+        if char in "sp":
+            items += 1  # "5s" is one bytes value
+        elif char != "x":
+            items += int(count) if count else 1
+    return items
+
+
 def _parse_digits(raw: bytes | memoryview) -> int:
     digits = bytes(raw)
     if not digits.isdigit() or (len(digits) > 1 and digits[0] == 0x30):
@@ -355,7 +399,7 @@ class Registry:
         """Make a registry, holding the built-in types unless ``builtins`` is false."""
         self._by_code: dict[bytes, Trame] = {}
         # code+fmt_len+fmt of fixed-size types -> type: one lookup checks code and format together.
-        self._by_head: dict[bytes, Trame] = {}
+        self._by_head: dict[Any, Trame] = {}  # keys: bytes, looked up with read-only views too
         self._generic: dict[bytes, tuple[Trame, int]] = {}
         if builtins:
             for t in (INT, FLT, BOL, STR, BYT, POS):
@@ -392,8 +436,14 @@ class Registry:
             )
         trame = Trame(code, _normalize_format(code, fmt), cls)
         trame.registered = True
+        trame._owner = self
         self._add(trame)
         return trame
+
+    def _remove(self, trame: Trame) -> None:
+        if self._by_code.get(trame._code) is trame:
+            del self._by_code[trame._code]
+            self._by_head.pop(trame.head, None)
 
     def __getitem__(self, code: str) -> Trame:
         trame = self._by_code.get(code.encode("ascii", "replace"))
@@ -445,7 +495,7 @@ class Registry:
         fmt_end = start + 4 + buf[start + 3]
         if fmt_end > end:
             raise TruncatedFrameError("data frame format", fmt_end - start, end - start)
-        trame = self._by_head.get(buf[start:fmt_end])  # type: ignore[call-overload]
+        trame = self._by_head.get(buf[start:fmt_end])
         if trame is not None:
             if end - fmt_end != trame.size:
                 raise ValueSizeMismatchError(trame.code, trame.fmt, trame.size or 0, end - fmt_end)
@@ -522,13 +572,15 @@ class Registry:
         end = len(buf)
         if end - start >= 4:
             fmt_end = start + 4 + buf[start + 3]
-            trame = self._by_head.get(buf[start:fmt_end])  # type: ignore[call-overload]
+            trame = self._by_head.get(buf[start:fmt_end])
             if trame is not None and end - fmt_end == trame.size:
                 return
         self.decode_body(buf, start, strict=False)
 
     def decode_frame(self, frame: memoryview | bytes, *, strict: bool = True) -> Message:
         """Decode a data frame given from its kind byte (as :class:`~.wire.FrameParser` yields)."""
+        if isinstance(frame, memoryview) and not frame.readonly:
+            frame = bytes(frame)  # lookups hash slices of it: only read-only views hash
         if not frame:
             raise TruncatedFrameError("frame kind", 1, 0)
         kind = frame[0]

@@ -40,12 +40,14 @@ from .wire import (
     HANDSHAKE_MAX_FRAME_SIZE,
     MAGIC,
     PROTOCOL_VERSION,
+    RELAY_OVERHEAD,
     ErrorFrame,
     FrameParser,
     Goodbye,
     Hello,
     Kind,
     Welcome,
+    parse_dropped,
     parse_ping_id,
     ping,
     pong,
@@ -90,6 +92,7 @@ class ServerLimits:
     handshake_max_frame_size: int = HANDSHAKE_MAX_FRAME_SIZE
     handshake_timeout: float | None = 10.0
     frame_timeout: float | None = 30.0
+    slow_consumer_timeout: float | None = 5.0
     token: bytes | None = None
 
 
@@ -221,6 +224,7 @@ class ServerCore(_Core):
         self._read_paused = False
         self._write_congested = False
         self._paused_at: float | None = None
+        self._congested_at: float | None = None
 
     def receive_data(self, data: bytes, now: float) -> list[memoryview]:
         """Feed bytes from the client; return its valid MULTICAST and DATA frames.
@@ -355,10 +359,12 @@ class ServerCore(_Core):
                 when = min(when, self._awaiting + self._timeout)
         if self._frame_started is not None and limits.frame_timeout is not None:
             when = min(when, self._frame_started + limits.frame_timeout)
+        if self._congested_at is not None and limits.slow_consumer_timeout is not None:
+            when = min(when, self._congested_at + limits.slow_consumer_timeout)
         return None if when == _INF else when
 
     def handle_timer(self, now: float) -> None:
-        """Fire whatever is due at ``now``: handshake/frame timeouts, heartbeat ping or death."""
+        """Fire whatever is due at ``now``: handshake/frame/slow-consumer timeouts, heartbeat."""
         if self.state is CoreState.CLOSED:
             return
         limits = self.limits
@@ -381,6 +387,17 @@ class ServerCore(_Core):
                 ErrorCode.FRAME_TIMEOUT,
                 DisconnectReason.FRAME_TIMEOUT,
                 f"frame not completed within {limits.frame_timeout:g} s",
+            )
+            return
+        if (
+            self._congested_at is not None
+            and limits.slow_consumer_timeout is not None
+            and now >= self._congested_at + limits.slow_consumer_timeout
+        ):
+            self.refuse(
+                ErrorCode.SLOW_CONSUMER,
+                DisconnectReason.SLOW_CONSUMER,
+                f"not reading for more than {limits.slow_consumer_timeout:g} s",
             )
             return
         if self.state is not CoreState.OPEN:
@@ -415,6 +432,7 @@ class ServerCore(_Core):
     def writing_congested(self, congested: bool, now: float) -> None:
         """Tell the core that the client's transport is (or is no longer) above its high water."""
         self._write_congested = congested
+        self._congested_at = now if congested else None
         self._update_pause(now)
 
     def _update_pause(self, now: float) -> None:
@@ -443,7 +461,8 @@ class ClientCore(_Core):
         registry: Registry = REGISTRY,
     ) -> None:
         """Start a connection opened at ``now``; the HELLO is queued in :attr:`outgoing`."""
-        super().__init__(max_frame_size)
+        # A RELAY carries 4 bytes (the sender id) more than the MULTICAST it relays.
+        super().__init__(max_frame_size + RELAY_OVERHEAD)
         self.registry = registry
         #: Id the server assigned (0 until WELCOME).
         self.client_id = 0
@@ -451,6 +470,8 @@ class ClientCore(_Core):
         self.welcome: Welcome | None = None
         #: Last measured round-trip time in seconds.
         self.rtt: float | None = None
+        #: Frames the server dropped for this client (its slow-consumer policy), as it told us.
+        self.missed = 0
         self._last_rx = now
         self._silence_limit = _INF
         self._rtt_interval = rtt_interval
@@ -507,6 +528,8 @@ class ClientCore(_Core):
             if self._probe is not None and self._probe[0] == ping_id:
                 self.rtt = now - self._probe[1]
                 self._probe = None
+        elif kind == Kind.DROPPED:
+            self.missed += parse_dropped(body)
         elif kind == Kind.WELCOME:
             if self.state is not CoreState.HANDSHAKE:
                 raise UnexpectedFrameError("WELCOME", "after the handshake")
@@ -529,6 +552,10 @@ class ClientCore(_Core):
             )
         self.welcome = welcome
         self.client_id = welcome.client_id
+        # Whatever the server accepts it relays to us, 4 bytes larger.
+        self.parser.max_frame_size = max(
+            self.parser.max_frame_size, min(welcome.max_frame_size + RELAY_OVERHEAD, 0xFFFF_FFFF)
+        )
         self.state = CoreState.OPEN
         interval, timeout = welcome.heartbeat_interval, welcome.heartbeat_timeout
         if interval is not None and timeout is not None:

@@ -26,9 +26,10 @@ from typing import Any, Final, Literal
 from .codec import REGISTRY, Message, Registry, Trame
 from .codes import DisconnectReason, ErrorCode
 from .exceptions import InvalidStateError
+from .outbox import drop_oldest, keep_latest
 from .protocol import CoreState, ServerCore, ServerLimits
 from .timers import TimerWheel
-from .wire import DEFAULT_MAX_FRAME_SIZE, HANDSHAKE_MAX_FRAME_SIZE, Kind
+from .wire import DEFAULT_MAX_FRAME_SIZE, HANDSHAKE_MAX_FRAME_SIZE, Kind, dropped_notice
 
 __all__ = ["RemoteClient", "Server", "ServerConfig", "serve", "start_server"]
 
@@ -122,6 +123,7 @@ class ServerConfig:
             handshake_max_frame_size=self.handshake_max_frame_size,
             handshake_timeout=self.handshake_timeout,
             frame_timeout=self.frame_timeout,
+            slow_consumer_timeout=self.slow_consumer_timeout,
             token=token,
         )
 
@@ -138,19 +140,25 @@ class RemoteClient(asyncio.Protocol):
         id: Client id assigned by the server (1, 2, ...; 0 is the server itself).
         address: The peer's ``(host, port, ...)`` as the socket reports it.
         connected_since: Wall-clock time (``time.time()``) of the accept.
+        dropped: Frames dropped for this client by the slow-consumer policy.
     """
 
     __slots__ = (
+        "_close_timer",
         "_core",
         "_dirty",
+        "_limit",
         "_out",
         "_out_bytes",
+        "_publisher",
         "_server",
         "_transport",
+        "_unreported",
         "_was_open",
         "_write_paused",
         "address",
         "connected_since",
+        "dropped",
         "id",
     )
 
@@ -159,14 +167,20 @@ class RemoteClient(asyncio.Protocol):
         self.id = client_id
         self.address: Any = None
         self.connected_since = time.time()
+        self.dropped = 0
         self._transport: asyncio.Transport | None = None
         self._core = ServerCore(client_id, server._limits, server._loop.time(), server.registry)
-        # Frames waiting for this loop iteration's write (or for the transport to drain).
+        # Frames waiting for this loop iteration's write, or for a congested transport to drain.
         self._out: list[bytes] = []
         self._out_bytes = 0
+        # Budget left for _out: max_queue_bytes minus what the transport held at the last flush.
+        self._limit = server.config.max_queue_bytes
         self._dirty = False
         self._write_paused = False
         self._was_open = False
+        self._publisher = False
+        self._unreported = 0
+        self._close_timer: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
         return (
@@ -244,6 +258,12 @@ class RemoteClient(asyncio.Protocol):
         return None  # let the transport close; connection_lost reports it
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
+        if self._write_paused:
+            self._write_paused = False
+            self._server._congested(self, False)
         reason = self._core.connection_lost()
         self._server._lost(self, reason, exc)
         self._transport = None
@@ -268,30 +288,38 @@ class RemoteClient(asyncio.Protocol):
         if not self._dirty:
             self._dirty = True
             self._server._mark_dirty(self)
+        if self._out_bytes > self._limit:
+            self._server._overflow(self)
 
-    def _flush(self) -> None:
+    def _flush(self, force: bool = False) -> None:
         """Write the pending frames in one call (unless the transport is congested)."""
         self._dirty = False
         out = self._out
         transport = self._transport
-        if not out or transport is None or self._write_paused:
+        if not out or transport is None or (self._write_paused and not force):
             return
+        if self._unreported:
+            out.insert(0, dropped_notice(self._unreported))
+            self._unreported = 0
         if len(out) == 1:
             transport.write(out[0])
         else:
-            # One join and one syscall beat one syscall per frame by far (see docs/performance.md).
+            # One join and one syscall beat one syscall per frame by far (docs/performance.md).
             transport.write(b"".join(out))
         self._out = []
         self._out_bytes = 0
+        self._limit = self._server.config.max_queue_bytes - transport.get_write_buffer_size()
 
     def _write_control(self) -> None:
         core = self._core
         transport = self._transport
-        if transport is not None:
+        if transport is not None and not transport.is_closing():
             if core.closed:
+                if core.close_reason in _ABORT_REASONS:
+                    core.outgoing.clear()  # the peer is not reading: it would never get there
+                    return
                 # ERROR/GOODBYE go after every frame already queued for this client.
-                self._write_paused = False
-                self._flush()
+                self._flush(force=True)
             for frame in core.outgoing:
                 transport.write(frame)
         core.outgoing.clear()
@@ -316,25 +344,27 @@ class RemoteClient(asyncio.Protocol):
         self._write_control()
         self._finish()
 
-    def _cut(self, reason: DisconnectReason, code: ErrorCode, detail: str) -> None:
-        """End the connection at once, dropping what is queued (slow consumers)."""
-        core = self._core
-        if core.closed:
-            return
-        core.refuse(code, reason, detail)
-        core.outgoing.clear()  # it would sit behind the backlog that caused the cut
-        self._out = []
-        self._out_bytes = 0
-        transport = self._transport
-        if transport is not None:
-            transport.abort()
-
     def _finish(self) -> None:
-        """The core is closed: close the transport once its buffer is flushed."""
+        """The core is closed: close the transport, at once if the peer cannot or will not read."""
         self._server._closing(self)
         transport = self._transport
-        if transport is not None and not transport.is_closing():
+        if transport is None or self._close_timer is not None:
+            return
+        if self._core.close_reason in _ABORT_REASONS:
+            transport.abort()
+            return
+        if not transport.is_closing():
             transport.close()
+        # close() waits for the buffer to flush, forever if the peer never reads.
+        self._close_timer = self._server._loop.call_later(
+            self._server.config.drain_timeout, transport.abort
+        )
+
+
+#: Reasons after which the peer is not reading: nothing queued for it would ever get through.
+_ABORT_REASONS: Final = frozenset(
+    (DisconnectReason.SLOW_CONSUMER, DisconnectReason.HEARTBEAT_TIMEOUT)
+)
 
 
 class Server:
@@ -375,6 +405,15 @@ class Server:
         self._tick_handle: asyncio.TimerHandle | None = None
         self._tick_at = float("inf")
         self._tasks: set[asyncio.Task[None]] = set()
+        self._publishers: set[RemoteClient] = set()
+        self._n_congested = 0
+        # Only the disconnect policy slows publishers: the drop policies exist to let a lagging
+        # client fall behind without slowing anyone.
+        self._flow_control = config.slow_consumer_policy == "disconnect"
+        #: Clients cut as slow consumers since the start.
+        self.slow_consumers = 0
+        #: Frames dropped by the drop-oldest/keep-latest policies since the start.
+        self.dropped_frames = 0
         self._closing_flag = False
         self._closed = asyncio.Event()
         self._shutdown_task: asyncio.Task[None] | None = None
@@ -533,6 +572,7 @@ class Server:
         """
         n = len(relay_frame)
         dirty = self._dirty
+        over: list[RemoteClient] | None = None
         for client in self._open.values():
             if client is exclude:
                 continue
@@ -541,8 +581,45 @@ class Server:
             if not client._dirty:
                 client._dirty = True
                 dirty.append(client)
+            if client._out_bytes > client._limit:
+                if over is None:
+                    over = []
+                over.append(client)
         if dirty and self._flush_handle is None:
             self._flush_handle = self._loop.call_soon(self._flush_all)
+        if over is not None:
+            for client in over:
+                self._overflow(client)
+
+    def _overflow(self, client: RemoteClient) -> None:
+        """Apply the slow-consumer policy to a client over its outbound budget."""
+        policy = self.config.slow_consumer_policy
+        if policy == "disconnect":
+            self._cut(client, f"more than {self.config.max_queue_bytes} bytes queued")
+            return
+        out = client._out
+        size = client._out_bytes
+        dropped = 0
+        if policy == "keep-latest":
+            size, dropped = keep_latest(out)
+        if size > client._limit:
+            size, more = drop_oldest(out, size, max(client._limit, 0))
+            dropped += more
+        client._out_bytes = size
+        client.dropped += dropped
+        client._unreported += dropped
+        self.dropped_frames += dropped
+
+    def _cut(self, client: RemoteClient, detail: str) -> None:
+        """Disconnect a slow consumer at once; what is queued for it is discarded."""
+        core = client._core
+        if core.closed:
+            return
+        core.refuse(ErrorCode.SLOW_CONSUMER, DisconnectReason.SLOW_CONSUMER, detail)
+        core.outgoing.clear()  # it would sit behind the backlog that caused the cut
+        client._out = []
+        client._out_bytes = 0
+        client._finish()
 
     def _dispatch(self, sender: RemoteClient, frames: list[memoryview]) -> None:
         on_multicast = self.on_multicast
@@ -558,6 +635,8 @@ class Server:
                     keep = False
                 if not keep:
                     continue
+            if not sender._publisher:
+                self._add_publisher(sender)
             relay = _RELAY_HEAD.pack(len(frame) + 4, _RELAY, sender.id) + frame[1:]
             self.fanout(relay, None if sender._core.echo else sender)
 
@@ -617,6 +696,8 @@ class Server:
 
     def _closing(self, client: RemoteClient) -> None:
         """The client's core closed: stop sending it multicasts and timers."""
+        if client._core.close_reason is DisconnectReason.SLOW_CONSUMER:
+            self.slow_consumers += 1
         if self._open.pop(client.id, None) is not None:
             self._wheel.cancel(client)
 
@@ -625,6 +706,7 @@ class Server:
         self._open.pop(client.id, None)
         self._wheel.cancel(client)
         self._all.discard(client)
+        self._publishers.discard(client)
         self._gone.set()
         core = client._core
         detail = core.close_detail
@@ -643,7 +725,41 @@ class Server:
             )
 
     def _congested(self, client: RemoteClient, congested: bool) -> None:
-        client._core.writing_congested(congested, self._loop.time())
+        """A client's transport went above (or back below) its high-water mark."""
+        if self._flow_control:
+            # Inbound flow control: while any recipient is congested, stop reading from
+            # publishers, so a fast publisher is slowed instead of overrunning a subscriber.
+            if congested:
+                self._n_congested += 1
+                if self._n_congested == 1:
+                    self._set_publishers_reading(False)
+            else:
+                self._n_congested -= 1
+                if self._n_congested == 0:
+                    self._set_publishers_reading(True)
+        core = client._core
+        core.writing_congested(congested, self._loop.time())
+        if not core.closed:
+            self._reschedule(client)
+
+    def _add_publisher(self, client: RemoteClient) -> None:
+        client._publisher = True
+        self._publishers.add(client)
+        if self._n_congested and client._transport is not None:
+            client._transport.pause_reading()
+            client._core.reading_paused(True, self._loop.time())
+
+    def _set_publishers_reading(self, reading: bool) -> None:
+        now = self._loop.time()
+        for client in self._publishers:
+            transport = client._transport
+            if transport is None or transport.is_closing():
+                continue
+            if reading:
+                transport.resume_reading()
+            else:
+                transport.pause_reading()
+            client._core.reading_paused(not reading, now)
 
     # --- timers ---------------------------------------------------------------------------------
 

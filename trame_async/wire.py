@@ -77,6 +77,8 @@ _ERROR: Final = struct.Struct(">HB")
 _GOODBYE: Final = struct.Struct(">HIB")
 #: RELAY prefix before the data body: sender u32
 SENDER: Final = struct.Struct(">I")
+#: How much larger a RELAY is than the MULTICAST it relays.
+RELAY_OVERHEAD: Final = 4
 
 #: HELLO flag: the client wants its own multicasts back.
 FLAG_ECHO: Final = 0x01
@@ -99,6 +101,9 @@ class Kind(enum.IntEnum):
     """Server -> client: a multicast as relayed, with the sender's id (0: the server)."""
     DATA = 0x12
     """Client -> server: a trame for the server's own handlers; server -> client: a direct trame."""
+    DROPPED = 0x13
+    """Server -> client: this many frames for the client were dropped by its slow-consumer policy,
+    just before this point of the stream."""
     ERROR = 0x20
     """Either way: the sender found a protocol error and closes after this frame."""
     GOODBYE = 0x21
@@ -237,6 +242,22 @@ def pong(ping_id: int) -> bytes:
     return HEADER.pack(5, Kind.PONG) + _PING_ID.pack(ping_id)
 
 
+#: DROPPED: count u32
+_COUNT: Final = struct.Struct(">I")
+
+
+def dropped_notice(count: int) -> bytes:
+    """Return a DROPPED frame telling a client that ``count`` frames were dropped for it."""
+    return HEADER.pack(5, Kind.DROPPED) + _COUNT.pack(min(count, 0xFFFF_FFFF))
+
+
+def parse_dropped(body: memoryview | bytes) -> int:
+    """Return the count of a DROPPED body."""
+    _exact(body, 4, "DROPPED")
+    value: int = _COUNT.unpack_from(body)[0]
+    return value
+
+
 def parse_ping_id(body: memoryview | bytes, what: str) -> int:
     """Return the id of a PING or PONG body."""
     _exact(body, 4, what)
@@ -283,7 +304,9 @@ class Goodbye(NamedTuple):
     def encode(self) -> bytes:
         """Return the whole GOODBYE frame."""
         raw = _short_text(self.text)
-        return frame(Kind.GOODBYE, _GOODBYE.pack(self.reason, _to_ms(self.retry_after), len(raw)) + raw)
+        return frame(
+            Kind.GOODBYE, _GOODBYE.pack(self.reason, _to_ms(self.retry_after), len(raw)) + raw
+        )
 
     @classmethod
     def parse(cls, body: memoryview | bytes) -> Goodbye:

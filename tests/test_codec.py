@@ -1,0 +1,1103 @@
+"""Tests of the sans-I/O codec: trame types, their registry, and data frames.
+
+Round trips of every built-in type over its whole range, registration rules, value checks, one row
+per malformed-input class, and fuzzing: whatever the bytes, decoding returns or raises a
+:class:`~trame_async.TrameError`, never another exception.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import string
+import struct
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+import trame_async
+from trame_async import (
+    BOL,
+    BYT,
+    FLT,
+    INT,
+    POS,
+    REGISTRY,
+    STR,
+    BadFormatError,
+    CodecError,
+    ErrorCode,
+    InvalidTextError,
+    Kind,
+    Message,
+    Position,
+    ProtocolError,
+    RegistrationError,
+    Registry,
+    TrailingDataError,
+    Trame,
+    TrameError,
+    TruncatedFrameError,
+    UnexpectedFrameError,
+    UnknownKindError,
+    UnknownTrameError,
+    ValueMismatchError,
+    ValueSizeMismatchError,
+    decode,
+    encode,
+)
+from trame_async.wire import (
+    DEFAULT_MAX_FRAME_SIZE,
+    SENDER,
+    ErrorFrame,
+    Goodbye,
+    Hello,
+    Welcome,
+    dropped_notice,
+    ping,
+    pong,
+)
+from trame_async.wire import frame as make_frame
+
+FUZZ = settings(max_examples=300, deadline=None)
+FEW = settings(max_examples=25, deadline=None)
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+
+
+def largest_variable_value() -> int:
+    """Return the largest STR/BYT value (in bytes) whose MULTICAST fits in the default frame size."""
+    n = DEFAULT_MAX_FRAME_SIZE
+    while 1 + 3 + 1 + len(f"<{n}s") + n > DEFAULT_MAX_FRAME_SIZE:
+        n -= 1
+    return n
+
+
+MAX_VARIABLE = largest_variable_value()
+
+
+def data_body(code: bytes, fmt: bytes, value: bytes) -> bytes:
+    """Return a data body (code, fmt_len, fmt, value) without validation."""
+    return code + bytes((len(fmt),)) + fmt + value
+
+
+def data_frame(code: bytes, fmt: bytes, value: bytes, kind: int = Kind.MULTICAST) -> bytes:
+    """Return a whole data frame of ``kind`` (RELAY gets sender 7), without validation."""
+    prefix = SENDER.pack(7) if kind == Kind.RELAY else b""
+    return make_frame(kind, prefix + data_body(code, fmt, value))
+
+
+def same_float(a: float, b: float) -> bool:
+    """Compare doubles bit for bit (NaN payloads and the sign of zero included)."""
+    return struct.pack("<d", a) == struct.pack("<d", b)
+
+
+# --- strategies --------------------------------------------------------------------------------
+
+utf8_text = st.text(st.characters(codec="utf-8"))
+
+
+@st.composite
+def large_text(draw: st.DrawFn) -> str:
+    """Text of up to the largest STR value, built by repeating a short non-empty piece."""
+    piece = draw(st.text(st.characters(codec="utf-8"), min_size=1, max_size=4))
+    size = draw(st.integers(0, MAX_VARIABLE))
+    return piece * (size // len(piece.encode("utf-8")))
+
+
+@st.composite
+def large_bytes(draw: st.DrawFn) -> bytes:
+    """Bytes of up to the largest BYT value, built by repeating a short piece."""
+    piece = draw(st.binary(min_size=1, max_size=4))
+    size = draw(st.integers(0, MAX_VARIABLE))
+    return piece * (size // len(piece))
+
+
+# --- round trips of the built-in types -------------------------------------------------------
+
+
+@FUZZ
+@given(st.integers(INT64_MIN, INT64_MAX))
+@example(INT64_MIN)
+@example(INT64_MAX)
+@example(0)
+@example(-1)
+def test_int_round_trip(value: int) -> None:
+    message, fmt = encode(INT, value)
+    assert fmt == "<q"
+    assert len(message) == 4 + 1 + 3 + 1 + 2 + 8
+    trame, decoded = decode(message)
+    assert (trame, decoded) == (INT, value)
+    assert type(decoded) is int
+    assert trame is INT
+
+
+@FUZZ
+@given(st.floats(allow_nan=True, allow_infinity=True))
+@example(math.nan)
+@example(-math.nan)
+@example(math.inf)
+@example(-math.inf)
+@example(-0.0)
+@example(0.0)
+@example(5e-324)
+@example(1.7976931348623157e308)
+def test_flt_round_trip(value: float) -> None:
+    message, fmt = encode("FLT", value)
+    assert fmt == "<d"
+    trame, decoded = decode(message)
+    assert trame == FLT
+    assert same_float(decoded, value)
+    if math.isnan(value):
+        assert math.isnan(decoded)
+    else:
+        assert decoded == value
+
+
+@pytest.mark.parametrize("value", [False, True])
+def test_bol_round_trip(value: bool) -> None:
+    message, fmt = encode(BOL, value)
+    assert fmt == "<?"
+    assert message[-1] == int(value)
+    assert decode(message) == (BOL, value)
+
+
+def test_bol_decodes_nonzero_byte_as_true() -> None:
+    # struct's "?" reads any nonzero byte as True; the doc tells senders to write 0 or 1.
+    assert decode(data_frame(b"BOL", b"<?", b"\x02")) == (BOL, True)
+
+
+@FUZZ
+@given(utf8_text)
+@example("")
+@example("héllo wörld ☕ 𝄞")
+@example("\x00")
+def test_str_round_trip(value: str) -> None:
+    message, fmt = encode(STR, value)
+    raw = value.encode("utf-8")
+    assert fmt == f"<{len(raw)}s"
+    assert message.endswith(raw)
+    trame, decoded = decode(message)
+    assert (trame, decoded) == (STR, value)
+    assert type(decoded) is str
+
+
+@FEW
+@given(large_text())
+def test_str_round_trip_large(value: str) -> None:
+    message, fmt = encode(STR, value)
+    assert fmt == f"<{len(value.encode('utf-8'))}s"
+    assert len(message) - 4 <= DEFAULT_MAX_FRAME_SIZE
+    assert decode(message) == (STR, value)
+
+
+def test_str_largest_value_fills_the_default_frame_size() -> None:
+    value = "é" * (MAX_VARIABLE // 2) + "a" * (MAX_VARIABLE % 2)
+    message, fmt = encode(STR, value)
+    assert fmt == f"<{MAX_VARIABLE}s"
+    assert len(message) - 4 == DEFAULT_MAX_FRAME_SIZE
+    assert int.from_bytes(message[:4]) == DEFAULT_MAX_FRAME_SIZE
+    assert decode(message) == (STR, value)
+
+
+@FUZZ
+@given(st.binary())
+@example(b"")
+@example(bytes(range(256)))
+def test_byt_round_trip(value: bytes) -> None:
+    message, fmt = encode(BYT, value)
+    assert fmt == f"<{len(value)}s"
+    trame, decoded = decode(message)
+    assert (trame, decoded) == (BYT, value)
+    assert type(decoded) is bytes
+
+
+@FEW
+@given(large_bytes())
+def test_byt_round_trip_large(value: bytes) -> None:
+    message, fmt = encode("BYT", value)
+    assert fmt == f"<{len(value)}s"
+    assert decode(message) == (BYT, value)
+
+
+def test_byt_accepts_bytearray_and_memoryview() -> None:
+    assert decode(encode(BYT, bytearray(b"ab"))[0]) == (BYT, b"ab")
+    assert decode(encode(BYT, memoryview(b"cd"))[0]) == (BYT, b"cd")
+
+
+@FUZZ
+@given(st.floats(), st.floats())
+@example(math.nan, -0.0)
+@example(math.inf, -math.inf)
+def test_pos_round_trip(x: float, y: float) -> None:
+    for value in ((x, y), Position(x, y), [x, y]):
+        message, fmt = encode(POS, value)
+        assert fmt == "<dd"
+        trame, decoded = decode(message)
+        assert trame == POS
+        assert type(decoded) is Position
+        assert same_float(decoded.x, x)
+        assert same_float(decoded.y, y)
+
+
+@pytest.mark.parametrize(
+    ("trame", "value"),
+    [
+        (INT, -5),
+        (FLT, 2.5),
+        (BOL, True),
+        (STR, "été"),
+        (BYT, b"\x00\xff"),
+        (POS, Position(1.0, -1.0)),
+    ],
+)
+@pytest.mark.parametrize("kind", [Kind.MULTICAST, Kind.RELAY, Kind.DATA])
+def test_round_trip_in_every_data_kind(trame: Trame, value: Any, kind: Kind) -> None:
+    message = REGISTRY.encode(trame, value, kind)
+    assert message[4] == kind
+    assert int.from_bytes(message[:4]) == len(message) - 4
+    assert decode(message) == (trame, value)
+    # A RELAY built locally is the server's own: sender 0.
+    assert REGISTRY.decode_frame(memoryview(message)[4:]) == Message(0, trame, value, kind)
+
+
+def test_relay_carries_the_sender_id() -> None:
+    message = data_frame(b"INT", b"<q", struct.pack("<q", 9), Kind.RELAY)
+    msg = REGISTRY.decode_frame(message[4:])
+    assert msg == Message(7, INT, 9, Kind.RELAY)
+    assert decode(message) == (INT, 9)
+
+
+# --- encode() ------------------------------------------------------------------------------
+
+
+def test_encode_exact_bytes_of_int() -> None:
+    message, fmt = encode("INT", 42)
+    assert message == bytes.fromhex("0000000f 10 494e54 02 3c71 2a00000000000000")
+    assert fmt == "<q"
+
+
+@pytest.mark.parametrize(
+    ("trame", "value", "fmt"),
+    [
+        (INT, 1, "<q"),
+        (FLT, 1.0, "<d"),
+        (BOL, False, "<?"),
+        (POS, (0.0, 0.0), "<dd"),
+        (STR, "", "<0s"),
+        (STR, "abc", "<3s"),
+        (STR, "é", "<2s"),
+        (STR, "x" * 1000, "<1000s"),
+        (BYT, b"", "<0s"),
+        (BYT, b"12345", "<5s"),
+    ],
+)
+def test_encode_returns_the_format_sent(trame: Trame, value: Any, fmt: str) -> None:
+    message, got = encode(trame, value)
+    assert got == fmt
+    # The format is also the one written in the frame, and it sizes the value exactly.
+    fmt_len = message[8]
+    assert message[9 : 9 + fmt_len].decode("ascii") == fmt
+    assert len(message) - 9 - fmt_len == struct.calcsize(fmt)
+
+
+def test_encode_accepts_trame_or_code() -> None:
+    assert encode("POS", (1.0, 2.0)) == encode(POS, (1.0, 2.0))
+
+
+def test_encode_unknown_code() -> None:
+    with pytest.raises(UnknownTrameError, match="'QQQ'") as info:
+        encode("QQQ", 1)
+    assert info.value.code == "QQQ"
+    assert info.value.error_code == ErrorCode.UNKNOWN_TRAME
+    assert isinstance(info.value, LookupError)
+
+
+# --- registration ----------------------------------------------------------------------------
+
+
+class Velocity(NamedTuple):
+    dx: float
+    dy: float
+
+
+class Single(NamedTuple):
+    n: int
+
+
+class Triple(NamedTuple):
+    a: int
+    b: int
+    c: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    channel: int
+    value: float
+
+
+def test_register_plain_call() -> None:
+    reg = Registry(builtins=False)
+    vel = reg.register("VEL", "<ff")
+    assert isinstance(vel, Trame)
+    assert vel == "VEL"
+    assert vel.code == "VEL"
+    assert hash(vel) == hash("VEL")
+    assert vel.fmt == "<ff"
+    assert vel.size == 8
+    assert vel.cls is None
+    assert not vel.variable
+    assert reg["VEL"] is vel
+    assert "VEL" in reg
+    message = reg.encode(vel, (1.5, -2.5))
+    assert reg.decode(message) == (vel, (1.5, -2.5))
+
+
+def test_register_single_item_decodes_a_scalar() -> None:
+    reg = Registry(builtins=False)
+    cnt = reg.register("CNT", "<H")
+    assert reg.decode(reg.encode(cnt, 65535)) == (cnt, 65535)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "normalised"),
+    [("ff", "<ff"), ("< f f", "<ff"), (">ih", ">ih"), ("!I", "!I"), ("2s", "<2s")],
+)
+def test_register_normalises_the_format(fmt: str, normalised: str) -> None:
+    reg = Registry(builtins=False)
+    assert reg.register("FMT", fmt).fmt == normalised
+
+
+def test_register_big_endian_format_round_trip() -> None:
+    reg = Registry(builtins=False)
+    net = reg.register("NET", "!Ih")
+    message = reg.encode(net, (0x01020304, -2))
+    assert message.endswith(b"\x01\x02\x03\x04\xff\xfe")
+    assert reg.decode(message) == (net, (0x01020304, -2))
+
+
+def test_register_with_cls_argument() -> None:
+    reg = Registry(builtins=False)
+    vel = reg.register("VEL", "<dd", Velocity)
+    assert vel.cls is Velocity
+    assert reg.decode(reg.encode(vel, Velocity(1.0, 2.0))) == (vel, Velocity(1.0, 2.0))
+    assert type(reg.decode(reg.encode(vel, (1.0, 2.0)))[1]) is Velocity
+
+
+def test_register_as_decorator_on_namedtuple() -> None:
+    reg = Registry(builtins=False)
+
+    @reg.register("VEL", "<ff")
+    class Vel(NamedTuple):
+        dx: float
+        dy: float
+
+    assert Vel.__name__ == "Vel"  # the decorator returns the class itself
+    trame = reg["VEL"]
+    assert trame.cls is Vel
+    _, value = reg.decode(reg.encode("VEL", Vel(0.5, 0.25)))
+    assert value == Vel(0.5, 0.25)
+    assert type(value) is Vel
+
+
+def test_register_as_decorator_on_single_field_namedtuple() -> None:
+    reg = Registry(builtins=False)
+    reg.register("ONE", "<q")(Single)
+    assert reg.decode(reg.encode("ONE", Single(-3))) == ("ONE", Single(-3))
+
+
+def test_register_as_decorator_on_dataclass() -> None:
+    reg = Registry(builtins=False)
+
+    @reg.register("SMP", "<Hd")
+    @dataclasses.dataclass
+    class Smp:
+        channel: int
+        value: float
+
+    trame, value = reg.decode(reg.encode("SMP", Smp(3, 0.5)))
+    assert trame.cls is Smp
+    assert value == Smp(3, 0.5)
+
+
+def test_register_single_field_dataclass() -> None:
+    @dataclasses.dataclass
+    class Level:
+        db: float
+
+    reg = Registry(builtins=False)
+    reg.register("LVL", "<f", Level)
+    assert reg.decode(reg.encode("LVL", Level(0.5))) == ("LVL", Level(0.5))
+
+
+@pytest.mark.parametrize(("cls", "value"), [(str, "ça"), (bytes, b"\x00ab")])
+def test_register_variable_length(cls: type[Any], value: Any) -> None:
+    reg = Registry(builtins=False)
+    trame = reg.register("VAR", "<*s", cls)
+    assert trame.variable
+    assert trame.size is None
+    assert trame.cls is cls
+    message = reg.encode(trame, value)
+    assert reg.decode(message) == (trame, value)
+
+
+def test_register_duplicate_code_refused() -> None:
+    reg = Registry(builtins=False)
+    reg.register("DUP", "<q")
+    with pytest.raises(RegistrationError, match=r"'DUP' is already registered with format '<q'"):
+        reg.register("DUP", "<d")
+    assert reg["DUP"].fmt == "<q"
+
+
+@pytest.mark.parametrize("code", ["INT", "FLT", "BOL", "STR", "BYT", "POS"])
+def test_register_builtin_code_refused(code: str) -> None:
+    with pytest.raises(RegistrationError, match="already registered"):
+        Registry().register(code, "<q")
+
+
+@pytest.mark.parametrize(
+    "code",
+    ["AB", "ABCD", "", "ÀBC", "A\x00B", "A\tB", "AB\x7f", "A\nB", "\ud800AB"],
+    ids=["2-chars", "4-chars", "empty", "non-ascii", "nul", "tab", "del", "newline", "surrogate"],
+)
+def test_register_bad_code_refused(code: str) -> None:
+    with pytest.raises(RegistrationError, match="3 printable ASCII characters") as info:
+        Registry(builtins=False).register(code, "<q")
+    assert repr(code) in str(info.value)
+
+
+def test_register_non_str_code_refused() -> None:
+    with pytest.raises(RegistrationError, match="must be a str"):
+        Registry(builtins=False).register(123, "<q")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "message"),
+    [
+        ("@q", "native byte order"),
+        ("=q", "native byte order"),
+        ("@", "native byte order"),
+        ("", "empty"),
+        ("   ", "empty"),
+        ("x", "only padding"),
+        ("<4x", "only padding"),
+        ("<0q", "only padding"),
+        ("<zz", "not a struct format"),
+        ("<n", "not a struct format"),  # ssize_t has no standard size
+        ("<P", "not a struct format"),
+        ("<q0p", "zero-length Pascal string"),
+        ("<é", "must be ASCII"),
+        ("<" + "q" * 255, "at most 255 characters"),
+    ],
+)
+def test_register_bad_format_refused(fmt: str, message: str) -> None:
+    with pytest.raises(RegistrationError, match=message) as info:
+        Registry(builtins=False).register("BAD", fmt)
+    assert "'BAD'" in str(info.value)
+
+
+def test_register_non_str_format_refused() -> None:
+    with pytest.raises(RegistrationError, match="must be a str"):
+        Registry(builtins=False).register("BAD", b"<q")  # type: ignore[arg-type]
+
+
+def test_register_huge_format_does_not_allocate_its_size() -> None:
+    # A format's items are counted without unpacking a zero buffer of its size.
+    trame = Registry(builtins=False).register("BIG", "<2000000000s8000000000x q")
+    assert trame.size == 10_000_000_008
+
+
+@pytest.mark.parametrize(
+    ("fmt", "cls"),
+    [("<dd", Triple), ("<ddd", Velocity), ("<q", Velocity), ("<qq", Single), ("<ddd", Sample)],
+)
+def test_register_field_count_mismatch_refused(fmt: str, cls: type[Any]) -> None:
+    with pytest.raises(RegistrationError, match="fields but format") as info:
+        Registry(builtins=False).register("MIS", fmt, cls)
+    assert cls.__name__ in str(info.value)
+    assert fmt in str(info.value)
+
+
+def test_register_decorator_field_count_mismatch_refused() -> None:
+    reg = Registry(builtins=False)
+    with pytest.raises(RegistrationError, match="Triple has 3 fields but format '<dd'"):
+        reg.register("MIS", "<dd")(Triple)
+
+
+@pytest.mark.parametrize("cls", [int, Velocity, list])
+def test_register_variable_length_with_bad_cls_refused(cls: type[Any]) -> None:
+    with pytest.raises(RegistrationError, match="carries str"):
+        Registry(builtins=False).register("VAR", "<*s", cls)
+
+
+def test_register_cls_not_a_class_refused() -> None:
+    with pytest.raises(RegistrationError, match="must be a class"):
+        Registry(builtins=False).register("CLS", "<q", 5)  # type: ignore[arg-type]
+
+
+def test_register_binding_twice_refused() -> None:
+    trame = Registry(builtins=False).register("TWO", "<dd", Velocity)
+    with pytest.raises(RegistrationError, match="already has cls Velocity"):
+        trame(Position)
+
+
+def test_registration_errors_are_codec_errors() -> None:
+    with pytest.raises(CodecError):
+        Registry(builtins=False).register("AB", "<q")
+    with pytest.raises(ValueError):
+        Registry(builtins=False).register("AB", "<q")
+
+
+# --- the default registry ------------------------------------------------------------------
+
+
+def _unused_codes() -> Iterator[str]:
+    for chars in itertools.product("tuvw", string.digits, string.digits):
+        code = "".join(chars)
+        if code not in REGISTRY:
+            yield code
+
+
+@pytest.fixture
+def global_code() -> str:
+    """Return a code not yet in the default registry (tests there cannot be undone)."""
+    return next(_unused_codes())
+
+
+def test_global_register_and_registered(global_code: str) -> None:
+    trame = trame_async.register(global_code, "<hh")
+    assert trame_async.registered()[global_code] == ("<hh", None)
+    message, fmt = encode(global_code, (1, -1))
+    assert fmt == "<hh"
+    assert decode(message) == (trame, (1, -1))
+    with pytest.raises(RegistrationError, match="already registered"):
+        trame_async.register(global_code, "<hh")
+
+
+def test_global_register_as_decorator(global_code: str) -> None:
+    @trame_async.register(global_code, "<HH")
+    class Size(NamedTuple):
+        w: int
+        h: int
+
+    assert trame_async.registered()[global_code] == ("<HH", Size)
+    assert decode(encode(global_code, Size(640, 480))[0]) == (global_code, Size(640, 480))
+
+
+def test_registered_lists_the_builtins() -> None:
+    listing = trame_async.registered()
+    assert {code: listing[code] for code in ("INT", "FLT", "BOL", "STR", "BYT", "POS")} == {
+        "INT": ("<q", None),
+        "FLT": ("<d", None),
+        "BOL": ("<?", None),
+        "STR": ("<*s", str),
+        "BYT": ("<*s", bytes),
+        "POS": ("<dd", Position),
+    }
+
+
+def test_registry_listing() -> None:
+    assert dict(Registry().listing()) == {
+        "INT": ("<q", None),
+        "FLT": ("<d", None),
+        "BOL": ("<?", None),
+        "STR": ("<*s", str),
+        "BYT": ("<*s", bytes),
+        "POS": ("<dd", Position),
+    }
+    reg = Registry(builtins=False)
+    assert dict(reg.listing()) == {}
+    assert len(reg) == 0
+    reg.register("VEL", "<dd", Velocity)
+    reg.register("TXT", "<*s", str)
+    assert dict(reg.listing()) == {"VEL": ("<dd", Velocity), "TXT": ("<*s", str)}
+    assert len(reg) == 2
+    assert sorted(reg) == ["TXT", "VEL"]
+
+
+def test_registry_lookup() -> None:
+    reg = Registry()
+    assert reg["POS"] is POS
+    assert reg.get("POS") is POS
+    assert reg.get("ZZZ") is None
+    assert "ZZZ" not in reg
+    assert 5 not in reg
+    with pytest.raises(UnknownTrameError, match="'ZZZ'"):
+        reg["ZZZ"]
+
+
+def test_registries_are_independent() -> None:
+    mine = Registry(builtins=False)
+    mine.register("VEL", "<dd")
+    assert "VEL" not in Registry()
+    assert "INT" not in mine
+    with pytest.raises(UnknownTrameError):
+        mine.encode("INT", 1)
+
+
+# --- values that do not fit ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("trame", "value"),
+    [
+        (INT, INT64_MAX + 1),
+        (INT, INT64_MIN - 1),
+        (INT, 2**100),
+        (INT, "1"),
+        (INT, 1.5),
+        (INT, None),
+        (FLT, "1.0"),
+        (FLT, None),
+        (FLT, 10**400),
+        (POS, (1.0,)),
+        (POS, (1.0, 2.0, 3.0)),
+        (POS, 5),
+        (POS, ("a", "b")),
+        (POS, None),
+        (STR, "\ud800"),
+        (STR, "a\udfffb"),
+        (STR, b"bytes"),
+        (STR, 5),
+        (BYT, "text"),
+        (BYT, 5),
+        (BYT, None),
+    ],
+)
+def test_value_mismatch(trame: Trame, value: Any) -> None:
+    with pytest.raises(ValueMismatchError) as info:
+        encode(trame, value)
+    err = info.value
+    assert (err.code, err.fmt) == (trame.code, trame.fmt)
+    assert err.value is value
+    assert f"trame {trame.code!r}" in str(err)
+    assert repr(trame.fmt) in str(err)
+    assert isinstance(err, CodecError)
+    assert isinstance(err, ValueError)
+    with pytest.raises(ValueMismatchError):
+        trame.pack(value)
+
+
+def test_value_mismatch_for_registered_classes() -> None:
+    reg = Registry(builtins=False)
+    reg.register("SMP", "<Hd", Sample)
+    reg.register("VEL", "<dd", Velocity)
+    with pytest.raises(ValueMismatchError):
+        reg.encode("SMP", Sample(-1, 0.5))  # H is unsigned
+    with pytest.raises(ValueMismatchError):
+        reg.encode("SMP", (1, 0.5))  # no .channel attribute
+    with pytest.raises(ValueMismatchError):
+        reg.encode("VEL", Triple(1, 2, 3))
+
+
+def test_value_mismatch_message_is_shortened() -> None:
+    with pytest.raises(ValueMismatchError) as info:
+        encode(INT, "x" * 1000)
+    assert len(str(info.value)) < 300
+
+
+# --- malformed data frames: one row per class ------------------------------------------------
+
+INT_VALUE = struct.pack("<q", 42)
+GOOD_INT = data_frame(b"INT", b"<q", INT_VALUE)
+
+MALFORMED: list[tuple[str, bytes, type[TrameError], ErrorCode, tuple[str, ...]]] = [
+    ("empty", b"", TruncatedFrameError, ErrorCode.MALFORMED_FRAME, ("needs 5", "only 0")),
+    ("3-byte header", b"\x00\x00\x00", TruncatedFrameError, ErrorCode.MALFORMED_FRAME, ("5",)),
+    ("no kind byte", b"\x00\x00\x00\x05", TruncatedFrameError, ErrorCode.MALFORMED_FRAME, ("4",)),
+    (
+        "length 0",
+        b"\x00\x00\x00\x00\x10",
+        TruncatedFrameError,
+        ErrorCode.MALFORMED_FRAME,
+        ("needs 1", "only 0"),
+    ),
+    (
+        "truncated body",
+        GOOD_INT[:-3],
+        TruncatedFrameError,
+        ErrorCode.MALFORMED_FRAME,
+        ("needs 15", "only 12"),
+    ),
+    (
+        "length beyond a huge value",
+        b"\xff\xff\xff\xff\x10INT",
+        TruncatedFrameError,
+        ErrorCode.MALFORMED_FRAME,
+        ("4294967295",),
+    ),
+    (
+        "body without code",
+        make_frame(Kind.MULTICAST, b"IN"),
+        TruncatedFrameError,
+        ErrorCode.MALFORMED_FRAME,
+        ("code and format length", "needs 4", "only 2"),
+    ),
+    (
+        "format past the end",
+        make_frame(Kind.MULTICAST, b"INT\x09<q"),
+        TruncatedFrameError,
+        ErrorCode.MALFORMED_FRAME,
+        ("format", "needs 13", "only 6"),
+    ),
+    (
+        "RELAY without sender",
+        make_frame(Kind.RELAY, b"\x00\x00\x07"),
+        TruncatedFrameError,
+        ErrorCode.MALFORMED_FRAME,
+        ("sender", "needs 4", "only 3"),
+    ),
+    (
+        "unknown kind",
+        make_frame(0x7F, data_body(b"INT", b"<q", INT_VALUE)),
+        UnknownKindError,
+        ErrorCode.UNKNOWN_KIND,
+        ("0x7f",),
+    ),
+    (
+        "kind 0",
+        b"\x00\x00\x00\x01\x00",
+        UnknownKindError,
+        ErrorCode.UNKNOWN_KIND,
+        ("0x00",),
+    ),
+    (
+        "unknown code",
+        data_frame(b"ZZZ", b"<q", INT_VALUE),
+        UnknownTrameError,
+        ErrorCode.UNKNOWN_TRAME,
+        ("'ZZZ'",),
+    ),
+    (
+        "value shorter than its format",
+        data_frame(b"INT", b"<q", INT_VALUE[:7]),
+        ValueSizeMismatchError,
+        ErrorCode.VALUE_SIZE_MISMATCH,
+        ("'INT'", "7 bytes", "needs 8"),
+    ),
+    (
+        "value longer than its format",
+        data_frame(b"POS", b"<dd", bytes(17)),
+        ValueSizeMismatchError,
+        ErrorCode.VALUE_SIZE_MISMATCH,
+        ("'POS'", "17 bytes", "needs 16"),
+    ),
+    (
+        "STR value shorter than its format",
+        data_frame(b"STR", b"<5s", b"abcd"),
+        ValueSizeMismatchError,
+        ErrorCode.VALUE_SIZE_MISMATCH,
+        ("'STR'", "4 bytes", "needs 5"),
+    ),
+    (
+        "format other than the registered one",
+        data_frame(b"INT", b"<i", INT_VALUE[:4]),
+        ValueSizeMismatchError,
+        ErrorCode.VALUE_SIZE_MISMATCH,
+        ("'INT'", "'<i'", "'<q'"),
+    ),
+    (
+        "byte order other than the registered one",
+        data_frame(b"INT", b">q", INT_VALUE),
+        ValueSizeMismatchError,
+        ErrorCode.VALUE_SIZE_MISMATCH,
+        ("'>q'", "'<q'"),
+    ),
+    (
+        "STR format with a leading zero",
+        data_frame(b"STR", b"<03s", b"abc"),
+        ValueSizeMismatchError,
+        ErrorCode.VALUE_SIZE_MISMATCH,
+        ("'STR'", "'<03s'", "'<3s'"),
+    ),
+    (
+        "BYT format that is not <Ns",
+        data_frame(b"BYT", b"<3B", b"abc"),
+        ValueSizeMismatchError,
+        ErrorCode.VALUE_SIZE_MISMATCH,
+        ("'BYT'", "'<3B'"),
+    ),
+    (
+        "invalid UTF-8 in STR",
+        data_frame(b"STR", b"<2s", b"\xc3\x28"),
+        InvalidTextError,
+        ErrorCode.INVALID_TEXT,
+        ("'STR'", "UTF-8"),
+    ),
+    (
+        "UTF-8 surrogate in STR",
+        data_frame(b"STR", b"<3s", "\ud800".encode("utf-8", "surrogatepass")),
+        InvalidTextError,
+        ErrorCode.INVALID_TEXT,
+        ("UTF-8",),
+    ),
+    (
+        "trailing junk after the frame",
+        GOOD_INT + b"\x00",
+        TrailingDataError,
+        ErrorCode.TRAILING_DATA,
+        ("1 unexpected trailing bytes",),
+    ),
+    (
+        "a second frame after the frame",
+        GOOD_INT + GOOD_INT,
+        TrailingDataError,
+        ErrorCode.TRAILING_DATA,
+        (f"{len(GOOD_INT)} unexpected",),
+    ),
+    *[
+        (
+            f"{name} given to decode",
+            control,
+            UnexpectedFrameError,
+            ErrorCode.UNEXPECTED_FRAME,
+            (name,),
+        )
+        for name, control in [
+            ("HELLO", Hello(1, 0, b"").encode()),
+            ("WELCOME", Welcome(1, 0, 1, 1.0, 1.0, 1024).encode()),
+            ("PING", ping(1)),
+            ("PONG", pong(1)),
+            ("DROPPED", dropped_notice(1)),
+            ("ERROR", ErrorFrame(ErrorCode.MALFORMED_FRAME, "x").encode()),
+            ("GOODBYE", Goodbye(1, None, "").encode()),
+        ]
+    ],
+]
+
+
+@pytest.mark.parametrize(
+    ("message", "error", "code", "mentions"),
+    [pytest.param(*row[1:], id=row[0]) for row in MALFORMED],
+)
+def test_decode_malformed(
+    message: bytes, error: type[TrameError], code: ErrorCode, mentions: tuple[str, ...]
+) -> None:
+    with pytest.raises(error) as info:
+        decode(message)
+    assert type(info.value) is error
+    assert info.value.error_code == code
+    for text in mentions:
+        assert text in str(info.value)
+    # A view decodes (and fails) like bytes.
+    with pytest.raises(error):
+        decode(memoryview(message))
+
+
+def test_malformed_table_covers_every_protocol_error_of_decode() -> None:
+    classes = {row[2] for row in MALFORMED}
+    assert classes == {
+        TruncatedFrameError,
+        UnknownKindError,
+        UnknownTrameError,
+        ValueSizeMismatchError,
+        InvalidTextError,
+        TrailingDataError,
+        UnexpectedFrameError,
+    }
+
+
+@pytest.mark.parametrize(
+    ("code", "fmt", "detail"),
+    [
+        (b"ABC", b"q", "byte order"),
+        (b"ABC", b"@q", "byte order"),
+        (b"ABC", b"=q", "byte order"),
+        (b"ABC", b" <q", "byte order"),
+        (b"ABC", b"<q ", "byte order"),
+        (b"ABC", b"", "byte order"),
+        (b"ABC", b"<\xc3\xa9", "byte order"),
+        (b"ABC", b"<zz", "bad char"),
+        (b"ABC", b"<n", "bad char"),
+        (b"ABC", b"<99999999999999999999s", "too long"),
+        (b"ABC", b"<8x", "only padding"),
+        (b"ABC", b"<0p", "Pascal"),
+        (b"A\x00C", b"<q", "printable"),
+        (b"\xffBC", b"<q", "printable"),
+    ],
+)
+def test_decode_body_bad_format_of_unknown_code(code: bytes, fmt: bytes, detail: str) -> None:
+    body = data_body(code, fmt, bytes(8))
+    with pytest.raises(BadFormatError, match=detail) as info:
+        Registry().decode_body(body, 0, strict=False)
+    assert info.value.error_code == ErrorCode.BAD_FORMAT
+    assert isinstance(info.value, ProtocolError)
+    with pytest.raises(BadFormatError):
+        Registry().check_body(body, 0)
+
+
+def test_decode_frame_unknown_code_not_strict() -> None:
+    reg = Registry()
+    msg = reg.decode_frame(data_frame(b"ABC", b">hh", b"\x00\x01\xff\xff")[4:], strict=False)
+    assert msg.trame == "ABC"
+    assert msg.trame.fmt == ">hh"
+    assert msg.value == (1, -1)
+    assert not msg.trame.registered
+    one = reg.decode_frame(data_frame(b"ABC", b"<3s", b"xyz", Kind.RELAY)[4:], strict=False)
+    assert one == Message(7, "ABC", b"xyz", Kind.RELAY)
+    with pytest.raises(UnknownTrameError):
+        reg.decode_frame(data_frame(b"ABC", b"<3s", b"xyz")[4:])
+
+
+def test_unknown_code_not_strict_checks_the_size() -> None:
+    body = data_body(b"ABC", b"<hh", b"\x00\x01\xff")
+    with pytest.raises(ValueSizeMismatchError, match="3 bytes, the format needs 4"):
+        Registry().decode_body(body, 0, strict=False)
+
+
+@pytest.mark.parametrize(
+    "fmt", [b"<2000000000s", b"<1000000000sq", b"<1000000000q", b"!4294967295s", b"<4000000000x?"]
+)
+def test_unknown_code_with_huge_format_is_refused_cheaply(fmt: bytes) -> None:
+    # A 30-byte frame must not make the receiver allocate the size its format declares.
+    body = data_body(b"ABC", fmt, b"x")
+    with pytest.raises(ValueSizeMismatchError, match="value is 1 bytes"):
+        Registry().decode_body(body, 0, strict=False)
+    with pytest.raises(ValueSizeMismatchError):
+        Registry().check_body(body, 0)
+
+
+def test_check_body_accepts_well_formed_frames() -> None:
+    reg = Registry()
+    for message in (
+        GOOD_INT,
+        encode(STR, "héllo")[0],
+        data_frame(b"ABC", b"<3s", b"xyz"),
+        data_frame(b"ABC", b"!IH", bytes(6)),
+    ):
+        reg.check_body(memoryview(message)[4:], 1)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [row[1] for row in MALFORMED if row[2] in (ValueSizeMismatchError, InvalidTextError)],
+)
+def test_check_body_refuses_what_decode_refuses(message: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        Registry().check_body(message[4:], 1)
+
+
+def test_decode_frame_empty() -> None:
+    with pytest.raises(TruncatedFrameError, match="frame kind"):
+        REGISTRY.decode_frame(b"")
+
+
+# --- fuzzing: only TrameError ------------------------------------------------------------------
+
+
+def assert_only_trame_errors(call: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run ``call``; return its result, or None if it raised a TrameError (anything else fails)."""
+    try:
+        return call(*args, **kwargs)
+    except Exception as err:
+        assert isinstance(err, TrameError), f"{type(err).__name__}: {err}"
+        return None
+
+
+_FORMAT_CHARS = "xcbB?hHiIlLqQnNefdspP"
+
+#: Format fields: mostly well-formed, with counts from 0 to huge, sometimes broken.
+formats = st.one_of(
+    st.builds(
+        lambda order, items: (order + "".join(items)).encode("ascii"),
+        st.sampled_from(["<", ">", "!", "@", "=", "", " "]),
+        st.lists(
+            st.builds(
+                lambda count, char: count + char,
+                st.sampled_from(["", "", "0", "1", "2", "3", "16", "00", "2000000000"]),
+                st.sampled_from(_FORMAT_CHARS),
+            ),
+            max_size=4,
+        ),
+    ),
+    st.binary(max_size=12),
+)
+codes = st.one_of(
+    st.sampled_from([b"INT", b"FLT", b"BOL", b"STR", b"BYT", b"POS", b"ABC", b"\x00BC"]),
+    st.binary(min_size=3, max_size=3),
+)
+
+
+@st.composite
+def data_frames(draw: st.DrawFn) -> bytes:
+    """A data frame (from the kind byte) with plausible fields, often almost right."""
+    kind = draw(st.sampled_from([Kind.MULTICAST, Kind.RELAY, Kind.DATA]))
+    fmt = draw(formats)
+    try:
+        size = struct.calcsize(fmt.decode("ascii"))
+    except (struct.error, UnicodeDecodeError):
+        size = 8
+    size = min(size, 64)
+    value = draw(
+        st.one_of(
+            st.binary(min_size=size, max_size=size),
+            st.binary(max_size=max(0, size + 2)),
+        )
+    )
+    body = data_body(draw(codes), fmt, value)
+    if kind == Kind.RELAY:
+        body = draw(st.binary(min_size=4, max_size=4)) + body
+    whole = bytes((kind,)) + body
+    cut = draw(st.one_of(st.just(len(whole)), st.integers(0, len(whole))))
+    return whole[:cut]
+
+
+@FUZZ
+@given(st.binary(max_size=64))
+def test_decode_arbitrary_bytes(data: bytes) -> None:
+    assert_only_trame_errors(decode, data)
+    assert_only_trame_errors(REGISTRY.decode_frame, memoryview(bytes(data)), strict=False)
+    assert_only_trame_errors(REGISTRY.decode_frame, data, strict=True)
+
+
+@FUZZ
+@given(st.binary(max_size=64))
+def test_decode_arbitrary_frame_bodies(body: bytes) -> None:
+    # The length field is right, so decoding goes past the header checks.
+    message = len(body).to_bytes(4, "big") + body
+    assert_only_trame_errors(decode, message)
+
+
+@settings(max_examples=500, deadline=None)
+@given(data_frames())
+def test_decode_fuzzed_data_frames(frame: bytes) -> None:
+    reg = Registry()
+    result = assert_only_trame_errors(reg.decode_frame, memoryview(frame), strict=False)
+    if result is not None:
+        assert isinstance(result, Message)
+        assert result.kind == frame[0]
+        # What decodes also passes the server's relay check.
+        reg.check_body(frame, 5 if frame[0] == Kind.RELAY else 1)
+    assert_only_trame_errors(reg.decode_frame, memoryview(frame), strict=True)
+    assert_only_trame_errors(reg.check_body, frame, 5 if frame[:1] == b"\x11" else 1)
+    message = len(frame).to_bytes(4, "big") + frame
+    assert_only_trame_errors(reg.decode, message)
+
+
+@FUZZ
+@given(st.sampled_from([INT, FLT, BOL, STR, BYT, POS]), st.binary(max_size=24))
+def test_decode_registered_codes_with_arbitrary_values(trame: Trame, value: bytes) -> None:
+    fmt = trame.wire_format(len(value)).encode("ascii")
+    message = data_frame(trame.code.encode("ascii"), fmt, value)
+    result = assert_only_trame_errors(decode, message)
+    if result is not None:
+        assert result[0] is trame
+        if trame.size is not None:
+            assert len(value) == trame.size
+
+
+@FUZZ
+@given(st.binary(min_size=3, max_size=3), formats)
+def test_register_arbitrary_code_and_format(code: bytes, fmt: bytes) -> None:
+    text_code = code.decode("latin-1")
+    text_fmt = fmt.decode("latin-1")
+    trame = assert_only_trame_errors(Registry(builtins=False).register, text_code, text_fmt)
+    if trame is not None:
+        assert trame.fmt[0] in "<>!"
+        assert trame.size == struct.calcsize(trame.fmt) or trame.variable

@@ -1,0 +1,224 @@
+"""Check docs/protocol.md against the code: every example frame, every kind and every code.
+
+Each example in the document is a fenced block in the ``frame`` language::
+
+    name: MULTICAST INT 42                       <- starts with the Kind's name
+    call: encode("INT", 42)[0]                   <- Python expression giving the frame's bytes
+    decoded: Message(0, INT, 42, Kind.MULTICAST) <- what a receiver parses from those bytes
+    hex: 00 00 00 0f | 10 | 49 4e 54 | 02 | 3c 71 | 2a 00 00 00 00 00 00 00
+
+A line starting with whitespace continues the previous key. ``call`` and ``decoded`` are evaluated
+with every public name of ``trame_async`` and ``trame_async.wire`` in scope. ``|`` separates the
+fields of the frame's layout and must fall exactly on field boundaries.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pytest
+
+import trame_async
+from trame_async import REGISTRY, DisconnectReason, ErrorCode, Kind, decode, wire
+from trame_async.wire import ErrorFrame, Goodbye, Hello, Welcome, parse_dropped, parse_ping_id
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
+
+_BLOCK = re.compile(r"^```frame\n(.*?)^```", re.MULTILINE | re.DOTALL)
+_KEYS = ("name", "call", "decoded", "hex")
+
+
+class Example(NamedTuple):
+    """One example block of the document."""
+
+    name: str
+    call: str
+    decoded: str
+    hex: str
+    line: int
+
+    @property
+    def data(self) -> bytes:
+        """The example's bytes (separators and spacing removed)."""
+        return bytes.fromhex(self.hex.replace("|", " "))
+
+    @property
+    def groups(self) -> list[bytes]:
+        """The example's bytes, cut where the document puts a separator."""
+        return [bytes.fromhex(group) for group in self.hex.split("|")]
+
+    @property
+    def kind(self) -> Kind:
+        """The Kind named by the first word of :attr:`name`."""
+        return Kind[self.name.split()[0]]
+
+
+def parse_examples(text: str) -> list[Example]:
+    """Return every ``frame`` block of ``text``."""
+    examples = []
+    for match in _BLOCK.finditer(text):
+        fields: dict[str, str] = {}
+        key = None
+        for raw in match.group(1).splitlines():
+            if not raw.strip():
+                continue
+            if raw[0].isspace():
+                assert key is not None, f"continuation line before any key: {raw!r}"
+                fields[key] += " " + raw.strip()
+                continue
+            key, sep, value = raw.partition(":")
+            assert sep and key in _KEYS, f"unknown line in a frame block: {raw!r}"
+            assert key not in fields, f"key {key!r} given twice"
+            fields[key] = value.strip()
+        assert set(fields) == set(_KEYS), f"frame block needs {_KEYS}, has {sorted(fields)}"
+        line = text.count("\n", 0, match.start()) + 1
+        examples.append(Example(line=line, **fields))
+    return examples
+
+
+def layout(frame: bytes) -> list[bytes]:
+    """Cut a whole, well-formed frame into the fields of its kind's layout (empty ones left out)."""
+    sizes = [4, 1]
+    body = frame[5:]
+    kind = frame[4]
+    if kind == Kind.HELLO:
+        sizes += [4, 1, 1, 2, int.from_bytes(body[6:8], "big")]
+    elif kind == Kind.WELCOME:
+        sizes += [4, 1, 1, 4, 4, 4, 4]
+    elif kind in (Kind.PING, Kind.PONG, Kind.DROPPED):
+        sizes += [4]
+    elif kind == Kind.ERROR:
+        sizes += [2, 1, body[2]]
+    elif kind == Kind.GOODBYE:
+        sizes += [2, 4, 1, body[6]]
+    elif kind in (Kind.MULTICAST, Kind.RELAY, Kind.DATA):
+        if kind == Kind.RELAY:
+            sizes += [4]
+            body = body[4:]
+        sizes += [3, 1, body[3], len(body) - 4 - body[3]]
+    else:
+        raise AssertionError(f"no layout for kind {kind}")
+    fields = []
+    pos = 0
+    for size in sizes:
+        if size:
+            fields.append(frame[pos : pos + size])
+        pos += size
+    assert pos == len(frame), "layout does not cover the frame"
+    return fields
+
+
+def namespace() -> dict[str, Any]:
+    """Return the names ``call`` and ``decoded`` may use."""
+    names: dict[str, Any] = {name: getattr(trame_async, name) for name in trame_async.__all__}
+    names.update((name, value) for name, value in vars(wire).items() if not name.startswith("_"))
+    return names
+
+
+_PARSERS: dict[Kind, Callable[[bytes], Any]] = {
+    Kind.HELLO: Hello.parse,
+    Kind.WELCOME: Welcome.parse,
+    Kind.PING: lambda body: parse_ping_id(body, "PING"),
+    Kind.PONG: lambda body: parse_ping_id(body, "PONG"),
+    Kind.DROPPED: parse_dropped,
+    Kind.ERROR: ErrorFrame.parse,
+    Kind.GOODBYE: Goodbye.parse,
+}
+
+
+def parse_frame(frame: bytes) -> Any:
+    """Parse a whole frame as a receiver would: a Message for data frames, else the body object."""
+    parser = wire.FrameParser()
+    frames = parser.feed(frame)
+    assert len(frames) == 1 and parser.buffered == 0, "the example is not exactly one frame"
+    kind = Kind(frames[0][0])
+    if kind in _PARSERS:
+        return _PARSERS[kind](frames[0][1:])
+    return REGISTRY.decode_frame(frames[0], strict=False)
+
+
+TEXT = DOC.read_text(encoding="utf-8")
+EXAMPLES = parse_examples(TEXT)
+
+
+def test_document_has_examples() -> None:
+    assert len(EXAMPLES) >= len(Kind)
+    names = [ex.name for ex in EXAMPLES]
+    assert len(set(names)) == len(names), "example names must be unique"
+
+
+def test_an_example_for_every_kind() -> None:
+    assert {ex.kind for ex in EXAMPLES} == set(Kind)
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[ex.name for ex in EXAMPLES])
+def test_example(example: Example) -> None:
+    where = f"docs/protocol.md line {example.line} ({example.name})"
+    names = namespace()
+    data = example.data
+    # The kind byte is the one the name says, and the length covers exactly the rest.
+    assert data[4] == example.kind, where
+    assert int.from_bytes(data[:4], "big") == len(data) - 4, where
+    # The code reproduces the bytes exactly.
+    produced = eval(example.call, names)
+    assert isinstance(produced, bytes), where
+    assert produced.hex(" ") == data.hex(" "), where
+    # A receiver parses the bytes into what the document says.
+    expected = eval(example.decoded, names)
+    assert parse_frame(data) == expected, where
+    if example.kind in (Kind.MULTICAST, Kind.RELAY, Kind.DATA) and expected.trame in REGISTRY:
+        assert (expected.trame, expected.value) == decode(data), where
+    # Separators fall on the fields of the layout.
+    assert example.groups == layout(data), where
+
+
+def test_layout_of_every_example_kind_is_checked() -> None:
+    # layout() must know every kind, or the separator check above proves nothing for it.
+    for example in EXAMPLES:
+        assert b"".join(layout(example.data)) == example.data
+
+
+@pytest.mark.parametrize("member", list(Kind), ids=lambda k: k.name)
+def test_every_kind_is_documented(member: Kind) -> None:
+    assert re.search(rf"\b{member.name}\b", TEXT), member.name
+    assert f"0x{member.value:02x}" in TEXT.lower(), member.name
+
+
+def _table_rows(heading: str) -> dict[str, int]:
+    """Return ``{name: value}`` from the table under ``heading``: rows like ``| 3 | NAME | ...``."""
+    start = TEXT.index(heading)
+    end = TEXT.find("\n#", start + len(heading))
+    section = TEXT[start : end if end != -1 else len(TEXT)]
+    rows = re.findall(r"^\|\s*(\d+)\s*\|\s*`?([A-Z_]+)`?\s*\|", section, re.MULTILINE)
+    return {name: int(value) for value, name in rows}
+
+
+def test_error_codes_table_matches_the_code() -> None:
+    assert _table_rows("### Error codes") == {code.name: code.value for code in ErrorCode}
+
+
+def test_disconnect_reasons_table_matches_the_code() -> None:
+    assert _table_rows("### Disconnect reasons") == {
+        reason.name: reason.value for reason in DisconnectReason
+    }
+
+
+def test_constants_are_documented() -> None:
+    for value in (
+        wire.DEFAULT_MAX_FRAME_SIZE,
+        wire.HANDSHAKE_MAX_FRAME_SIZE,
+        wire.PROTOCOL_VERSION,
+    ):
+        assert str(value) in TEXT
+    assert wire.MAGIC.hex(" ") in TEXT
+    assert f"0x{wire.FLAG_ECHO:02x}" in TEXT
+
+
+def test_parse_examples_rejects_bad_blocks() -> None:
+    with pytest.raises(AssertionError, match="needs"):
+        parse_examples("```frame\nname: PING 1\nhex: 00\n```\n")
+    with pytest.raises(AssertionError, match="unknown line"):
+        parse_examples("```frame\nnmae: PING 1\n```\n")
