@@ -18,7 +18,7 @@ import random
 import socket
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast
 
 from .codec import REGISTRY, Message, Registry, Trame
 from .codes import DisconnectReason
@@ -88,8 +88,8 @@ class _ClientProtocol(asyncio.Protocol):
     # --- asyncio.Protocol -------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports do not subclass asyncio.Transport, but have its methods.
+        self.transport = cast(asyncio.Transport, transport)
         self._write_outgoing()
 
     def data_received(self, data: bytes) -> None:

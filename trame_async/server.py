@@ -21,7 +21,7 @@ import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast
 
 from .codec import REGISTRY, Message, Registry, Trame
 from .codes import DisconnectReason, ErrorCode
@@ -224,8 +224,8 @@ class RemoteClient(asyncio.Protocol):
     # --- asyncio.Protocol -------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports do not subclass asyncio.Transport, but have its methods.
+        self._transport = cast(asyncio.Transport, transport)
         self.address = transport.get_extra_info("peername")
         server = self._server
         config = server.config
@@ -233,7 +233,7 @@ class RemoteClient(asyncio.Protocol):
         if sock is not None and config.send_buffer_size is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, config.send_buffer_size)
-        transport.set_write_buffer_limits(high=config.write_high_water)
+        self._transport.set_write_buffer_limits(high=config.write_high_water)
         server._accepted(self)
 
     def data_received(self, data: bytes) -> None:
