@@ -153,6 +153,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="cut a client that stays congested (not reading) this long",
     )
     sec.add_argument(
+        "--handshake-max-frame-size",
+        type=_size,
+        default=d.handshake_max_frame_size,
+        metavar="N",
+        help="largest frame accepted before a client's handshake completes",
+    )
+    sec.add_argument(
+        "--write-high-water",
+        type=_size,
+        default=d.write_high_water,
+        metavar="N",
+        help="transport buffer at which a client counts as congested (publishers are paused)",
+    )
+    sec.add_argument(
+        "--send-buffer-size",
+        type=_size,
+        default=d.send_buffer_size,
+        metavar="N",
+        help="SO_SNDBUF of client sockets, kept modest so the outbound budget is the real bound",
+    )
+    sec.add_argument(
+        "--retry-after",
+        type=_seconds,
+        default=d.retry_after,
+        metavar="S",
+        help="retry-after hint sent to clients in the shutdown goodbye",
+    )
+    sec.add_argument(
         "--drain-timeout",
         type=float,
         default=d.drain_timeout,
@@ -215,6 +243,10 @@ async def _serve(args: argparse.Namespace, token: str | None, tls: ssl.SSLContex
         slow_consumer_policy=args.slow_consumer_policy,
         slow_consumer_timeout=args.slow_consumer_timeout,
         drain_timeout=args.drain_timeout,
+        handshake_max_frame_size=min(args.handshake_max_frame_size, args.max_frame_size),
+        write_high_water=args.write_high_water,
+        send_buffer_size=args.send_buffer_size,
+        retry_after=args.retry_after,
     )
     try:
         server = await start_server(args.host, args.port, config=config, ssl=tls)

@@ -250,6 +250,14 @@ class Client:
         return self._proto.core.rtt if self._proto is not None else None
 
     @property
+    def missed(self) -> int:
+        """Frames the server dropped for this client (its slow-consumer policy), as it told us.
+
+        Counts over the current connection only; a reconnect starts again from 0.
+        """
+        return self._proto.core.missed if self._proto is not None else 0
+
+    @property
     def closed(self) -> bool:
         """Whether the connection is over (messages may still wait in the queue)."""
         return self._error is not None

@@ -410,6 +410,7 @@ class Server:
         # Only the disconnect policy slows publishers: the drop policies exist to let a lagging
         # client fall behind without slowing anyone.
         self._flow_control = config.slow_consumer_policy == "disconnect"
+        self._batch_relays = config.slow_consumer_policy == "disconnect"
         #: Clients cut as slow consumers since the start.
         self.slow_consumers = 0
         #: Frames dropped by the drop-oldest/keep-latest policies since the start.
@@ -622,23 +623,43 @@ class Server:
         client._finish()
 
     def _dispatch(self, sender: RemoteClient, frames: list[memoryview]) -> None:
+        """Relay a sender's MULTICAST frames and hand its DATA frames to ``on_data``.
+
+        Under the disconnect policy, consecutive multicasts of one chunk are relayed as one
+        ``bytes`` object holding their RELAY frames back to back: each recipient then costs one
+        list append per chunk instead of one per frame. The drop policies count and trim whole
+        frames, so they get one object per frame.
+        """
+        if not sender._publisher:
+            self._add_publisher(sender)
         on_multicast = self.on_multicast
+        exclude = None if sender._core.echo else sender
+        pack_head = _RELAY_HEAD.pack
+        sid = sender.id
+        batch = self._batch_relays
+        parts: list[bytes | memoryview] = []
         for frame in frames:
             if frame[0] == _DATA:
+                if parts:  # relays before this DATA go out first, in order
+                    self.fanout(b"".join(parts), exclude)
+                    parts = []
                 self._handle_data(sender, frame)
                 continue
             if on_multicast is not None:
                 try:
                     keep = on_multicast(sender, self.registry.decode_frame(frame, strict=False))
                 except Exception:
-                    logger.exception("on_multicast hook failed for client %d", sender.id)
+                    logger.exception("on_multicast hook failed for client %d", sid)
                     keep = False
                 if not keep:
                     continue
-            if not sender._publisher:
-                self._add_publisher(sender)
-            relay = _RELAY_HEAD.pack(len(frame) + 4, _RELAY, sender.id) + frame[1:]
-            self.fanout(relay, None if sender._core.echo else sender)
+            if batch:
+                parts.append(pack_head(len(frame) + 4, _RELAY, sid))
+                parts.append(frame[1:])
+            else:
+                self.fanout(pack_head(len(frame) + 4, _RELAY, sid) + frame[1:], exclude)
+        if parts:
+            self.fanout(b"".join(parts), exclude)
 
     def _handle_data(self, sender: RemoteClient, frame: memoryview) -> None:
         hook = self.on_data

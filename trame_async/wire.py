@@ -28,6 +28,7 @@ from .exceptions import (
     FrameTooLargeError,
     HandshakeError,
     InvalidTextError,
+    ProtocolError,
     TrailingDataError,
     TruncatedFrameError,
     UnknownKindError,
@@ -341,7 +342,7 @@ class FrameParser:
     ``max_frame_size + 4`` bytes. After an error the parser is failed and refuses further input.
     """
 
-    __slots__ = ("_buf", "_failed", "_need", "max_frame_size")
+    __slots__ = ("_buf", "_failed", "_need", "error", "max_frame_size")
 
     def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
         if not 1 <= max_frame_size <= MAX_LENGTH:
@@ -352,6 +353,8 @@ class FrameParser:
         # Total bytes (header included) of the frame being buffered, 0 while the header is short.
         self._need = 0
         self._failed = False
+        #: An error found after the frames returned by the last :meth:`feed` (the parser is failed).
+        self.error: ProtocolError | None = None
 
     @property
     def buffered(self) -> int:
@@ -378,8 +381,14 @@ class FrameParser:
         Raises:
             FrameTooLargeError: a length prefix above :attr:`max_frame_size`.
             TruncatedFrameError: a length of 0 (shorter than the header).
+
+        When frames precede the bad header in the same chunk, they are returned and the error is
+        left in :attr:`error` instead.
         """
         if self._failed:
+            if self.error is not None:
+                err, self.error = self.error, None
+                raise err
             raise ValueError("parser failed earlier; close the connection")
         if type(data) is not bytes:
             data = bytes(data)  # views handed out must point into immutable memory
@@ -411,7 +420,14 @@ class FrameParser:
         while end - pos >= LENGTH_SIZE:
             length = unpack_length(view, pos)[0]
             if length > max_size or length < 1:
-                self._check_length(length)
+                try:
+                    self._check_length(length)
+                except ProtocolError as err:
+                    if not frames:
+                        raise
+                    # The frames before the bad header are good: hand them over first.
+                    self.error = err
+                    return frames
             stop = pos + LENGTH_SIZE + length
             if stop > end:
                 self._need = stop - pos
