@@ -105,6 +105,19 @@ class ServerLimits:
 class _Core:
     """What both ends share: the parser, the outgoing list, close bookkeeping."""
 
+    # Slots: a server holds one core per client, and idle clients should cost little memory.
+    __slots__ = (
+        "_frame_started",
+        "_ping_seq",
+        "close_detail",
+        "close_reason",
+        "error_code",
+        "outgoing",
+        "parser",
+        "retry_after",
+        "state",
+    )
+
     def __init__(self, max_frame_size: int) -> None:
         self.parser = FrameParser(max_frame_size)
         #: Frames the adapter must write, in order (control frames only: data goes its own way).
@@ -200,6 +213,25 @@ class _Core:
 
 class ServerCore(_Core):
     """The server's view of one client connection."""
+
+    __slots__ = (
+        "_awaiting",
+        "_congested_at",
+        "_interval",
+        "_next_ping",
+        "_opened_at",
+        "_paused_at",
+        "_preamble",
+        "_read_paused",
+        "_rtt_ping",
+        "_timeout",
+        "_write_congested",
+        "client_id",
+        "echo",
+        "limits",
+        "registry",
+        "rtt",
+    )
 
     def __init__(
         self,
@@ -472,6 +504,19 @@ _KIND_VALUES: Final = frozenset(int(k) for k in Kind)
 
 class ClientCore(_Core):
     """The client's view of its connection to the server."""
+
+    __slots__ = (
+        "_last_rx",
+        "_next_probe",
+        "_probe",
+        "_rtt_interval",
+        "_silence_limit",
+        "client_id",
+        "missed",
+        "registry",
+        "rtt",
+        "welcome",
+    )
 
     def __init__(
         self,
