@@ -20,10 +20,11 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, Final, Literal, cast
 
-from .codec import REGISTRY, Message, Registry, Trame
+from .codec import REGISTRY, Message, Registry, TrameLike
 from .codes import DisconnectReason
 from .exceptions import (
     AuthenticationError,
+    CodecError,
     ConnectError,
     ConnectionClosed,
     FrameTooLargeError,
@@ -42,6 +43,8 @@ _POLICIES: Final = ("backpressure", "disconnect", "drop-oldest", "keep-latest")
 _MULTICAST: Final = int(Kind.MULTICAST)
 _DATA: Final = int(Kind.DATA)
 _CLEAN: Final = frozenset((DisconnectReason.CLOSED, DisconnectReason.GOODBYE))
+#: Ends of the connection that end ``async for`` quietly, as a close code 1000/1001 would.
+_ITER_END: Final = _CLEAN | {DisconnectReason.SERVER_SHUTDOWN}
 
 
 #: Reasons after which reconnecting would fail the same way again.
@@ -280,7 +283,7 @@ class Client:
             return None
         return proto.transport.get_extra_info("sockname")
 
-    async def multicast(self, trame: Trame | str, value: Any) -> None:
+    async def multicast(self, trame: TrameLike, value: Any) -> None:
         """Encode ``value`` as ``trame`` and multicast it through the server to every client.
 
         Waits only when the transport's buffer is full (flow control).
@@ -292,7 +295,7 @@ class Client:
         """
         await self.send(self.registry.encode(trame, value, _MULTICAST))
 
-    async def send_data(self, trame: Trame | str, value: Any) -> None:
+    async def send_data(self, trame: TrameLike, value: Any) -> None:
         """Send a DATA frame to the server alone (handled by its ``on_data`` hook)."""
         await self.send(self.registry.encode(trame, value, _DATA))
 
@@ -303,7 +306,7 @@ class Client:
         """
         proto = self._open_proto()
         if len(message) < LENGTH_SIZE + 1 or message[4] not in (_MULTICAST, _DATA):
-            raise InvalidStateError(
+            raise CodecError(
                 "send() takes one whole MULTICAST or DATA frame, as trame_async.encode() returns"
             )
         limit = proto.core.server_max_frame_size
@@ -342,11 +345,11 @@ class Client:
         return self
 
     async def __anext__(self) -> Message:
-        """Iterate over messages; stop on a clean close, raise on any other end."""
+        """Iterate over messages; stop on a clean close or server shutdown, raise on other ends."""
         try:
             return await self.receive()
         except ConnectionClosed as err:
-            if err.reason in _CLEAN:
+            if err.reason in _ITER_END:
                 raise StopAsyncIteration from None
             raise
 

@@ -17,6 +17,7 @@ writes the (constant) frame header, and decoding checks the header with one dict
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import operator
 import re
@@ -57,6 +58,8 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
+#: What names a trame type: the Trame, its code, or the class bound to it by register().
+TrameLike = Any
 
 #: Byte-order characters a format may start with. Native ones ("@", "=") are refused: their sizes or
 #: order change from one machine to another.
@@ -245,6 +248,9 @@ class Trame(str):
                 f"{self.code!r} has {self._items} items; make them match"
             )
         self.cls = value_cls
+        # Lets the class stand for its trame: client.multicast(Velocity, Velocity(1, 2)).
+        with contextlib.suppress(AttributeError, TypeError):
+            value_cls.__trame__ = self
 
     # --- values ---------------------------------------------------------------------------------
 
@@ -468,16 +474,21 @@ class Registry:
         """Return ``{code: (format, value type)}`` for every registered type."""
         return {str(t): (t.fmt, t.cls) for t in self._by_code.values()}
 
-    def _resolve(self, trame: Trame | str) -> Trame:
+    def _resolve(self, trame: TrameLike) -> Trame:
         if isinstance(trame, Trame) and trame.registered:
             return trame
+        if isinstance(trame, type):
+            bound = getattr(trame, "__trame__", None)
+            if isinstance(bound, Trame):
+                return bound
+            raise TypeError(f"class {trame.__name__} is not bound to a trame by register()")
         if not isinstance(trame, str):
             raise TypeError(f"trame must be a Trame or a 3-character code, not {trame!r}")
         return self[trame]
 
     # --- data frames ----------------------------------------------------------------------------
 
-    def encode(self, trame: Trame | str, value: Any, kind: int = Kind.MULTICAST) -> bytes:
+    def encode(self, trame: TrameLike, value: Any, kind: int = Kind.MULTICAST) -> bytes:
         """Return a whole data frame (MULTICAST by default) carrying ``value``."""
         return self._resolve(trame).pack_frame(kind, value)
 
@@ -657,7 +668,7 @@ def registered() -> Mapping[str, tuple[str, type[Any] | None]]:
     return REGISTRY.listing()
 
 
-def encode(trame: Trame | str, value: Any) -> tuple[bytes, str]:
+def encode(trame: TrameLike, value: Any) -> tuple[bytes, str]:
     """Encode ``value`` as a MULTICAST frame of ``trame``; return ``(message, format)``.
 
     ``message`` is the whole frame, ready for ``client.send(message)``; ``format`` is the struct

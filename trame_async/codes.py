@@ -59,7 +59,7 @@ class DisconnectReason(enum.IntEnum):
     GOODBYE = 1
     """The peer said goodbye (clean close requested by the other side)."""
     CLOSED = 2
-    """This side closed the connection on purpose (``client.close()``, ``server.disconnect()``)."""
+    """This side closed the connection on purpose (``client.close()``, ``RemoteClient.disconnect()``)."""
     CONNECTION_LOST = 3
     """The transport ended with no goodbye: EOF, reset, or an OS error."""
     HEARTBEAT_TIMEOUT = 4

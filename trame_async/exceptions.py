@@ -282,8 +282,9 @@ class UnexpectedFrameError(ProtocolError):
 class ConnectionClosed(TrameError):
     """The connection is closed; :attr:`reason` says why.
 
-    Raised by ``receive()`` and by sends on a closed connection. :attr:`error_code` is set when the
-    peer sent an ``ERROR`` frame, :attr:`retry_after` (seconds) when it sent a ``GOODBYE`` with a hint.
+    Raised by ``receive()`` and by sends on a closed connection. :attr:`peer_error_code` is the
+    :class:`~trame_async.ErrorCode` of the ``ERROR`` frame that ended it (sent or received), if any;
+    :attr:`retry_after` (seconds) the hint of the server's ``GOODBYE``, if any.
     """
 
     def __init__(

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal, cast
 
-from .codec import REGISTRY, Message, Registry, Trame
+from .codec import REGISTRY, Message, Registry, TrameLike
 from .codes import DisconnectReason, ErrorCode
 from .exceptions import InvalidStateError
 from .outbox import drop_oldest, keep_latest
@@ -211,7 +211,7 @@ class RemoteClient(asyncio.Protocol):
         buffered = transport.get_write_buffer_size() if transport is not None else 0
         return self._out_bytes + buffered
 
-    def send(self, trame: Trame | str, value: Any) -> None:
+    def send(self, trame: TrameLike, value: Any) -> None:
         """Send a DATA frame to this client alone (it arrives with sender 0, kind DATA)."""
         if not self.is_open:
             raise InvalidStateError(f"client {self.id} is not connected")
@@ -561,7 +561,7 @@ class Server:
 
     # --- multicast ------------------------------------------------------------------------------
 
-    def multicast(self, trame: Trame | str, value: Any) -> None:
+    def multicast(self, trame: TrameLike, value: Any) -> None:
         """Send a server-originated multicast (sender 0) to every connected client."""
         self.fanout(self.registry.encode(trame, value, _RELAY))
 
@@ -734,7 +734,9 @@ class Server:
         if exc is not None and reason is DisconnectReason.CONNECTION_LOST:
             detail = f"{detail}: {exc}"
         if opened:
-            logger.info("client %d disconnected: %s (%s)", client.id, reason, detail)
+            logger.info(
+                "client %d disconnected: %s%s", client.id, reason, f" ({detail})" if detail else ""
+            )
             if self.on_disconnect is not None:
                 self._call_hook("on_disconnect", self.on_disconnect, client, reason)
         else:

@@ -1,0 +1,211 @@
+"""Several clients multicasting their positions, each drawing what it receives.
+
+::
+
+    python examples/positions.py                         # 3 clients, own server, 3 seconds
+    python examples/positions.py --clients 5 --rate 60 --seconds 10
+    python examples/positions.py --port 8765             # use a running trame-serve instead
+
+Each client moves on its own circle and multicasts a ``POS`` trame ``--rate`` times a second. Every
+client keeps the last position it received from each other client; once a second the program draws
+what client 1 sees on a small grid, and at the end prints a summary: frames sent and received per
+client. Without ``--host``/``--port`` it starts its own server on a free port (port 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import math
+import sys
+from collections.abc import AsyncIterator
+
+import trame_async
+from trame_async import POS, Position
+
+GRID_WIDTH = 41
+GRID_HEIGHT = 15
+
+
+class Peer:
+    """One client of the demo: where it is, what it has seen, and its counters."""
+
+    def __init__(self, number: int, client: trame_async.Client) -> None:
+        self.number = number
+        self.client = client
+        self.sent = 0
+        self.received = 0
+        #: Last position received from each sender (by client id).
+        self.seen: dict[int, Position] = {}
+        self.position = Position(0.0, 0.0)
+        #: Frames this peer must receive (what the others sent), known once they are done sending.
+        self.expected: int | None = None
+        self.caught_up = asyncio.Event()
+
+    def expect(self, frames: int) -> None:
+        """Note how many frames the others sent; :attr:`caught_up` is set once all arrived."""
+        self.expected = frames
+        if self.received >= frames:
+            self.caught_up.set()
+
+    def move(self, t: float) -> Position:
+        """Return this peer's position at time ``t``: a circle of its own radius and speed."""
+        radius = 0.3 + 0.6 * (self.number % 3) / 2
+        speed = 0.5 + 0.25 * self.number
+        phase = self.number * 2 * math.pi / 7
+        angle = phase + speed * t
+        self.position = Position(
+            round(radius * math.cos(angle), 3), round(radius * math.sin(angle), 3)
+        )
+        return self.position
+
+    async def send_positions(self, rate: float, seconds: float) -> None:
+        """Multicast this peer's position ``rate`` times a second for ``seconds``."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        period = 1.0 / rate
+        ticks = max(1, round(seconds * rate))
+        for tick in range(ticks):
+            await self.client.multicast(POS, self.move(tick * period))
+            self.sent += 1
+            # Pace on the clock, not on the previous sleep, so that the rate does not drift.
+            await asyncio.sleep(max(0.0, start + (tick + 1) * period - loop.time()))
+
+    async def receive_positions(self) -> None:
+        """Record every position received until the connection ends."""
+        async for message in self.client:
+            if message.trame == POS:
+                self.received += 1
+                self.seen[message.sender] = message.value
+                if self.expected is not None and self.received >= self.expected:
+                    self.caught_up.set()
+
+
+def draw(viewer: Peer, peers: list[Peer]) -> str:
+    """Return the grid as ``viewer`` sees it: its own place (``@``) and the others' (their id)."""
+    grid = [[" "] * GRID_WIDTH for _ in range(GRID_HEIGHT)]
+    ids = {peer.client.id: peer for peer in peers}
+
+    def plot(pos: Position, mark: str) -> None:
+        col = round((pos.x + 1) / 2 * (GRID_WIDTH - 1))
+        row = round((1 - (pos.y + 1) / 2) * (GRID_HEIGHT - 1))
+        if 0 <= row < GRID_HEIGHT and 0 <= col < GRID_WIDTH:
+            grid[row][col] = mark
+
+    for sender, pos in sorted(viewer.seen.items()):
+        plot(pos, str(sender % 10) if sender in ids else "?")
+    plot(viewer.position, "@")
+    border = "+" + "-" * GRID_WIDTH + "+"
+    lines = [f"client {viewer.client.id} sees:", border]
+    lines += ["|" + "".join(row) + "|" for row in grid]
+    lines.append(border)
+    for sender, pos in sorted(viewer.seen.items()):
+        lines.append(
+            f"client {viewer.client.id} sees client {sender} at ({pos.x:+.2f}, {pos.y:+.2f})"
+        )
+    return "\n".join(lines)
+
+
+async def show_every_second(peers: list[Peer]) -> None:
+    """Draw what the first peer sees, once a second."""
+    while True:
+        await asyncio.sleep(1.0)
+        print(draw(peers[0], peers), flush=True)
+
+
+@contextlib.asynccontextmanager
+async def server_address(host: str | None, port: int | None) -> AsyncIterator[tuple[str, int]]:
+    """Yield the server to use: the one given, or one of our own on a free port."""
+    if port is not None:
+        yield host or "127.0.0.1", port
+        return
+    async with trame_async.serve(host or "127.0.0.1", 0) as server:
+        print(f"started a server on {host or '127.0.0.1'}:{server.port}", flush=True)
+        yield host or "127.0.0.1", server.port
+
+
+async def run(args: argparse.Namespace) -> int:
+    """Run the demo; return the exit status."""
+    async with (
+        server_address(args.host, args.port) as (host, port),
+        contextlib.AsyncExitStack() as stack,
+    ):
+        peers: list[Peer] = []
+        for number in range(1, args.clients + 1):
+            client = await stack.enter_async_context(
+                trame_async.connect(host, port, token=args.token)
+            )
+            peers.append(Peer(number, client))
+        print(
+            f"{len(peers)} clients connected to {host}:{port}: ids {[p.client.id for p in peers]}",
+            flush=True,
+        )
+
+        receivers = [asyncio.create_task(peer.receive_positions()) for peer in peers]
+        drawer = asyncio.create_task(show_every_second(peers))
+        try:
+            async with asyncio.TaskGroup() as senders:
+                for peer in peers:
+                    senders.create_task(peer.send_positions(args.rate, args.seconds))
+            # Frames still in flight: wait (bounded) until each client got all the others sent.
+            for peer in peers:
+                peer.expect(sum(p.sent for p in peers if p is not peer))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2.0):
+                    for peer in peers:
+                        await peer.caught_up.wait()
+        finally:
+            drawer.cancel()
+            for task in receivers:
+                task.cancel()
+            await asyncio.gather(drawer, *receivers, return_exceptions=True)
+
+        print(draw(peers[0], peers), flush=True)
+        print("summary:", flush=True)
+        lost = 0
+        for peer in peers:
+            expected = peer.expected or 0
+            lost += max(0, expected - peer.received)
+            print(
+                f"  client {peer.client.id}: sent {peer.sent} frames, received {peer.received} "
+                f"frames (expected {expected})",
+                flush=True,
+            )
+        print(
+            f"  total: sent {sum(p.sent for p in peers)}, received "
+            f"{sum(p.received for p in peers)}, missing {lost}",
+            flush=True,
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the options and run the demo."""
+    parser = argparse.ArgumentParser(description="Clients multicasting their positions.")
+    parser.add_argument("--clients", type=int, default=3, help="number of clients")
+    parser.add_argument(
+        "--rate", type=float, default=20.0, help="positions sent per second per client"
+    )
+    parser.add_argument("--seconds", type=float, default=3.0, help="how long to run")
+    parser.add_argument("--host", default=None, help="server address (default: start our own)")
+    parser.add_argument(
+        "--port", type=int, default=None, help="server port (default: start our own)"
+    )
+    parser.add_argument("--token", default=None, help="the server's token, if it has one")
+    args = parser.parse_args(argv)
+    if args.clients < 1 or args.rate <= 0 or args.seconds <= 0:
+        parser.error("--clients, --rate and --seconds must be positive")
+    if args.host is not None and args.port is None:
+        args.port = 8765
+    try:
+        return asyncio.run(run(args))
+    except KeyboardInterrupt:
+        return 130
+    except (trame_async.ConnectError, trame_async.ConnectionClosed) as err:
+        print(f"positions: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
