@@ -351,7 +351,7 @@ class ServerCore(_Core):
         elif kind == _PONG:
             ping_id = parse_ping_id(body, "PONG")
             if self._rtt_ping is not None and self._rtt_ping[0] == ping_id:
-                self.rtt = now - self._rtt_ping[1]
+                self.rtt = max(0.0, now - self._rtt_ping[1])  # coarse clocks (uvloop: 1 ms)
                 self._rtt_ping = None
         elif kind == Kind.HELLO:
             if self.state is not CoreState.HANDSHAKE:
@@ -617,7 +617,7 @@ class ClientCore(_Core):
         elif kind == _PONG:
             ping_id = parse_ping_id(body, "PONG")
             if self._probe is not None and self._probe[0] == ping_id:
-                self.rtt = now - self._probe[1]
+                self.rtt = max(0.0, now - self._probe[1])  # coarse clocks (uvloop: 1 ms)
                 self._probe = None
         elif kind == Kind.DROPPED:
             self.missed += parse_dropped(body)
