@@ -239,6 +239,9 @@ async def test_server_restart_with_hundreds_of_reconnecting_clients() -> None:
         server.kill()
         await server.wait()
         await eventually(lambda: len(lost_at) == n, 10, what="every client saw the crash")
+        await eventually(
+            lambda: sum(1 for a, _ in log if a == 0) == n, 10, what="every first attempt planned"
+        )
         first_delays = [d for a, d in log if a == 0]
         restarted = await spawn([*args[:2], "--port", str(port), *args[4:]])
         await wait_listening(restarted)

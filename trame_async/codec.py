@@ -68,6 +68,7 @@ _VARIABLE_BODY: Final = "*s"
 _DATA_KINDS: Final = frozenset((Kind.MULTICAST, Kind.RELAY, Kind.DATA))
 #: Upper bound on cached formats of unregistered codes (server relay checks, generic decode).
 _FORMAT_CACHE_SIZE: Final = 1024
+_CODE: Final = re.compile(rb"[\x20-\x7e]{3}")
 
 
 def _check_code(code: object) -> bytes:
@@ -131,6 +132,8 @@ class Trame(str):
     _star: bool
     _frames: dict[int, tuple[struct.Struct, bytes]]
     _owner: Registry
+    #: Unpack a fixed-size value at ``offset`` of a buffer (its size already checked).
+    unpack_from: Callable[..., Any]
 
     def __new__(cls, code: str, fmt: str, value_cls: type[Any] | None = None) -> Trame:
         """Build a trame type; :func:`register` validates ``code`` and ``fmt`` first."""
@@ -173,6 +176,7 @@ class Trame(str):
             fmt_b = fmt.encode("ascii")
             #: code + fmt_len + fmt: constant start of every data body of this type.
             self.head = self._code + bytes((len(fmt_b),)) + fmt_b
+        self._compile_unpack()
         if value_cls is not None:
             self._bind(value_cls)
         return self
@@ -248,6 +252,7 @@ class Trame(str):
                 f"{self.code!r} has {self._items} items; make them match"
             )
         self.cls = value_cls
+        self._compile_unpack()
         # Lets the class stand for its trame: client.multicast(Velocity, Velocity(1, 2)).
         with contextlib.suppress(AttributeError, TypeError):
             value_cls.__trame__ = self
@@ -326,17 +331,28 @@ class Trame(str):
         """Return the format sent on the wire for a value of ``value_size`` bytes."""
         return f"<{value_size}s" if self._variable else self.fmt
 
-    def unpack_from(self, buf: bytes | memoryview, offset: int = 0) -> Any:
-        """Unpack a fixed-size value at ``offset`` of ``buf`` (size already checked)."""
+    def _compile_unpack(self) -> None:
+        """Set :attr:`unpack_from` to the cheapest callable for this type's value shape."""
         st = self._struct
-        assert st is not None
-        vals = st.unpack_from(buf, offset)
+        if st is None:
+            self.unpack_from = self._variable_unpack
+            return
+        raw = st.unpack_from
         make = self._make
         if self._items == 1:
-            return vals[0] if make is None else make(vals[0])
-        if make is None:
-            return vals
-        return make(*vals) if self._star else make(vals)
+            if make is None:
+                self.unpack_from = lambda buf, offset=0: raw(buf, offset)[0]
+            else:
+                self.unpack_from = lambda buf, offset=0: make(raw(buf, offset)[0])
+        elif make is None:
+            self.unpack_from = raw  # the struct's own bound method: no Python frame at all
+        elif self._star:
+            self.unpack_from = lambda buf, offset=0: make(*raw(buf, offset))
+        else:
+            self.unpack_from = lambda buf, offset=0: make(raw(buf, offset))
+
+    def _variable_unpack(self, buf: bytes | memoryview, offset: int = 0) -> Any:
+        return self.unpack_variable(memoryview(buf)[offset:])
 
     def unpack_variable(self, raw: bytes | memoryview) -> Any:
         """Turn the raw bytes of a variable-length value into ``str`` or ``bytes``."""
@@ -406,6 +422,9 @@ class Registry:
         self._by_code: dict[bytes, Trame] = {}
         # code+fmt_len+fmt of fixed-size types -> type: one lookup checks code and format together.
         self._by_head: dict[Any, Trame] = {}  # keys: bytes, looked up with read-only views too
+        #: head -> value size of every fixed-size head known good: registered types, and formats
+        #: of unregistered codes already checked once (bounded). The server's relay check.
+        self.sizes: dict[Any, int] = {}
         self._generic: dict[bytes, tuple[Trame, int]] = {}
         if builtins:
             for t in (INT, FLT, BOL, STR, BYT, POS):
@@ -415,6 +434,12 @@ class Registry:
         self._by_code[trame._code] = trame
         if not trame.variable:
             self._by_head[trame.head] = trame
+        self._reset_sizes()
+
+    def _reset_sizes(self) -> None:
+        # A code registered now may have been relayed as unknown: forget what was learnt.
+        self.sizes = {head: t.size for head, t in self._by_head.items() if t.size is not None}
+        self._generic.clear()
 
     def register(self, code: str, fmt: str, cls: type[Any] | None = None) -> Trame:
         """Register trame type ``code`` with struct format ``fmt``; return it.
@@ -450,6 +475,7 @@ class Registry:
         if self._by_code.get(trame._code) is trame:
             del self._by_code[trame._code]
             self._by_head.pop(trame.head, None)
+            self._reset_sizes()
 
     def __getitem__(self, code: str) -> Trame:
         trame = self._by_code.get(code.encode("ascii", "replace"))
@@ -517,7 +543,7 @@ class Registry:
         self, buf: bytes | memoryview, start: int, fmt_end: int, strict: bool
     ) -> tuple[Trame, Any]:
         code_raw = bytes(buf[start : start + 3])
-        if not all(0x20 <= b <= 0x7E for b in code_raw):
+        if _CODE.fullmatch(code_raw) is None:
             raise BadFormatError(code_raw, "trame code is not 3 printable ASCII characters")
         fmt_raw = buf[start + 4 : fmt_end]
         value = buf[fmt_end:]
@@ -570,8 +596,11 @@ class Registry:
         except RegistrationError as err:
             raise BadFormatError(bytes(fmt_raw), str(err)) from err
         if len(self._generic) >= _FORMAT_CACHE_SIZE:
-            self._generic.clear()
+            self._reset_sizes()
         self._generic[key] = (trame, st.size)
+        if code_raw not in self._by_code:
+            # Next time this head passes the relay check with one lookup.
+            self.sizes[code_raw + bytes((len(fmt_raw),)) + bytes(fmt_raw)] = st.size
         return trame, st.size
 
     def check_body(self, buf: bytes | memoryview, start: int) -> None:
@@ -583,8 +612,7 @@ class Registry:
         end = len(buf)
         if end - start >= 4:
             fmt_end = start + 4 + buf[start + 3]
-            trame = self._by_head.get(buf[start:fmt_end])
-            if trame is not None and end - fmt_end == trame.size:
+            if self.sizes.get(buf[start:fmt_end]) == end - fmt_end:
                 return
         self.decode_body(buf, start, strict=False)
 

@@ -173,8 +173,8 @@ class RemoteClient(asyncio.Protocol):
         # Frames waiting for this loop iteration's write, or for a congested transport to drain.
         self._out: list[bytes] = []
         self._out_bytes = 0
-        # Budget left for _out: max_queue_bytes minus what the transport held at the last flush.
-        self._limit = server.config.max_queue_bytes
+        # Queue size at which to act: write early, or apply the slow-consumer policy (_set_limit).
+        self._limit = server.config.write_high_water
         self._dirty = False
         self._write_paused = False
         self._was_open = False
@@ -272,6 +272,7 @@ class RemoteClient(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        self._set_limit()
         self._server._congested(self, True)
 
     def resume_writing(self) -> None:
@@ -308,7 +309,22 @@ class RemoteClient(asyncio.Protocol):
             transport.write(b"".join(out))
         self._out = []
         self._out_bytes = 0
-        self._limit = self._server.config.max_queue_bytes - transport.get_write_buffer_size()
+        self._set_limit()
+
+    def _set_limit(self) -> None:
+        """Set the queue size at which the server must act on this client.
+
+        While the transport takes data, past the high-water mark the queue is written at once
+        instead of at the end of the loop iteration: uvloop may deliver megabytes of reads before
+        that, and the early write lets the transport pause publishers in time. While the transport
+        is congested, the limit is what is left of the outbound budget.
+        """
+        config = self._server.config
+        transport = self._transport
+        if not self._write_paused or transport is None:
+            self._limit = config.write_high_water
+        else:
+            self._limit = config.max_queue_bytes - transport.get_write_buffer_size()
 
     def _write_control(self) -> None:
         core = self._core
@@ -593,7 +609,17 @@ class Server:
                 self._overflow(client)
 
     def _overflow(self, client: RemoteClient) -> None:
-        """Apply the slow-consumer policy to a client over its outbound budget."""
+        """Act on a client whose queue passed its limit: write it early, or apply the policy."""
+        transport = client._transport
+        if transport is None:
+            return
+        if not client._write_paused:
+            client._flush()  # may pause writing, and through it the publishers
+            return
+        left = self.config.max_queue_bytes - transport.get_write_buffer_size()
+        client._limit = left
+        if client._out_bytes <= left:
+            return
         policy = self.config.slow_consumer_policy
         if policy == "disconnect":
             self._cut(client, f"more than {self.config.max_queue_bytes} bytes queued")
@@ -603,8 +629,8 @@ class Server:
         dropped = 0
         if policy == "keep-latest":
             size, dropped = keep_latest(out)
-        if size > client._limit:
-            size, more = drop_oldest(out, size, max(client._limit, 0))
+        if size > left:
+            size, more = drop_oldest(out, size, max(left, 0))
             dropped += more
         client._out_bytes = size
         client.dropped += dropped
