@@ -13,6 +13,7 @@ loop iteration each recipient's pending frames go to its transport in a single w
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import inspect
 import logging
@@ -431,6 +432,14 @@ class Server:
         self.slow_consumers = 0
         #: Frames dropped by the drop-oldest/keep-latest policies since the start.
         self.dropped_frames = 0
+        #: MULTICAST and DATA frames received from clients since the start.
+        self.frames_in = 0
+        #: RELAY frames queued for clients (one per frame per recipient) since the start.
+        self.deliveries = 0
+        #: Bytes of RELAY frames queued for clients since the start.
+        self.bytes_relayed = 0
+        #: Connections that ended, by reason, since the start (handshake failures included).
+        self.disconnects: collections.Counter[DisconnectReason] = collections.Counter()
         self._closing_flag = False
         self._closed = asyncio.Event()
         self._shutdown_task: asyncio.Task[None] | None = None
@@ -493,6 +502,25 @@ class Server:
     def clients(self) -> list[RemoteClient]:
         """The connected clients (handshake done), in connection order."""
         return list(self._open.values())
+
+    def stats(self) -> dict[str, Any]:
+        """Return the server's counters and gauges as a JSON-ready dict.
+
+        Counters only ever grow (since the start); gauges are read now. Keeping them costs a few
+        additions per received chunk, nothing per recipient.
+        """
+        return {
+            "clients": len(self._open),
+            "connections": len(self._all),
+            "frames_in": self.frames_in,
+            "deliveries": self.deliveries,
+            "bytes_relayed": self.bytes_relayed,
+            "slow_consumers": self.slow_consumers,
+            "dropped_frames": self.dropped_frames,
+            "congested_clients": self._n_congested,
+            "queued_bytes": sum(c.queued_bytes for c in self._all),
+            "disconnects": {str(r): n for r, n in self.disconnects.items()},
+        }
 
     def is_serving(self) -> bool:
         """Whether the server accepts new connections."""
@@ -581,16 +609,23 @@ class Server:
         """Send a server-originated multicast (sender 0) to every connected client."""
         self.fanout(self.registry.encode(trame, value, _RELAY))
 
-    def fanout(self, relay_frame: bytes, exclude: RemoteClient | None = None) -> None:
-        """Queue an already-encoded RELAY frame for every open client except ``exclude``.
+    def fanout(
+        self, relay_frame: bytes, exclude: RemoteClient | None = None, frames: int = 1
+    ) -> None:
+        """Queue already-encoded RELAY frames for every open client except ``exclude``.
 
-        The same ``bytes`` object goes to every client: nothing is copied or re-encoded per
-        recipient. This is the entry point for frames from other nodes (backplane).
+        ``relay_frame`` holds ``frames`` whole RELAY frames back to back. The same ``bytes``
+        object goes to every client: nothing is copied or re-encoded per recipient. This is the
+        entry point for frames from other nodes (backplane).
         """
         n = len(relay_frame)
+        open_clients = self._open
+        recipients = len(open_clients) - (exclude is not None and exclude.id in open_clients)
+        self.deliveries += frames * recipients
+        self.bytes_relayed += n * recipients
         dirty = self._dirty
         over: list[RemoteClient] | None = None
-        for client in self._open.values():
+        for client in open_clients.values():
             if client is exclude:
                 continue
             client._out.append(relay_frame)
@@ -658,6 +693,7 @@ class Server:
         """
         if not sender._publisher:
             self._add_publisher(sender)
+        self.frames_in += len(frames)
         on_multicast = self.on_multicast
         exclude = None if sender._core.echo else sender
         pack_head = _RELAY_HEAD.pack
@@ -667,7 +703,7 @@ class Server:
         for frame in frames:
             if frame[0] == _DATA:
                 if parts:  # relays before this DATA go out first, in order
-                    self.fanout(b"".join(parts), exclude)
+                    self.fanout(b"".join(parts), exclude, len(parts) // 2)
                     parts = []
                 self._handle_data(sender, frame)
                 continue
@@ -685,7 +721,7 @@ class Server:
             else:
                 self.fanout(pack_head(len(frame) + 4, _RELAY, sid) + frame[1:], exclude)
         if parts:
-            self.fanout(b"".join(parts), exclude)
+            self.fanout(b"".join(parts), exclude, len(parts) // 2)
 
     def _handle_data(self, sender: RemoteClient, frame: memoryview) -> None:
         hook = self.on_data
@@ -750,6 +786,7 @@ class Server:
 
     def _lost(self, client: RemoteClient, reason: DisconnectReason, exc: Exception | None) -> None:
         opened = client._was_open
+        self.disconnects[reason] += 1
         self._open.pop(client.id, None)
         self._wheel.cancel(client)
         self._all.discard(client)
