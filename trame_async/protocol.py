@@ -289,6 +289,14 @@ class ServerCore(_Core):
                 self._preamble = data
                 return []
             self._preamble = None
+        if self.state is CoreState.HANDSHAKE:
+            # Frames sent right behind the HELLO are held to the limit the HELLO unlocks.
+            end = self.parser.frame_end(data)
+            if end is not None and end < len(data):
+                first = self.receive_data(data[:end], now)
+                if self.closed:
+                    return first
+                return first + self.receive_data(data[end:], now)
         try:
             frames = self.parser.feed(data)
         except ProtocolError as err:
@@ -332,6 +340,16 @@ class ServerCore(_Core):
         if self.parser.error is not None:
             self.fail(self.parser.error)
         return out
+
+    def _peer_error(self, body: memoryview) -> None:
+        # A client's ERROR is its own: it cannot make the server report a slow consumer.
+        err = ErrorFrame.parse(body)
+        self.error_code = err.error_code
+        self._close(DisconnectReason.ERROR_RECEIVED, f"client sent error {err.code}: {err.reason}")
+
+    def _peer_goodbye(self, body: memoryview) -> None:
+        # Whatever reason a client gives, for the server it said goodbye.
+        self._close(DisconnectReason.GOODBYE, Goodbye.parse(body).text)
 
     def _check_preamble(self, data: bytes) -> None:
         # A stray HTTP request or TLS hello must be told apart from an oversized HELLO.

@@ -322,10 +322,8 @@ class RemoteClient(asyncio.Protocol):
         """
         config = self._server.config
         transport = self._transport
-        if not self._write_paused or transport is None:
-            self._limit = config.write_high_water
-        else:
-            self._limit = config.max_queue_bytes - transport.get_write_buffer_size()
+        left = config.max_queue_bytes - (transport.get_write_buffer_size() if transport else 0)
+        self._limit = left if self._write_paused else min(config.write_high_water, left)
 
     def _write_control(self) -> None:
         core = self._core
@@ -648,12 +646,12 @@ class Server:
         transport = client._transport
         if transport is None:
             return
-        if not client._write_paused:
-            client._flush()  # may pause writing, and through it the publishers
-            return
         left = self.config.max_queue_bytes - transport.get_write_buffer_size()
-        client._limit = left
         if client._out_bytes <= left:
+            if not client._write_paused:
+                client._flush()  # may pause writing, and through it the publishers
+            else:
+                client._limit = left
             return
         policy = self.config.slow_consumer_policy
         if policy == "disconnect":

@@ -28,7 +28,9 @@ class TimerWheel(Generic[_K]):
         if resolution <= 0:
             raise ValueError("resolution must be positive")
         self._res = resolution
-        self._slots: dict[int, list[_K]] = {}
+        # slot -> its items (a dict: ordered, and O(1) removal when an item moves or is cancelled,
+        # so a closed connection is released at once rather than when its old slot comes due).
+        self._slots: dict[int, dict[_K, None]] = {}
         self._heap: list[int] = []
         self._where: dict[_K, int] = {}
 
@@ -38,19 +40,24 @@ class TimerWheel(Generic[_K]):
     def schedule(self, item: _K, when: float) -> None:
         """Set ``item``'s deadline to ``when`` (replacing any earlier one)."""
         slot = math.ceil(when / self._res)
-        if self._where.get(item) == slot:
+        old = self._where.get(item)
+        if old == slot:
             return
+        if old is not None:
+            del self._slots[old][item]
         self._where[item] = slot
         bucket = self._slots.get(slot)
         if bucket is None:
-            self._slots[slot] = [item]
+            self._slots[slot] = {item: None}
             heapq.heappush(self._heap, slot)
         else:
-            bucket.append(item)
+            bucket[item] = None
 
     def cancel(self, item: _K) -> None:
         """Forget ``item``'s deadline, if any."""
-        self._where.pop(item, None)
+        slot = self._where.pop(item, None)
+        if slot is not None:
+            del self._slots[slot][item]
 
     def deadline(self, item: _K) -> float | None:
         """Return when ``item`` will fire (its slot's time), or None."""
@@ -62,8 +69,7 @@ class TimerWheel(Generic[_K]):
         heap = self._heap
         while heap:
             slot = heap[0]
-            bucket = self._slots[slot]
-            if any(self._where.get(item) == slot for item in bucket):
+            if self._slots[slot]:
                 return slot * self._res
             heapq.heappop(heap)
             del self._slots[slot]
@@ -77,8 +83,8 @@ class TimerWheel(Generic[_K]):
         where = self._where
         while heap and heap[0] <= limit:
             slot = heapq.heappop(heap)
-            for item in self._slots.pop(slot):
-                if where.get(item) == slot:
-                    del where[item]
-                    due.append(item)
+            bucket = self._slots.pop(slot)
+            for item in bucket:
+                del where[item]
+            due.extend(bucket)
         return due

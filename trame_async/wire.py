@@ -375,6 +375,20 @@ class FrameParser:
             raise TruncatedFrameError("frame header (length shorter than the kind byte)", 1, length)
         return length + LENGTH_SIZE
 
+    def frame_end(self, data: bytes) -> int | None:
+        """Return the offset in ``data`` where the frame in progress ends, if its length is known.
+
+        Lets a caller feed exactly one frame, then change :attr:`max_frame_size` for the next.
+        """
+        buf = self._buf
+        if self._need:
+            return self._need - len(buf)
+        have = bytes(buf[:LENGTH_SIZE]) + bytes(data[: LENGTH_SIZE - len(buf)])
+        if len(have) < LENGTH_SIZE:
+            return None
+        length: int = _LENGTH.unpack(have)[0]
+        return LENGTH_SIZE + length - len(buf)
+
     def feed(self, data: bytes) -> list[memoryview]:
         """Consume ``data``; return the frames it completes, in order.
 
