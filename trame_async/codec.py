@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import operator
 import re
 import struct
@@ -66,6 +67,8 @@ TrameLike = Any
 _PORTABLE_ORDERS: Final = "<>!"
 _VARIABLE_BODY: Final = "*s"
 _DATA_KINDS: Final = frozenset((Kind.MULTICAST, Kind.RELAY, Kind.DATA))
+_MULTICAST: Final = int(Kind.MULTICAST)
+_DATA: Final = int(Kind.DATA)
 #: Upper bound on cached formats of unregistered codes (server relay checks, generic decode).
 _FORMAT_CACHE_SIZE: Final = 1024
 _CODE: Final = re.compile(rb"[\x20-\x7e]{3}")
@@ -130,7 +133,7 @@ class Trame(str):
     _getter: Callable[[Any], Any] | None
     _make: Callable[..., Any] | None
     _star: bool
-    _frames: dict[int, tuple[struct.Struct, bytes]]
+    _frames: dict[int, Callable[[Any], bytes]]
     _owner: Registry
     #: Unpack a fixed-size value at ``offset`` of a buffer (its size already checked).
     unpack_from: Callable[..., Any]
@@ -253,6 +256,10 @@ class Trame(str):
             )
         self.cls = value_cls
         self._compile_unpack()
+        self._frames = {}  # packers compiled before the class was bound
+        owner = self.__dict__.get("_owner")
+        if owner is not None:
+            owner._reset_sizes()  # its decode table holds our unpacker
         # Lets the class stand for its trame: client.multicast(Velocity, Velocity(1, 2)).
         with contextlib.suppress(AttributeError, TypeError):
             value_cls.__trame__ = self
@@ -286,19 +293,30 @@ class Trame(str):
             return b"".join(
                 (HEADER.pack(1 + n, kind), extra, self._code, bytes((len(fmt),)), fmt, data)
             )
-        entry = self._frames.get(kind)
-        if entry is None:
-            entry = self._frame_struct(kind)
-        st, prefix = entry
+        packer = self._frames.get(kind)
+        if packer is None:
+            packer = self._frame_packer(kind)
         try:
-            getter = self._getter
-            if self._items == 1:
-                return st.pack(prefix, value if getter is None else getter(value))
-            if getter is not None:
-                return st.pack(prefix, *getter(value))
-            return st.pack(prefix, *value)
+            return packer(value)
         except (struct.error, TypeError, ValueError, OverflowError, AttributeError) as err:
             raise self._mismatch(value, err) from err
+
+    def _frame_packer(self, kind: int) -> Callable[[Any], bytes]:
+        st, prefix = self._frame_struct(kind)
+        pack = st.pack
+        getter = self._getter
+        packer: Callable[[Any], bytes]
+        if self._items == 1:
+            if getter is None:
+                packer = functools.partial(pack, prefix)  # no Python frame per call
+            else:
+                packer = lambda value: pack(prefix, getter(value))  # noqa: E731
+        elif getter is not None:
+            packer = lambda value: pack(prefix, *getter(value))  # noqa: E731
+        else:
+            packer = lambda value: pack(prefix, *value)  # noqa: E731
+        self._frames[kind] = packer
+        return packer
 
     def _frame_struct(self, kind: int) -> tuple[struct.Struct, bytes]:
         if kind not in _DATA_KINDS:
@@ -308,7 +326,6 @@ class Trame(str):
         prefix = HEADER.pack(1 + len(extra) + len(self.head) + self.size, kind) + extra + self.head
         # One struct writes the constant prefix and the value: one allocation per frame.
         st = struct.Struct(f"{self.fmt[0]}{len(prefix)}s{self.fmt[1:]}")
-        self._frames[kind] = (st, prefix)
         return st, prefix
 
     def pack(self, value: Any) -> bytes:
@@ -425,6 +442,8 @@ class Registry:
         #: head -> value size of every fixed-size head known good: registered types, and formats
         #: of unregistered codes already checked once (bounded). The server's relay check.
         self.sizes: dict[Any, int] = {}
+        #: whole constant prefix of MULTICAST/DATA frames of fixed-size types -> type.
+        self._frame_heads: dict[bytes, tuple[Trame, int, Callable[..., Any]]] = {}
         self._generic: dict[bytes, tuple[Trame, int]] = {}
         if builtins:
             for t in (INT, FLT, BOL, STR, BYT, POS):
@@ -440,6 +459,16 @@ class Registry:
         # A code registered now may have been relayed as unknown: forget what was learnt.
         self.sizes = {head: t.size for head, t in self._by_head.items() if t.size is not None}
         self._generic.clear()
+        self._frame_heads = {
+            HEADER.pack(1 + len(head) + t.size, kind) + head: (
+                t,
+                LENGTH_SIZE + 1 + len(head) + t.size,
+                t.unpack_from,
+            )
+            for head, t in self._by_head.items()
+            if t.size is not None and 1 + len(head) + t.size <= 0xFFFF_FFFF
+            for kind in (_MULTICAST, _DATA)
+        }
 
     def register(self, code: str, fmt: str, cls: type[Any] | None = None) -> Trame:
         """Register trame type ``code`` with struct format ``fmt``; return it.
@@ -638,9 +667,16 @@ class Registry:
 
     def decode(self, message: bytes | memoryview) -> tuple[Trame, Any]:
         """Decode one whole data frame (length field included); see :func:`decode`."""
-        if not isinstance(message, bytes):
+        if type(message) is not bytes:
             message = bytes(message)  # views used as dict keys must be read-only
         n = len(message)
+        if n > 9:
+            # Fast path: the whole prefix of a MULTICAST/DATA frame of a fixed-size type
+            # (length, kind, code, format) is constant, so one lookup checks all of it.
+            value_at = 9 + message[8]
+            hit = self._frame_heads.get(message[:value_at])
+            if hit is not None and n == hit[1]:
+                return hit[0], hit[2](message, value_at)
         if n < LENGTH_SIZE + 1:
             raise TruncatedFrameError("frame header", LENGTH_SIZE + 1, n)
         length = int.from_bytes(message[:LENGTH_SIZE])
@@ -706,9 +742,9 @@ def encode(trame: TrameLike, value: Any) -> tuple[bytes, str]:
         UnknownTrameError: ``trame`` is a code that is not registered.
         ValueMismatchError: the value does not fit the trame's format.
     """
-    t = REGISTRY._resolve(trame)
-    message = t.pack_frame(Kind.MULTICAST, value)
-    if t.variable:
+    t = trame if type(trame) is Trame and trame.registered else REGISTRY._resolve(trame)
+    message = t.pack_frame(_MULTICAST, value)
+    if t._variable:
         return message, t.wire_format(len(message) - LENGTH_SIZE - 1 - 4 - message[8])
     return message, t.fmt
 
