@@ -1,0 +1,105 @@
+"""Run every benchmark and print their tables: codec, fan-out (flood and paced), limits, idle.
+
+Quick by default (a few minutes): fan-out at S = 1, 10, 100 with 1 repeat, the cost of the limits at
+S = 100 (default limits, with a token, every limit relaxed), idle with 2,000 clients. ``--full``
+runs fan-out at S = 1, 10, 100, 1000 and idle with 10,000 clients. Other options:
+
+    python bench/run_all.py [--full] [--repeat 3] [--json FILE] [--plot [PNG]] [--skip idle ...]
+
+``--json FILE`` writes one file holding every figure: ``{"codec": ..., "fanout": ...,
+"fanout_paced": ..., "limits": ..., "idle": ...}``. The noxfile's ``bench`` session runs this
+script. docs/performance.md lists the commands behind its figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def run(script: str, args: list[str], json_path: Path | None, timeout: float) -> None:
+    cmd = [sys.executable, str(HERE / script), *args]
+    if json_path is not None:
+        cmd += ["--json", str(json_path)]
+    print(f"\n$ {' '.join(cmd[1:])}\n", flush=True)
+    subprocess.run(cmd, check=True, timeout=timeout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--full", action="store_true", help="S up to 1000 and 10,000 idle clients")
+    p.add_argument("--repeat", type=int, default=1, help="fan-out repeats (medians are reported)")
+    p.add_argument("--json", metavar="FILE", help="write every figure to FILE")
+    p.add_argument(
+        "--plot",
+        nargs="?",
+        const="docs/perf-fanout.png",
+        metavar="PNG",
+        help="plot the fan-out figures",
+    )
+    p.add_argument("--duration", default="3", help="fan-out: seconds of sending per cell")
+    p.add_argument(
+        "--skip", nargs="+", default=[], choices=("codec", "fanout", "paced", "limits", "idle")
+    )
+    args = p.parse_args(argv)
+    subscribers = ["1", "10", "100", "1000"] if args.full else ["1", "10", "100"]
+    plans = {
+        "codec": ("codec.py", [], 600),
+        "fanout": (
+            "fanout.py",
+            ["-S", *subscribers, "--repeat", str(args.repeat), "--duration", args.duration],
+            3600,
+        ),
+        "paced": (
+            "fanout.py",
+            ["-S", "1", "10", "100", "--rate", "100", "--duration", args.duration],
+            1800,
+        ),
+        "limits": (
+            "fanout.py",
+            [
+                "-S",
+                "100",
+                "--relays",
+                "trame-raw",
+                "trame-raw-token",
+                "trame-raw-relaxed",
+                "trame",
+                "trame-token",
+                "trame-relaxed",
+                "--repeat",
+                str(args.repeat),
+                "--duration",
+                args.duration,
+            ],
+            1800,
+        ),
+        "idle": ("idle.py", ["-N", "10000" if args.full else "2000"], 900),
+    }
+    if args.plot:
+        plans["fanout"][1].extend(["--plot", args.plot])
+    results: dict[str, object] = {}
+    with tempfile.TemporaryDirectory(prefix="trame-bench-") as tmp:
+        for name, (script, extra, timeout) in plans.items():
+            if name in args.skip:
+                continue
+            out = Path(tmp) / f"{name}.json" if args.json else None
+            run(script, extra, out, timeout)
+            if out is not None:
+                results["fanout_paced" if name == "paced" else name] = json.loads(out.read_text())
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+        print(f"\nfigures written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
