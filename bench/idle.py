@@ -1,7 +1,9 @@
 """Idle benchmark: N connected, silent trame_async clients with a 1 s heartbeat.
 
 The server runs in its own process (``python -m trame_async --port 0 --heartbeat-interval 1
---heartbeat-timeout 2 --loop uvloop --log-level WARNING``). ``--workers`` load processes (this
+--heartbeat-timeout 2 --loop uvloop --log-level WARNING``); the baseline of the same run,
+``floor``, is bench/relays/idle_floor.py: the least a Python server on uvloop does to keep the same
+clients alive (WELCOME, one PING per client per interval, a deadline per client, nothing else). ``--workers`` load processes (this
 script with ``--worker``) open N/workers minimal clients each: a Protocol that sends HELLO and
 answers every PING with a PONG, nothing else. After all are connected and a warm-up, it measures:
 
@@ -9,8 +11,8 @@ answers every PING with a PONG, nothing else. After all are connected and a warm
 - server CPU % over ``--window`` seconds (psutil cpu_times, user+system);
 - pings answered per client per second (about 1 when the heartbeat keeps up) and connections lost.
 
-    python bench/idle.py                 # N = 10,000
-    python bench/idle.py -N 2000 --json out.json
+    python bench/idle.py                 # N = 10,000, trame_async then the floor
+    python bench/idle.py -N 2000 --servers trame --json out.json
 """
 
 from __future__ import annotations
@@ -164,28 +166,34 @@ def counters(workers: list[subprocess.Popen[str]]) -> dict[str, int]:
     return {key: sum(line[key] for line in lines) for key in ("pings", "lost")}
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def server_command(name: str, heartbeat: float) -> list[str]:
+    """The command line of idle server ``name`` ("trame" or "floor"), on uvloop."""
+    beat = ["--heartbeat-interval", str(heartbeat), "--heartbeat-timeout", str(2 * heartbeat)]
+    if name == "floor":
+        script = HERE / "relays" / "idle_floor.py"
+        return [*_util.python(), str(script), "--loop", "uvloop", "--port", "0", *beat]
+    return [
+        *_util.python(),
+        "-m",
+        "trame_async",
+        "--port",
+        "0",
+        *beat,
+        "--loop",
+        "uvloop",
+        "--log-level",
+        "WARNING",
+    ]
+
+
+def run(args: argparse.Namespace, name: str) -> dict[str, Any]:
     limit = _util.raise_nofile()
     need = args.clients + 100
     if limit < need:
         raise SystemExit(
             f"RLIMIT_NOFILE is {limit}: not enough for {args.clients} connections in the server"
         )
-    cmd = [
-        *_util.python(),
-        "-m",
-        "trame_async",
-        "--port",
-        "0",
-        "--heartbeat-interval",
-        str(args.heartbeat),
-        "--heartbeat-timeout",
-        str(2 * args.heartbeat),
-        "--loop",
-        "uvloop",
-        "--log-level",
-        "WARNING",
-    ]
+    cmd = server_command(name, args.heartbeat)
     # cwd: not the checkout's root, where "-m trame_async" would import ./trame_async before
     # PYTHONPATH (the benchmarks may measure another copy of the package).
     server, host, port = _util.start_listening(cmd, cwd=HERE)
@@ -240,7 +248,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         window = time.perf_counter() - w0
         after = counters(workers)
         rss2 = proc.memory_info().rss
-        if args.py_spy:
+        if args.py_spy and name == "trame":
             # After the measurement window, so that the profiler's cost is not in the figures.
             profile(server.pid, args.py_spy, args.window)
     finally:
@@ -249,6 +257,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _util.stop_process(server)
     cpu = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
     return {
+        "server": name,
         "clients": args.clients,
         "connected": connected,
         "lost": after["lost"],
@@ -291,6 +300,42 @@ def profile(pid: int, out: str, seconds: float) -> None:
     )
 
 
+_COLUMNS = (
+    ("connected", "clients"),
+    ("lost", "lost"),
+    ("connect_s", "connect s"),
+    ("rss_before_mib", "RSS before MiB"),
+    ("rss_with_clients_mib", "RSS with clients MiB"),
+    ("rss_per_connection_kib", "RSS / connection KiB"),
+    ("server_cpu_pct", "server CPU %"),
+    ("pings_per_client_per_s", "pings / client / s"),
+)
+
+
+def report(results: list[dict[str, Any]], heartbeat: float) -> str:
+    """The table of every server measured, then trame_async / floor when both ran."""
+    clients = max(r["connected"] for r in results)
+    lines = [f"## Idle: {clients:,} clients, heartbeat {heartbeat:g} s, servers on uvloop", ""]
+    lines.append(
+        _util.table(
+            ["server", *(title for _, title in _COLUMNS)],
+            [[r["server"], *(r[key] for key, _ in _COLUMNS)] for r in results],
+        )
+    )
+    by_name = {r["server"]: r for r in results}
+    if "trame" in by_name and "floor" in by_name:
+        trame, floor = by_name["trame"], by_name["floor"]
+        lines += ["", "## trame_async / idle floor, same run (<1 is cheaper)", ""]
+        keys = ("rss_per_connection_kib", "server_cpu_pct")
+        lines.append(
+            _util.table(
+                ["RSS / connection", "server CPU %"],
+                [[trame[k] / floor[k] if floor[k] else None for k in keys]],
+            )
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -300,6 +345,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heartbeat", type=float, default=1.0, help="server heartbeat interval, s")
     p.add_argument("--warmup", type=float, default=5.0, help="seconds after the last connect")
     p.add_argument("--window", type=float, default=10.0, help="seconds of CPU measurement")
+    p.add_argument(
+        "--servers",
+        nargs="+",
+        choices=("trame", "floor"),
+        default=["trame", "floor"],
+        help="servers to measure, one after the other (ratios need both)",
+    )
     p.add_argument("--json", metavar="FILE", help="write the figures to FILE")
     p.add_argument(
         "--py-spy",
@@ -315,40 +367,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         return run_worker(args)
     meta = _util.metadata()
-    result = run(args)
-    print(
-        f"## Idle: {result['connected']:,} clients, heartbeat {args.heartbeat:g} s, server on uvloop\n"
-    )
-    print(
-        _util.table(
-            [
-                "clients",
-                "lost",
-                "connect s",
-                "RSS before MiB",
-                "RSS with clients MiB",
-                "RSS / connection KiB",
-                "server CPU %",
-                "pings / client / s",
-            ],
-            [
-                [
-                    result["connected"],
-                    result["lost"],
-                    result["connect_s"],
-                    result["rss_before_mib"],
-                    result["rss_with_clients_mib"],
-                    result["rss_per_connection_kib"],
-                    result["server_cpu_pct"],
-                    result["pings_per_client_per_s"],
-                ]
-            ],
-        )
-    )
+    results = [run(args, name) for name in args.servers]
+    print(report(results, args.heartbeat))
     if args.json:
-        Path(args.json).write_text(
-            json.dumps({"meta": _util.finish_metadata(meta), **result}, indent=2)
-        )
+        data: dict[str, Any] = {"meta": _util.finish_metadata(meta), "runs": results}
+        data.update(next((r for r in results if r["server"] == "trame"), results[0]))
+        Path(args.json).write_text(json.dumps(data, indent=2))
     return 0
 
 
