@@ -9,11 +9,14 @@ import asyncio
 import os
 import re
 import signal
+import ssl
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import trustme
 from conftest import MS
 
 import trame_async
@@ -23,7 +26,10 @@ from trame_async.wire import PROTOCOL_VERSION, ErrorFrame, Hello
 __all__ = [
     "CLIENT_SCRIPT",
     "MS",
+    "TLS_CLIENT_SCRIPT",
+    "TlsFiles",
     "eventually",
+    "make_tls",
     "raw_handshake",
     "read_frame",
     "read_until_error",
@@ -201,3 +207,69 @@ async def stop_process(proc: asyncio.subprocess.Process) -> None:
 def log_text(path: Path) -> str:
     """Return the text written so far to a log file."""
     return path.read_text(errors="replace") if path.exists() else ""
+
+
+# --- TLS ------------------------------------------------------------------------------------------
+
+#: As CLIENT_SCRIPT, over TLS: argv[2] is the PEM file of the CA that signed the server certificate.
+TLS_CLIENT_SCRIPT = """\
+import asyncio, ssl, sys
+import trame_async
+
+async def main():
+    ctx = ssl.create_default_context(cafile=sys.argv[2])
+    client = await trame_async.connect("127.0.0.1", int(sys.argv[1]), ssl=ctx, rtt_interval=None)
+    print(client.id, flush=True)
+    while True:
+        await client.receive()
+
+asyncio.run(main())
+"""
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A CA made at test time and a server certificate it signed, as PEM files and contexts.
+
+    The server certificate names ``127.0.0.1`` and ``localhost``; :meth:`client_context` trusts the
+    CA (and presents a client certificate it signed when asked); :meth:`cli_args` gives the
+    ``trame-serve`` flags that load the same files.
+    """
+
+    ca: trustme.CA
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+    def server_context(self, *, require_client_cert: bool = False) -> ssl.SSLContext:
+        """Return a server context with the certificate (requiring client certificates if asked)."""
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(self.cert_file, self.key_file)
+        if require_client_cert:
+            ctx.load_verify_locations(self.ca_file)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
+    def client_context(self, *, with_cert: bool = False) -> ssl.SSLContext:
+        """Return a client context that trusts the CA (and presents a client certificate)."""
+        ctx = ssl.create_default_context(cafile=str(self.ca_file))
+        if with_cert:
+            self.ca.issue_cert("client@example.org").configure_cert(ctx)
+        return ctx
+
+    def cli_args(self, *, client_ca: bool = False) -> list[str]:
+        """Return the ``trame-serve`` TLS flags (with ``--tls-client-ca`` if asked)."""
+        args = ["--tls-cert", str(self.cert_file), "--tls-key", str(self.key_file)]
+        return [*args, "--tls-client-ca", str(self.ca_file)] if client_ca else args
+
+
+def make_tls(directory: Path) -> TlsFiles:
+    """Make a fresh CA and a certificate for 127.0.0.1/localhost; write their PEM files."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    files = TlsFiles(ca, directory / "ca.pem", directory / "cert.pem", directory / "key.pem")
+    ca.cert_pem.write_to_path(str(files.ca_file))
+    cert.private_key_pem.write_to_path(str(files.key_file))
+    for i, pem in enumerate(cert.cert_chain_pems):
+        pem.write_to_path(str(files.cert_file), append=i > 0)
+    return files

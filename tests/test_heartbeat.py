@@ -2,7 +2,9 @@
 
 The socket tests run a real peer in a subprocess and kill it (SIGKILL: the kernel closes the socket)
 or freeze it (SIGSTOP: the kernel keeps the connection open and ACKs, only the heartbeat notices).
-Deadlines are checked against ``loop.time()`` taken at the signal. The core tests at the end drive
+Deadlines are checked against ``loop.time()`` taken at the signal. The socket tests run over plain
+TCP and over TLS (the ``net`` fixture; certificates made at test time with trustme), the
+server-in-a-subprocess ones through ``trame-serve --tls-cert/--tls-key``. The core tests at the end drive
 :class:`~trame_async.protocol.ServerCore` and :class:`~trame_async.protocol.ClientCore` with a fake
 clock: no loop, no socket, no waiting.
 """
@@ -13,12 +15,17 @@ import asyncio
 import contextlib
 import os
 import signal
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from helpers import (
     CLIENT_SCRIPT,
     MS,
+    TLS_CLIENT_SCRIPT,
+    TlsFiles,
     eventually,
+    make_tls,
     read_line,
     receive_n,
     spawn,
@@ -43,8 +50,9 @@ from trame_async.wire import PROTOCOL_VERSION, FrameParser, Hello, Welcome, ping
 
 INTERVAL = 0.1
 TIMEOUT = 0.2
-#: Scheduling slack allowed on top of a deadline (two processes on two busy cores).
-TOLERANCE = 500 * MS
+#: Scheduling slack allowed on top of a deadline (two processes on two busy cores). The deadline
+#: itself is already late by up to one timer-wheel slot (interval / 20 here) and one loop turn.
+TOLERANCE = 200 * MS
 SERVER_ARGS = [
     "-m",
     "trame_async",
@@ -57,13 +65,52 @@ SERVER_ARGS = [
 ]
 
 
+@dataclass(frozen=True)
+class Net:
+    """How a test reaches its peer: plain TCP (``tls is None``) or TLS with a test-time CA."""
+
+    tls: TlsFiles | None
+
+    def serve_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``serve()``/``start_server()``."""
+        return {} if self.tls is None else {"ssl": self.tls.server_context()}
+
+    def connect_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``connect()``."""
+        return {} if self.tls is None else {"ssl": self.tls.client_context()}
+
+    def client_process(self, port: int) -> list[str]:
+        """Arguments of ``python`` for a client in its own process (prints its id, reads)."""
+        if self.tls is None:
+            return ["-c", CLIENT_SCRIPT, str(port)]
+        return ["-c", TLS_CLIENT_SCRIPT, str(port), str(self.tls.ca_file)]
+
+    def server_process(self) -> list[str]:
+        """Arguments of ``python`` for trame-serve with the short heartbeat."""
+        return SERVER_ARGS if self.tls is None else [*SERVER_ARGS, *self.tls.cli_args()]
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    return make_tls(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(params=["tcp", "tls"])
+def net(request: pytest.FixtureRequest) -> Net:
+    return Net(request.getfixturevalue("tls_files") if request.param == "tls" else None)
+
+
 # --- RTT ------------------------------------------------------------------------------------------
 
 
-async def test_rtt_is_measured_on_both_ends() -> None:
+async def test_rtt_is_measured_on_both_ends(net: Net) -> None:
     async with (
-        trame_async.serve("127.0.0.1", 0, heartbeat_interval=0.05, heartbeat_timeout=1.0) as server,
-        trame_async.connect("127.0.0.1", server.port, rtt_interval=0.05) as client,
+        trame_async.serve(
+            "127.0.0.1", 0, heartbeat_interval=0.05, heartbeat_timeout=1.0, **net.serve_kwargs()
+        ) as server,
+        trame_async.connect(
+            "127.0.0.1", server.port, rtt_interval=0.05, **net.connect_kwargs()
+        ) as client,
     ):
         (remote,) = server.clients
         await eventually(lambda: remote.rtt is not None, what="server-side rtt")
@@ -102,7 +149,7 @@ async def test_rtt_is_never_negative() -> None:
     assert negative == [], f"{len(negative)} of {len(samples)} rtt samples < 0"
 
 
-async def test_idle_but_live_peers_stay_connected_across_many_heartbeats() -> None:
+async def test_idle_but_live_peers_stay_connected_across_many_heartbeats(net: Net) -> None:
     """Nothing but pings and pongs for 20 heartbeat intervals: nobody is cut."""
     reports: list[DisconnectReason] = []
     async with (
@@ -112,8 +159,11 @@ async def test_idle_but_live_peers_stay_connected_across_many_heartbeats() -> No
             heartbeat_interval=0.02,
             heartbeat_timeout=0.04,
             on_disconnect=lambda r, why: reports.append(why),
+            **net.serve_kwargs(),
         ) as server,
-        trame_async.connect("127.0.0.1", server.port, rtt_interval=None) as client,
+        trame_async.connect(
+            "127.0.0.1", server.port, rtt_interval=None, **net.connect_kwargs()
+        ) as client,
     ):
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(client.wait_closed(), 0.4)
@@ -172,7 +222,7 @@ class Stream:
     ],
 )
 async def test_dead_client_process_is_reported_once_in_time(
-    sig: signal.Signals, reason: DisconnectReason
+    net: Net, sig: signal.Signals, reason: DisconnectReason
 ) -> None:
     loop = asyncio.get_running_loop()
     reports: list[tuple[int, DisconnectReason, float]] = []
@@ -192,14 +242,16 @@ async def test_dead_client_process_is_reported_once_in_time(
             heartbeat_interval=INTERVAL,
             heartbeat_timeout=TIMEOUT,
             on_disconnect=on_disconnect,
+            **net.serve_kwargs(),
         ) as server:
-            proc = await spawn(["-c", CLIENT_SCRIPT, str(server.port)])
+            proc = await spawn(net.client_process(server.port))
             victim_id = int(await read_line(proc))
             assert victim_id in [r.id for r in server.clients]
+            port, tls = server.port, net.connect_kwargs()
             async with (
-                trame_async.connect("127.0.0.1", server.port) as publisher,
-                trame_async.connect("127.0.0.1", server.port) as observer1,
-                trame_async.connect("127.0.0.1", server.port) as observer2,
+                trame_async.connect("127.0.0.1", port, **tls) as publisher,
+                trame_async.connect("127.0.0.1", port, **tls) as observer1,
+                trame_async.connect("127.0.0.1", port, **tls) as observer2,
             ):
                 stream = Stream(publisher, [observer1, observer2])
                 for _ in range(10):
@@ -285,12 +337,12 @@ async def test_hung_client_with_unsent_backlog_is_still_cut_at_the_heartbeat_dea
 # --- a dead or hung server ------------------------------------------------------------------------
 
 
-async def test_client_notices_a_killed_server_process() -> None:
-    proc = await spawn(SERVER_ARGS)
+async def test_client_notices_a_killed_server_process(net: Net) -> None:
+    proc = await spawn(net.server_process())
     try:
         host, port = await wait_listening(proc)
         assert host == "127.0.0.1"
-        async with trame_async.connect(host, port, echo=True) as client:
+        async with trame_async.connect(host, port, echo=True, **net.connect_kwargs()) as client:
             await client.multicast(INT, 1)
             assert (await client.receive(timeout=5)).value == 1
             loop = asyncio.get_running_loop()
@@ -305,11 +357,13 @@ async def test_client_notices_a_killed_server_process() -> None:
         await stop_process(proc)
 
 
-async def test_client_notices_a_stopped_server_process_by_heartbeat() -> None:
-    proc = await spawn(SERVER_ARGS)
+async def test_client_notices_a_stopped_server_process_by_heartbeat(net: Net) -> None:
+    proc = await spawn(net.server_process())
     try:
         host, port = await wait_listening(proc)
-        async with trame_async.connect(host, port, echo=True, rtt_interval=None) as client:
+        async with trame_async.connect(
+            host, port, echo=True, rtt_interval=None, **net.connect_kwargs()
+        ) as client:
             assert client.server_settings.heartbeat_interval == INTERVAL
             assert client.server_settings.heartbeat_timeout == TIMEOUT
             await client.multicast(INT, 1)
@@ -322,6 +376,9 @@ async def test_client_notices_a_stopped_server_process_by_heartbeat() -> None:
             elapsed = loop.time() - stopped_at
             assert info.value.reason is DisconnectReason.HEARTBEAT_TIMEOUT
             assert elapsed <= INTERVAL + TIMEOUT + TOLERANCE
+            # Not early: the server's last frame came at most one interval before the stop, so
+            # death needed at least a timeout of silence after it.
+            assert elapsed >= TIMEOUT / 2
             assert client.close_reason is DisconnectReason.HEARTBEAT_TIMEOUT
     finally:
         await stop_process(proc)  # SIGCONT, then SIGKILL
