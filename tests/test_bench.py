@@ -1,0 +1,91 @@
+"""The benchmark scripts still run, end to end, on tiny settings.
+
+Not timed tests: figures are printed by ``nox -s bench`` and read by people. What is checked here is
+that each script starts its servers, drives real loopback traffic, stops every process it started,
+writes its JSON, and that the properties that are not speed (zero loss, no subscriber cut, every
+ping answered) hold.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+
+pytest.importorskip("uvloop")
+pytest.importorskip("psutil")
+pytest.importorskip("websockets")
+
+
+def run_script(script: str, *args: str, out: Path, timeout: float = 120.0) -> dict[str, Any]:
+    """Run ``bench/<script> args --json out``; return the JSON it wrote."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), *args, "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr}"
+    assert "|" in proc.stdout  # printed its table
+    data: dict[str, Any] = json.loads(out.read_text())
+    return data
+
+
+@pytest.mark.slow
+def test_fanout_flood_and_paced_every_relay(tmp_path: Path) -> None:
+    flood = run_script(
+        "fanout.py",
+        *("-S", "1", "5", "--frames", "3000", "--settle", "0.05", "--stall", "5"),
+        *("--relays", "trame", "trame-raw", "trame-token", "floor-uvloop", "ws"),
+        out=tmp_path / "flood.json",
+    )
+    assert len(flood["cells"]) == 10
+    for cell in flood["cells"]:
+        assert cell["loss"] == 0, cell
+        assert cell["subscribers_cut"] == 0, cell
+        assert cell["server_exit"] == 0, cell
+    # Every trame cell is compared with every baseline that ran, at each S.
+    assert {(r["relay"], r["baseline"]) for r in flood["ratios"]} >= {
+        ("trame", "floor-uvloop"),
+        ("trame", "ws"),
+        ("trame-raw", "floor-uvloop"),
+    }
+    paced = run_script(
+        "fanout.py",
+        *("-S", "3", "--rate", "200", "--duration", "0.5", "--settle", "0.05"),
+        *("--relays", "trame", "floor-uvloop"),
+        out=tmp_path / "paced.json",
+    )
+    for row in paced["medians"]:
+        assert row["loss_max"] == 0, row
+        assert row["latency_ms"]["p50"] <= row["latency_ms"]["p99"] <= row["latency_ms"]["max"]
+
+
+def test_codec_bench_covers_every_case(tmp_path: Path) -> None:
+    data = run_script("codec.py", "--repeat", "1", out=tmp_path / "codec.json")
+    text = json.dumps(data)
+    for code in ("INT", "POS", "STR", "CMP"):
+        assert f'"{code}"' in text
+
+
+@pytest.mark.slow
+def test_idle_bench_trame_and_floor(tmp_path: Path) -> None:
+    data = run_script(
+        "idle.py",
+        *("-N", "200", "--heartbeat", "0.2", "--warmup", "0.5", "--window", "1"),
+        out=tmp_path / "idle.json",
+    )
+    runs = {r["server"]: r for r in data["runs"]}
+    assert set(runs) == {"trame", "floor"}
+    for run in runs.values():
+        assert run["connected"] == 200 and run["lost"] == 0, run
+        assert run["pings_per_client_per_s"] > 0, run
