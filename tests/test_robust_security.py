@@ -1,23 +1,31 @@
 """Authentication, TLS, reconnect and graceful shutdown under load, over real sockets.
 
-Issue "Under attack and under load", tests 6 to 9.
+Issue "Under attack and under load", tests 6 to 9. The heartbeat tests run over TLS in
+test_heartbeat.py (its ``net`` fixture); the multicast ones over TLS are here, next to
+``trame-serve --tls-cert/--tls-key/--tls-client-ca`` in a subprocess.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import re
 import socket
 import ssl
 import statistics
+from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import trustme
 from helpers import (
     MS,
+    TlsFiles,
     close_writer,
     eventually,
+    make_tls,
     read_eof,
     read_frame,
     receive_n,
@@ -25,10 +33,11 @@ from helpers import (
     stop_process,
     wait_listening,
 )
+from proc_helpers import STEP, assert_clean_stderr, start_trame_serve
 
 import trame_async
-from trame_async import DisconnectReason, ErrorCode, Kind
-from trame_async.wire import PROTOCOL_VERSION, ErrorFrame, Hello
+from trame_async import BYT, INT, Client, DisconnectReason, ErrorCode, Kind, RemoteClient
+from trame_async.wire import PROTOCOL_VERSION, ErrorFrame, FrameParser, Hello, Welcome
 
 TOKEN = "correct horse battery staple"
 
@@ -150,27 +159,212 @@ async def test_multicast_and_heartbeat_over_tls(tls: Tls) -> None:
                 await c.close()
 
 
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    return make_tls(tmp_path_factory.mktemp("tls"))
+
+
+#: Fan-out over TLS: fewer clients than test_multicast.py's 50 (each handshake costs CPU).
+TLS_CLIENTS = 20
+TLS_MESSAGES = 50
+MARKER = -1
+
+
+def _payload(k: int) -> bytes:
+    """A BYT value of a few KiB, so that frames straddle TLS records."""
+    return bytes([k % 256]) * 3000
+
+
+async def test_every_tls_client_gets_every_other_clients_multicasts_in_order(
+    tls_files: TlsFiles,
+) -> None:
+    """test_multicast.py's fan-out test over TLS: complete, in order per sender, no echo."""
+    async with contextlib.AsyncExitStack() as stack:
+        server = await stack.enter_async_context(
+            trame_async.serve("127.0.0.1", 0, ssl=tls_files.server_context())
+        )
+        ctx = tls_files.client_context()
+        clients: list[Client] = list(
+            await asyncio.gather(
+                *(
+                    stack.enter_async_context(
+                        trame_async.connect("127.0.0.1", server.port, ssl=ctx)
+                    )
+                    for _ in range(TLS_CLIENTS)
+                )
+            )
+        )
+        ids = [c.id for c in clients]
+        assert len(set(ids)) == TLS_CLIENTS
+
+        def value(index: int, k: int) -> Any:
+            return k if index % 2 == 0 else _payload(k)
+
+        async def publish(index: int, client: Client) -> None:
+            # Even clients send INTs, odd ones 3 KB BYTs.
+            for k in range(TLS_MESSAGES):
+                await client.multicast(INT if index % 2 == 0 else BYT, value(index, k))
+                await asyncio.sleep(0)  # let the other publishers interleave
+
+        expected = (TLS_CLIENTS - 1) * TLS_MESSAGES
+        received, *_ = await asyncio.gather(
+            asyncio.gather(*(receive_n(c, expected, timeout=30) for c in clients)),
+            *(publish(i, c) for i, c in enumerate(clients)),
+        )
+        index_of = {c.id: i for i, c in enumerate(clients)}
+        for client, messages in zip(clients, received, strict=True):
+            per_sender: dict[int, list[Any]] = defaultdict(list)
+            for msg in messages:
+                per_sender[msg.sender].append(msg.value)
+            assert client.id not in per_sender, "echo is off: a client must not get its own"
+            assert set(per_sender) == set(ids) - {client.id}
+            for sender, values in per_sender.items():
+                want = [value(index_of[sender], k) for k in range(TLS_MESSAGES)]
+                assert values == want, f"client {client.id} from {sender}"
+
+        # Nothing else was pending: the server's marker is next everywhere.
+        server.multicast(INT, MARKER)
+        for client in clients:
+            msg = await client.receive(timeout=5)
+            assert (msg.sender, msg.value) == (0, MARKER)
+
+
+async def test_echo_on_and_off_over_tls(tls_files: TlsFiles) -> None:
+    ctx = tls_files.client_context()
+    async with (
+        trame_async.serve("127.0.0.1", 0, ssl=tls_files.server_context()) as server,
+        trame_async.connect("127.0.0.1", server.port, ssl=ctx, echo=True) as echo,
+        trame_async.connect("127.0.0.1", server.port, ssl=ctx) as plain,
+    ):
+        for i in range(10):
+            await echo.multicast(INT, i)
+            await plain.multicast(INT, 100 + i)
+        got_echo = await receive_n(echo, 20)
+        got_plain = await receive_n(plain, 10)
+        assert [m.value for m in got_echo if m.sender == echo.id] == list(range(10))
+        assert [m.value for m in got_echo if m.sender == plain.id] == [100 + i for i in range(10)]
+        assert [(m.sender, m.value) for m in got_plain] == [(echo.id, i) for i in range(10)]
+        server.multicast(INT, MARKER)
+        for client in (echo, plain):
+            msg = await client.receive(timeout=5)
+            assert (msg.sender, msg.value) == (0, MARKER)
+
+
+def _connected_lines(err_lines: list[str]) -> list[int]:
+    """Ids of the ``client N connected from ...`` lines trame-serve logged."""
+    return [
+        int(m.group(1)) for line in err_lines if (m := re.search(r"client (\d+) connected", line))
+    ]
+
+
+async def test_trame_serve_tls_flags_serve_tls_clients_and_exit_0_on_sigint(
+    tls_files: TlsFiles,
+) -> None:
+    proc, host, port = start_trame_serve(None, *tls_files.cli_args())
+    try:
+        assert "(TLS)" in proc.out_lines[0], proc.describe()
+        ctx = tls_files.client_context()
+        async with (
+            trame_async.connect(host, port, ssl=ctx, timeout=5) as alice,
+            trame_async.connect(host, port, ssl=ctx, echo=True, timeout=5) as bob,
+        ):
+            await alice.multicast(INT, 1)
+            await bob.multicast(INT, 2)
+            assert [(m.sender, m.value) for m in await receive_n(alice, 1)] == [(bob.id, 2)]
+            got = sorted((m.sender, m.value) for m in await receive_n(bob, 2))
+            assert got == sorted([(alice.id, 1), (bob.id, 2)])
+            # A plaintext client on the TLS port is refused, and never becomes a client.
+            with pytest.raises((trame_async.ConnectError, trame_async.ConnectionClosed)):
+                await trame_async.connect(host, port, timeout=5)
+
+            # Ctrl+C: the clients are told the server is going away, then it exits 0.
+            proc.interrupt()
+            for client in (alice, bob):
+                with pytest.raises(trame_async.ConnectionClosed) as info:
+                    await client.receive(timeout=STEP)
+                assert info.value.reason is DisconnectReason.SERVER_SHUTDOWN
+            assert await asyncio.to_thread(proc.wait) == 0, proc.describe()
+    finally:
+        proc.stop()
+    assert sorted(_connected_lines(proc.err_lines)) == sorted([alice.id, bob.id]), proc.describe()
+    assert_clean_stderr(proc)
+
+
+async def test_trame_serve_tls_client_ca_refuses_clients_without_a_certificate(
+    tls_files: TlsFiles,
+) -> None:
+    proc, host, port = start_trame_serve(None, *tls_files.cli_args(client_ca=True))
+    try:
+        # TLS 1.3 finishes the client's side of the handshake before the server checks its
+        # certificate: the refusal may come as a failed connect or as the connection closing.
+        with pytest.raises((trame_async.ConnectError, trame_async.ConnectionClosed)):
+            await trame_async.connect(host, port, ssl=tls_files.client_context(), timeout=5)
+        ctx = tls_files.client_context(with_cert=True)
+        async with (
+            trame_async.connect(host, port, ssl=ctx, echo=True, timeout=5) as client,
+            trame_async.connect(host, port, ssl=ctx, timeout=5) as other,
+        ):
+            await client.multicast(INT, 42)
+            assert (await client.receive(timeout=5)).value == 42
+            assert (await other.receive(timeout=5)).value == 42
+            proc.interrupt()
+            with pytest.raises(trame_async.ConnectionClosed) as info:
+                await client.receive(timeout=STEP)
+            assert info.value.reason is DisconnectReason.SERVER_SHUTDOWN
+            assert await asyncio.to_thread(proc.wait) == 0, proc.describe()
+    finally:
+        proc.stop()
+    # The refused client never got a client id: only the two with certificates were logged.
+    assert sorted(_connected_lines(proc.err_lines)) == sorted([client.id, other.id])
+    assert_clean_stderr(proc)
+
+
 async def test_plaintext_and_silent_connections_to_tls_port_are_closed(tls: Tls) -> None:
-    async with trame_async.serve("127.0.0.1", 0, ssl=tls.server, handshake_timeout=0.5) as server:
+    handshake = 0.5
+    async with trame_async.serve(
+        "127.0.0.1", 0, ssl=tls.server, handshake_timeout=handshake
+    ) as server:
         loop = asyncio.get_running_loop()
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         writer.write(Hello(PROTOCOL_VERSION, 0, b"").encode())
         silent_r, silent_w = await asyncio.open_connection("127.0.0.1", server.port)
         start = loop.time()
+        # 0 ms: a HELLO is not a TLS ClientHello: refused at once, long before the deadline.
         await read_eof(reader, timeout=3)
+        assert loop.time() - start < handshake / 2
+        # 500 ms: the silent one is closed at the handshake deadline, not before.
         await read_eof(silent_r, timeout=3)
-        assert loop.time() - start < 0.5 + 1.0
+        assert handshake * 0.9 <= loop.time() - start <= handshake + 0.5
         await close_writer(writer)
         await close_writer(silent_w)
+        assert server.clients == []
+        async with trame_async.connect("127.0.0.1", server.port, ssl=tls.client) as client:
+            assert client.id > 0  # and the listener still serves TLS clients
 
 
-async def test_untrusted_certificate_fails_clearly(tls: Tls) -> None:
-    async with trame_async.serve("127.0.0.1", 0, ssl=tls.server) as server:
+@pytest.mark.parametrize("case", ["untrusted-ca", "wrong-name"])
+async def test_bad_server_certificate_fails_clearly(
+    tls: Tls, tls_files: TlsFiles, case: str
+) -> None:
+    """A client that cannot verify the server gets a ConnectError naming the address and why."""
+    if case == "untrusted-ca":
+        server_ctx, client_ctx = tls.server, tls.other_client
+        problem = "unable to get local issuer certificate"
+    else:
+        # Signed by the CA the client trusts, but issued for another name.
+        server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls_files.ca.issue_cert("example.org").configure_cert(server_ctx)
+        client_ctx = tls_files.client_context()
+        problem = "IP address mismatch"
+    async with trame_async.serve("127.0.0.1", 0, ssl=server_ctx) as server:
         with pytest.raises(trame_async.ConnectError) as info:
-            await trame_async.connect("127.0.0.1", server.port, ssl=tls.other_client, timeout=5)
-        assert "CERTIFICATE_VERIFY_FAILED" in str(info.value)
-        assert f"127.0.0.1:{server.port}" in str(info.value)
+            await trame_async.connect("127.0.0.1", server.port, ssl=client_ctx, timeout=5)
+        assert isinstance(info.value, trame_async.TrameError)
+        text = str(info.value)
+        assert "CERTIFICATE_VERIFY_FAILED" in text and problem in text, text
+        assert f"127.0.0.1:{server.port}" in text
         assert isinstance(info.value.__cause__, ssl.SSLCertVerificationError)
+        assert server.clients == []
 
 
 async def test_client_certificate_required(tls: Tls) -> None:
@@ -313,23 +507,49 @@ async def test_reconnect_honours_retry_after_and_surfaces_events() -> None:
 # --- 9. graceful shutdown under load ---------------------------------------------------------
 
 
-async def _stalled_subscriber(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Handshake, then never read again; a tiny receive buffer makes the server's writes back up."""
+async def _stalled_subscriber(
+    port: int,
+) -> tuple[int, asyncio.StreamReader, asyncio.StreamWriter]:
+    """Handshake, then never read again; a tiny receive buffer makes the server's writes back up.
+
+    Returns the client id the server gave it, and the stream pair.
+    """
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", port))
     sock.setblocking(False)
     reader, writer = await asyncio.open_connection(sock=sock)
     writer.write(Hello(PROTOCOL_VERSION, 0, b"").encode())
-    kind, _ = await asyncio.wait_for(read_frame(reader), 5)
+    kind, body = await asyncio.wait_for(read_frame(reader), 5)
     assert kind == Kind.WELCOME
-    return reader, writer
+    return Welcome.parse(body).client_id, reader, writer
+
+
+async def _read_to_eof(reader: asyncio.StreamReader, timeout: float = 10.0) -> bytes:
+    """Read everything until the peer closes (EOF or reset); bounded by ``timeout``."""
+    chunks: list[bytes] = []
+    async with asyncio.timeout(timeout):
+        for _ in range(100_000):
+            try:
+                chunk = await reader.read(1 << 16)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks)
 
 
 @pytest.mark.timeout(90)
 async def test_graceful_shutdown_delivers_everything_then_goodbye_and_aborts_laggard() -> None:
     drain = 1.0
     n = 50_000
+    loop = asyncio.get_running_loop()
+    ended: dict[int, list[tuple[DisconnectReason, float]]] = defaultdict(list)
+
+    def on_disconnect(remote: RemoteClient, why: DisconnectReason) -> None:
+        ended[remote.id].append((why, loop.time()))
+
     # A high write mark keeps the stalled client from pausing the publisher (flow control), so
     # the shutdown meets it with about a megabyte it will never read.
     server = await trame_async.start_server(
@@ -339,11 +559,11 @@ async def test_graceful_shutdown_delivers_everything_then_goodbye_and_aborts_lag
         retry_after=2.0,
         write_high_water=8 << 20,
         max_queue_bytes=16 << 20,
+        on_disconnect=on_disconnect,
     )
     subs = [await trame_async.connect("127.0.0.1", server.port, max_queue=n + 10) for _ in range(5)]
     pub = await trame_async.connect("127.0.0.1", server.port, echo=True, max_queue=n + 10)
-    _laggard_r, laggard_w = await _stalled_subscriber(server.port)
-    loop = asyncio.get_running_loop()
+    laggard_id, laggard_r, laggard_w = await _stalled_subscriber(server.port)
     try:
         for i in range(n):
             await pub.multicast(trame_async.INT, i)
@@ -363,6 +583,29 @@ async def test_graceful_shutdown_delivers_everything_then_goodbye_and_aborts_lag
             assert info.value.retry_after == 2.0
         # The laggard held the shutdown for the drain deadline, then was aborted.
         assert drain * 0.9 <= took < drain + 1.5, took
+        # Every connection ended exactly once with the shutdown as its reason; the healthy ones
+        # as soon as they had drained, the laggard only when the deadline cut it.
+        assert sorted(ended) == sorted([*(c.id for c in subs), pub.id, laggard_id])
+        assert all(
+            [why for why, _ in reports] == [DisconnectReason.SERVER_SHUTDOWN]
+            for reports in ended.values()
+        ), ended
+        (_, laggard_end), *_ = ended[laggard_id]
+        assert drain * 0.9 <= laggard_end - start, laggard_end - start
+        assert all(ended[c.id][0][1] < laggard_end for c in [*subs, pub])
+        # The abort, seen from the laggard: its stream stops after a strict prefix of the frames
+        # (possibly cut mid-frame), with no GOODBYE: what was still queued for it was discarded.
+        parser = FrameParser()
+        frames = parser.feed(await _read_to_eof(laggard_r))
+        assert {f[0] for f in frames} <= {Kind.RELAY, Kind.PING}, {f[0] for f in frames}
+        # (The parser strips the length prefix; decode() wants whole frames.)
+        values = [
+            trame_async.decode(len(f).to_bytes(4, "big") + f)[1]
+            for f in frames
+            if f[0] == Kind.RELAY
+        ]
+        assert values == list(range(len(values))), "the laggard's stream is not a prefix"
+        assert len(values) < n, "the laggard got everything: it was not aborted"
     finally:
         await close_writer(laggard_w)
         for c in [*subs, pub]:
