@@ -25,6 +25,8 @@ __all__ = ["main"]
 
 TOKEN_ENV = "TRAME_TOKEN"
 
+logger = logging.getLogger("trame_async.cli")
+
 
 def _seconds(text: str) -> float | None:
     if text.lower() in ("none", "off", "0"):
@@ -49,6 +51,12 @@ def _size(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1 byte")
     return value
+
+
+def _size_or_off(text: str) -> int | None:
+    if text.lower() in ("none", "off", "0"):
+        return None
+    return _size(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,9 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     sec.add_argument(
         "--max-queue-bytes",
         type=_size,
-        default=d.max_queue_bytes,
+        default=argparse.SUPPRESS,  # unset: the default, raised to --max-frame-size if below it
         metavar="N",
-        help="outbound budget per client before the slow-consumer policy applies",
+        help=(
+            f"outbound budget per client before the slow-consumer policy applies; at least "
+            f"--max-frame-size (default: {d.max_queue_bytes}, raised to --max-frame-size if "
+            f"smaller)"
+        ),
     )
     sec.add_argument(
         "--slow-consumer-policy",
@@ -150,14 +162,21 @@ def build_parser() -> argparse.ArgumentParser:
         type=_seconds,
         default=d.slow_consumer_timeout,
         metavar="S",
-        help="cut a client that stays congested (not reading) this long",
+        help=(
+            "cut a client that stays congested (not reading) this long; under the drop "
+            "policies, one that takes nothing of its backlog this long"
+        ),
     )
     sec.add_argument(
         "--handshake-max-frame-size",
         type=_size,
-        default=d.handshake_max_frame_size,
+        default=argparse.SUPPRESS,  # unset: the default, lowered to --max-frame-size if above it
         metavar="N",
-        help="largest frame accepted before a client's handshake completes",
+        help=(
+            f"largest frame accepted before a client's handshake completes; at most "
+            f"--max-frame-size (default: {d.handshake_max_frame_size}, lowered to "
+            f"--max-frame-size if larger)"
+        ),
     )
     sec.add_argument(
         "--write-high-water",
@@ -168,10 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sec.add_argument(
         "--send-buffer-size",
-        type=_size,
+        type=_size_or_off,
         default=d.send_buffer_size,
         metavar="N",
-        help="SO_SNDBUF of client sockets, kept modest so the outbound budget is the real bound",
+        help=(
+            "SO_SNDBUF of client sockets, kept modest so the outbound budget is the real bound "
+            "('off' or 0: the OS default)"
+        ),
     )
     sec.add_argument(
         "--retry-after",
@@ -230,30 +252,88 @@ def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
     return ctx
 
 
-async def _serve(args: argparse.Namespace, token: str | None, tls: ssl.SSLContext | None) -> int:
-    config = ServerConfig(
-        heartbeat_interval=args.heartbeat_interval,
-        heartbeat_timeout=args.heartbeat_timeout,
-        max_frame_size=args.max_frame_size,
-        handshake_timeout=args.handshake_timeout,
-        frame_timeout=args.frame_timeout,
-        max_clients=args.max_clients,
-        token=token,
-        max_queue_bytes=max(args.max_queue_bytes, args.max_frame_size),
-        slow_consumer_policy=args.slow_consumer_policy,
-        slow_consumer_timeout=args.slow_consumer_timeout,
-        drain_timeout=args.drain_timeout,
-        handshake_max_frame_size=min(args.handshake_max_frame_size, args.max_frame_size),
-        write_high_water=args.write_high_water,
-        send_buffer_size=args.send_buffer_size,
-        retry_after=args.retry_after,
-    )
+def _frame_limits(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[int, int]:
+    """Return ``(max_queue_bytes, handshake_max_frame_size)`` consistent with --max-frame-size.
+
+    A default that does not fit is adjusted, with a warning; a value given that does not fit is
+    an error (exit 2) saying what to change.
+    """
+    d = ServerConfig()
+    frame = args.max_frame_size
+    queue: int | None = getattr(args, "max_queue_bytes", None)
+    if queue is None:
+        queue = d.max_queue_bytes
+        if queue < frame:
+            logger.warning(
+                "--max-queue-bytes raised from its default %d to --max-frame-size %d so that "
+                "one frame always fits",
+                queue,
+                frame,
+            )
+            queue = frame
+    elif queue < frame:
+        parser.error(
+            f"--max-queue-bytes {queue} is below --max-frame-size {frame}: one frame must fit "
+            f"in the outbound budget; raise --max-queue-bytes or lower --max-frame-size"
+        )
+    early: int | None = getattr(args, "handshake_max_frame_size", None)
+    if early is None:
+        early = d.handshake_max_frame_size
+        if early > frame:
+            logger.warning(
+                "--handshake-max-frame-size lowered from its default %d to --max-frame-size %d",
+                early,
+                frame,
+            )
+            early = frame
+    elif early > frame:
+        parser.error(
+            f"--handshake-max-frame-size {early} is above --max-frame-size {frame}: the limit "
+            f"before the handshake cannot exceed the one after it; lower it or raise "
+            f"--max-frame-size"
+        )
+    return queue, early
+
+
+def _config(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, token: str | None
+) -> ServerConfig:
+    max_queue_bytes, handshake_max_frame_size = _frame_limits(args, parser)
+    try:
+        return ServerConfig(
+            heartbeat_interval=args.heartbeat_interval,
+            heartbeat_timeout=args.heartbeat_timeout,
+            max_frame_size=args.max_frame_size,
+            handshake_timeout=args.handshake_timeout,
+            frame_timeout=args.frame_timeout,
+            max_clients=args.max_clients,
+            token=token,
+            max_queue_bytes=max_queue_bytes,
+            slow_consumer_policy=args.slow_consumer_policy,
+            slow_consumer_timeout=args.slow_consumer_timeout,
+            drain_timeout=args.drain_timeout,
+            handshake_max_frame_size=handshake_max_frame_size,
+            write_high_water=args.write_high_water,
+            send_buffer_size=args.send_buffer_size,
+            retry_after=args.retry_after,
+        )
+    except ValueError as err:
+        parser.error(str(err))
+
+
+def _loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    cls = type(loop)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+async def _serve(args: argparse.Namespace, config: ServerConfig, tls: ssl.SSLContext | None) -> int:
+    loop = asyncio.get_running_loop()
+    logger.info("event loop: %s", _loop_name(loop))
     try:
         server = await start_server(args.host, args.port, config=config, ssl=tls)
     except OSError as err:
         print(f"trame-serve: cannot listen on {args.host}:{args.port}: {err}", file=sys.stderr)
         return 1
-    loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -274,7 +354,8 @@ async def _serve(args: argparse.Namespace, token: str | None, tls: ssl.SSLContex
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``trame-serve``; return the exit status (0 after a clean shutdown)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, args.log_level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -288,10 +369,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    config = _config(args, parser, token)
     tls = _tls_context(args)
     runner_kwargs: dict[str, Any] = {"loop_factory": _loop_factory(args.loop)}
     with asyncio.Runner(**runner_kwargs) as runner:
-        return runner.run(_serve(args, token, tls))
+        return runner.run(_serve(args, config, tls))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -505,10 +505,23 @@ class ServerCore(_Core):
         self._update_pause(now)
 
     def writing_congested(self, congested: bool, now: float) -> None:
-        """Tell the core that the client's transport is (or is no longer) above its high water."""
+        """Tell the core that the client's transport is (or is no longer) above its high water.
+
+        The slow-consumer clock (``slow_consumer_timeout``) starts at ``now``.
+        """
         self._write_congested = congested
         self._congested_at = now if congested else None
         self._update_pause(now)
+
+    def writing_progress(self, now: float) -> None:
+        """Tell the core that a congested client took some of its backlog: restart the clock.
+
+        Under the drop policies a lagging client costs no one anything (its budget bounds its
+        memory, publishers are not slowed), so the adapter reports progress and only a client
+        that reads nothing at all for ``slow_consumer_timeout`` is cut.
+        """
+        if self._congested_at is not None:
+            self._congested_at = now
 
     def _update_pause(self, now: float) -> None:
         if self._read_paused or self._write_congested:

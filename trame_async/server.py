@@ -19,6 +19,7 @@ import inspect
 import logging
 import socket
 import struct
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -40,6 +41,15 @@ logger = logging.getLogger("trame_async.server")
 _RELAY_HEAD: Final = struct.Struct(">IBI")
 _RELAY: Final = int(Kind.RELAY)
 _DATA: Final = int(Kind.DATA)
+
+if sys.platform == "linux":
+    import fcntl
+    import termios
+
+    #: ioctl giving the bytes a TCP socket holds that the peer has not acknowledged (SIOCOUTQ).
+    _SIOCOUTQ: int | None = termios.TIOCOUTQ
+else:  # pragma: no cover - elsewhere only the transport's buffer is seen
+    _SIOCOUTQ = None
 
 SlowConsumerPolicy = Literal["disconnect", "drop-oldest", "keep-latest"]
 ConnectHook = Callable[["RemoteClient"], "Awaitable[None] | None"]
@@ -77,7 +87,8 @@ class ServerConfig:
     """What to do with a client over its budget: cut it, drop its oldest frames, or keep only the
     latest frame per (sender, trame code)."""
     slow_consumer_timeout: float | None = 5.0
-    """Cut a client whose transport stays congested (not reading) for this long."""
+    """Cut a client whose transport stays congested (not reading) for this long. Under the drop
+    policies, only a client that takes none of its backlog for this long is cut."""
     write_high_water: int = 64 << 10
     """Transport buffer size at which a client counts as congested (pause_writing)."""
     send_buffer_size: int | None = 128 << 10
@@ -148,6 +159,7 @@ class RemoteClient(asyncio.Protocol):
         "_close_timer",
         "_core",
         "_dirty",
+        "_drain_mark",
         "_limit",
         "_out",
         "_out_bytes",
@@ -182,6 +194,8 @@ class RemoteClient(asyncio.Protocol):
         self._publisher = False
         self._unreported = 0
         self._close_timer: asyncio.TimerHandle | None = None
+        # Drop policies: bytes not yet taken by the peer when last looked at (see _on_timer).
+        self._drain_mark = 0
 
     def __repr__(self) -> str:
         return (
@@ -239,21 +253,29 @@ class RemoteClient(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         core = self._core
-        was_open = core.state is CoreState.OPEN
-        frames = core.receive_data(data, self._server._loop.time())
-        if core.outgoing:
-            self._write_control()
-        if frames:
-            self._server._dispatch(self, frames)
-        if core.state is not CoreState.OPEN:
-            if core.closed:
-                self._finish()
+        try:
+            was_open = core.state is CoreState.OPEN
+            frames = core.receive_data(data, self._server._loop.time())
+            if core.outgoing:
+                self._write_control()
+            if frames:
+                self._server._dispatch(self, frames)
+            if core.state is not CoreState.OPEN:
+                if core.closed:
+                    self._finish()
+                elif core.parser.in_frame:
+                    self._server._reschedule(self)
+            elif not was_open:
+                self._server._opened(self)
             elif core.parser.in_frame:
                 self._server._reschedule(self)
-        elif not was_open:
-            self._server._opened(self)
-        elif core.parser.in_frame:
-            self._server._reschedule(self)
+        except Exception:
+            # A bug (ours, or in a registered value type's constructor): this connection alone
+            # ends, with an ERROR that says nothing of the internals; the log has the traceback.
+            logger.exception("internal error on data from client %d: closing it", self.id)
+            core.refuse(ErrorCode.INTERNAL_ERROR, DisconnectReason.PROTOCOL_ERROR, "internal error")
+            self._write_control()
+            self._finish()
 
     def eof_received(self) -> bool | None:
         return None  # let the transport close; connection_lost reports it
@@ -274,13 +296,20 @@ class RemoteClient(asyncio.Protocol):
     def pause_writing(self) -> None:
         self._write_paused = True
         self._set_limit()
-        self._server._congested(self, True)
+        server = self._server
+        if not server._flow_control and self._transport is not None:
+            self._drain_mark = _undelivered(self._transport)
+        server._congested(self, True)
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        self._server._congested(self, False)
+        server = self._server
+        server._congested(self, False)
         if self._out:
-            self._flush()
+            if server._flow_control:
+                self._flush()
+            else:
+                server._catch_up(self)
 
     # --- internals ------------------------------------------------------------------------------
 
@@ -312,6 +341,34 @@ class RemoteClient(asyncio.Protocol):
         self._out_bytes = 0
         self._set_limit()
 
+    def _flush_slice(self, cap: int) -> None:
+        """Write the oldest pending frames, about ``cap`` bytes a time, until the transport pauses.
+
+        What is not written stays pending, where the slow-consumer policy can still drop it.
+        """
+        out = self._out
+        transport = self._transport
+        for _ in range(len(out)):  # every round writes at least one frame
+            if not out or transport is None or self._write_paused:
+                break
+            if self._out_bytes <= cap:
+                self._flush()
+                return
+            taken = cut = 0
+            for frame in out:
+                taken += len(frame)
+                cut += 1
+                if taken >= cap:
+                    break
+            head = out[:cut]
+            del out[:cut]
+            self._out_bytes -= taken
+            if self._unreported:
+                head.insert(0, dropped_notice(self._unreported))
+                self._unreported = 0
+            transport.write(b"".join(head))  # may pause writing: the loop ends there
+        self._set_limit()
+
     def _set_limit(self) -> None:
         """Set the queue size at which the server must act on this client.
 
@@ -320,9 +377,14 @@ class RemoteClient(asyncio.Protocol):
         that, and the early write lets the transport pause publishers in time. While the transport
         is congested, the limit is what is left of the outbound budget.
         """
-        config = self._server.config
+        server = self._server
+        config = server.config
         transport = self._transport
-        left = config.max_queue_bytes - (transport.get_write_buffer_size() if transport else 0)
+        buffered = transport.get_write_buffer_size() if transport else 0
+        queued = self._out_bytes + buffered
+        if queued > server.peak_queued_bytes:
+            server.peak_queued_bytes = queued
+        left = config.max_queue_bytes - buffered
         self._limit = left if self._write_paused else min(config.write_high_water, left)
 
     def _write_control(self) -> None:
@@ -341,6 +403,13 @@ class RemoteClient(asyncio.Protocol):
 
     def _on_timer(self, now: float) -> None:
         core = self._core
+        if self._write_paused and not self._server._flow_control and self._transport is not None:
+            # Drop policies: a congested client that took any of its backlog since last time is
+            # lagging, not stuck; only one that takes nothing for slow_consumer_timeout is cut.
+            undelivered = _undelivered(self._transport)
+            if undelivered < self._drain_mark:
+                core.writing_progress(now)
+            self._drain_mark = undelivered
         core.handle_timer(now)
         if core.outgoing:
             self._write_control()
@@ -374,6 +443,22 @@ class RemoteClient(asyncio.Protocol):
         self._close_timer = self._server._loop.call_later(
             self._server.config.drain_timeout, transport.abort
         )
+
+
+def _undelivered(transport: asyncio.Transport) -> int:
+    """Return the bytes written to ``transport`` that the peer has not taken yet.
+
+    That is the transport's buffer plus, on Linux, what the kernel holds unacknowledged: the sum
+    goes down as soon as the peer reads, however big the socket buffers are.
+    """
+    size = transport.get_write_buffer_size()
+    if _SIOCOUTQ is not None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError, ValueError):
+                raw = fcntl.ioctl(sock.fileno(), _SIOCOUTQ, b"\0\0\0\0")
+                size += int.from_bytes(raw, sys.byteorder, signed=True)
+    return size
 
 
 #: Reasons after which the peer is not reading: nothing queued for it would ever get through.
@@ -436,6 +521,10 @@ class Server:
         self.deliveries = 0
         #: Bytes of RELAY frames queued for clients since the start.
         self.bytes_relayed = 0
+        #: Most bytes ever queued for one client (pending frames + transport buffer), taken after
+        #: each write and each slow-consumer decision: between those, a queue stays below the limit
+        #: set at the last of them, so this is the true peak of every backlog above that limit.
+        self.peak_queued_bytes = 0
         #: Connections that ended, by reason, since the start (handshake failures included).
         self.disconnects: collections.Counter[DisconnectReason] = collections.Counter()
         self._closing_flag = False
@@ -515,6 +604,7 @@ class Server:
             "bytes_relayed": self.bytes_relayed,
             "slow_consumers": self.slow_consumers,
             "dropped_frames": self.dropped_frames,
+            "peak_queued_bytes": self.peak_queued_bytes,
             "congested_clients": self._n_congested,
             "queued_bytes": sum(c.queued_bytes for c in self._all),
             "disconnects": {str(r): n for r, n in self.disconnects.items()},
@@ -536,9 +626,12 @@ class Server:
             raise
 
     def close(self, *, retry_after: float | None = None) -> None:
-        """Start a graceful shutdown; :meth:`wait_closed` waits for its end."""
-        if self._shutdown_task is None:
-            self._shutdown_task = self._loop.create_task(self.shutdown(retry_after=retry_after))
+        """Stop listening now and start a graceful shutdown; :meth:`wait_closed` waits for its end.
+
+        As with ``asyncio.Server.close()``, the listening sockets are closed before this returns
+        (``is_serving()`` is then false); the goodbyes and the drain run in a task.
+        """
+        self._begin_shutdown(retry_after, None)
 
     async def wait_closed(self) -> None:
         """Wait until the server is closed and every connection is gone."""
@@ -549,13 +642,26 @@ class Server:
     async def shutdown(
         self, *, retry_after: float | None = None, drain_timeout: float | None = None
     ) -> None:
-        """Stop accepting, flush each client, say goodbye, close; abort laggards at the deadline."""
-        if self._closing_flag:
-            await self._closed.wait()
-            return
-        self._closing_flag = True
-        if self._server is not None:
-            self._server.close()
+        """Stop accepting, flush each client, say goodbye, close; abort laggards at the deadline.
+
+        The shutdown runs in its own task: cancelling the caller does not interrupt it.
+        """
+        await asyncio.shield(self._begin_shutdown(retry_after, drain_timeout))
+        await self._closed.wait()
+
+    def _begin_shutdown(
+        self, retry_after: float | None, drain_timeout: float | None
+    ) -> asyncio.Task[None]:
+        task = self._shutdown_task
+        if task is None:
+            self._closing_flag = True
+            if self._server is not None:
+                self._server.close()  # stop listening at once, as asyncio's close() does
+            task = self._loop.create_task(self._shutdown(retry_after, drain_timeout))
+            self._shutdown_task = task
+        return task
+
+    async def _shutdown(self, retry_after: float | None, drain_timeout: float | None) -> None:
         hint = self.config.retry_after if retry_after is None else retry_after
         for client in list(self._all):
             client._close(
@@ -652,6 +758,9 @@ class Server:
                 client._flush()  # may pause writing, and through it the publishers
             else:
                 client._limit = left
+                queued = client._out_bytes + self.config.max_queue_bytes - left
+                if queued > self.peak_queued_bytes:
+                    self.peak_queued_bytes = queued
             return
         policy = self.config.slow_consumer_policy
         if policy == "disconnect":
@@ -666,6 +775,24 @@ class Server:
             size, more = drop_oldest(out, size, max(left, 0))
             dropped += more
         client._out_bytes = size
+        self._count_drops(client, dropped)
+        queued = size + self.config.max_queue_bytes - left
+        if queued > self.peak_queued_bytes:
+            self.peak_queued_bytes = queued
+
+    def _catch_up(self, client: RemoteClient) -> None:
+        """A lagging client (drop policies) can take more: hand its transport the next slice.
+
+        Only about ``write_high_water`` bytes go to the transport at a time, where no policy can
+        reach them; the rest stays pending, where keep-latest folds it first: a client that lags
+        gets the newest value of each stream, not the backlog.
+        """
+        if self.config.slow_consumer_policy == "keep-latest" and len(client._out) > 1:
+            client._out_bytes, dropped = keep_latest(client._out)
+            self._count_drops(client, dropped)
+        client._flush_slice(self.config.write_high_water)
+
+    def _count_drops(self, client: RemoteClient, dropped: int) -> None:
         client.dropped += dropped
         client._unreported += dropped
         self.dropped_frames += dropped
