@@ -7,6 +7,7 @@ file that the tests read. Each test stops what it starts, killing it if a check 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import signal
@@ -19,9 +20,24 @@ from helpers import eventually, log_text, spawn, stop_process, wait_listening
 
 import trame_async
 from trame_async import AuthenticationError, ConnectionClosed, DisconnectReason, ErrorCode
-from trame_async.cli import TOKEN_ENV, build_parser
+from trame_async.cli import TOKEN_ENV, _frame_limits, build_parser
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is in the test extra
+    uvloop = None
 
 TOKEN = "s3cret-Token-7f3a9c-never-logged"
+
+_WITH_UVLOOP = pytest.mark.skipif(uvloop is None, reason="uvloop is not installed")
+_WITHOUT_UVLOOP = pytest.mark.skipif(uvloop is not None, reason="uvloop is installed")
+#: --loop choice, and the loop class trame-serve must report at startup.
+LOOPS = [
+    pytest.param("asyncio", r"asyncio\.[\w.]+", id="asyncio"),
+    pytest.param("uvloop", r"uvloop\.Loop", id="uvloop", marks=_WITH_UVLOOP),
+    pytest.param("auto", r"uvloop\.Loop", id="auto-uvloop", marks=_WITH_UVLOOP),
+    pytest.param("auto", r"asyncio\.[\w.]+", id="auto-asyncio", marks=_WITHOUT_UVLOOP),
+]
 
 
 def _env_without_token() -> dict[str, str]:
@@ -56,10 +72,10 @@ async def _stop(proc: asyncio.subprocess.Process, sig: signal.Signals) -> int:
     return await asyncio.wait_for(proc.wait(), 5)
 
 
-@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+@pytest.mark.parametrize(("loop_name", "loop_class"), LOOPS)
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 async def test_serves_on_the_printed_port_logs_clients_and_exits_0_on_signal(
-    tmp_path: Path, sig: signal.Signals, loop_name: str
+    tmp_path: Path, sig: signal.Signals, loop_name: str, loop_class: str
 ) -> None:
     log = tmp_path / "server.log"
     with log.open("wb") as log_file:
@@ -90,6 +106,8 @@ async def test_serves_on_the_printed_port_logs_clients_and_exits_0_on_signal(
         await stop_process(proc)
 
     text = log_text(log)
+    loops = re.findall(r"INFO trame_async\.cli: event loop: (\S+)", text)
+    assert len(loops) == 1 and re.fullmatch(loop_class, loops[0]), (loops, text)
     for client in (leaver, stayer):
         assert re.search(rf"client {client.id} connected from 127\.0\.0\.1:\d+", text), text
     assert re.search(rf"client {leaver.id} disconnected: goodbye\b", text), text
@@ -158,3 +176,70 @@ async def test_token_from_the_environment_is_required_and_never_logged(tmp_path:
     assert "disconnected" in text  # the log was written
     assert TOKEN not in text
     assert TOKEN.encode() not in stdout
+
+
+# --- limits that depend on each other: adjusted with a warning, or refused, never silently -------
+
+
+def _limits(argv: list[str]) -> tuple[int, int]:
+    parser = build_parser()
+    return _frame_limits(parser.parse_args(argv), parser)
+
+
+def test_defaults_that_do_not_fit_the_frame_size_are_adjusted_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="trame_async.cli")
+    assert _limits([]) == (4 << 20, 4096)
+    assert caplog.records == []
+    assert _limits(["--max-frame-size", "8M"]) == (8 << 20, 4096)
+    assert _limits(["--max-frame-size", "1000"]) == (4 << 20, 1000)
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2, warned
+    assert "--max-queue-bytes raised" in warned[0] and "8388608" in warned[0]
+    assert "--handshake-max-frame-size lowered" in warned[1] and "1000" in warned[1]
+
+
+@pytest.mark.parametrize(
+    ("argv", "names"),
+    [
+        (["--max-frame-size", "2M", "--max-queue-bytes", "1M"], "--max-queue-bytes"),
+        (["--max-frame-size", "4k", "--handshake-max-frame-size", "8k"], "--handshake-max"),
+    ],
+)
+def test_explicit_limits_that_contradict_each_other_are_refused(
+    argv: list[str], names: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        _limits(argv)
+    assert info.value.code == 2
+    message = capsys.readouterr().err
+    assert names in message and "--max-frame-size" in message, message
+
+
+def test_explicit_limits_that_fit_are_kept() -> None:
+    argv = ["--max-frame-size", "64k", "--max-queue-bytes", "64k"]
+    assert _limits([*argv, "--handshake-max-frame-size", "1k"]) == (64 << 10, 1 << 10)
+
+
+@pytest.mark.parametrize(("text", "value"), [("off", None), ("0", None), ("64k", 64 << 10)])
+def test_send_buffer_size_takes_off_for_the_os_default(text: str, value: int | None) -> None:
+    assert build_parser().parse_args(["--send-buffer-size", text]).send_buffer_size == value
+
+
+def test_send_buffer_size_default_is_the_server_default() -> None:
+    args = build_parser().parse_args([])
+    assert args.send_buffer_size == trame_async.ServerConfig().send_buffer_size
+
+
+def test_invalid_settings_exit_2_with_the_reason_before_listening() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "trame_async", "--port", "0", "--max-frame-size", "10"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2, result
+    assert "max_frame_size must be between 64" in result.stderr, result.stderr
+    assert "listening on" not in result.stdout

@@ -9,17 +9,23 @@ loop and on uvloop (see conftest.py).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import ipaddress
+import logging
 import socket
 import struct
+import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import MS
 from helpers import (
     close_writer,
     eventually,
+    make_tls,
     raw_handshake,
     read_eof,
     read_frame,
@@ -38,6 +44,7 @@ from trame_async import (
     DisconnectReason,
     ErrorCode,
     Kind,
+    Registry,
     RemoteClient,
     Server,
     netutil,
@@ -175,6 +182,43 @@ async def test_serve_forever_returns_when_the_server_is_closed() -> None:
             await client.receive(timeout=5)
         assert info.value.reason is DisconnectReason.SERVER_SHUTDOWN
     await server.wait_closed()
+
+
+async def test_close_stops_listening_before_it_returns() -> None:
+    """As with asyncio.Server.close(): no await between close() and a refused connection."""
+    server = await trame_async.start_server("127.0.0.1", 0)
+    port = server.port
+    try:
+        async with trame_async.connect("127.0.0.1", port) as client:
+            server.close()
+            assert not server.is_serving()
+            with socket.socket() as probe:  # a blocking connect: the loop does not run meanwhile
+                probe.settimeout(5)
+                with pytest.raises(ConnectionRefusedError):
+                    probe.connect(("127.0.0.1", port))
+            # The goodbye and the drain run in the shutdown task.
+            with pytest.raises(ConnectionClosed) as info:
+                await client.receive(timeout=5)
+            assert info.value.reason is DisconnectReason.SERVER_SHUTDOWN
+        await asyncio.wait_for(server.wait_closed(), 10)
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_shutdown_is_not_interrupted_by_cancelling_its_caller() -> None:
+    server = await trame_async.start_server("127.0.0.1", 0)
+    async with trame_async.connect("127.0.0.1", server.port) as client:
+        caller = asyncio.create_task(server.shutdown())
+        await asyncio.sleep(0)  # let shutdown() start its task
+        assert not server.is_serving()
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        with pytest.raises(ConnectionClosed) as info:
+            await client.receive(timeout=5)
+        assert info.value.reason is DisconnectReason.SERVER_SHUTDOWN
+    await asyncio.wait_for(server.wait_closed(), 10)
 
 
 async def test_frames_sent_just_before_a_clean_close_are_all_relayed() -> None:
@@ -416,6 +460,69 @@ async def test_stray_http_request_gets_bad_handshake_and_close() -> None:
         assert connects == [] and server.clients == []
 
 
+@dataclasses.dataclass
+class Checked:
+    """A value type whose constructor refuses some values: decoding one raises ValueError."""
+
+    n: int
+
+    def __post_init__(self) -> None:
+        if self.n < 0:
+            raise ValueError(f"secret-internal-detail: {self.n} is negative")
+
+
+async def test_failure_while_handling_a_frame_sends_internal_error_and_closes_that_client(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A registered type that raises in its constructor (an application bug) fails on_data's
+    decode, outside any hook: that client gets INTERNAL_ERROR, the others go on."""
+    server_registry = Registry()
+    server_registry.register("CHK", "<q", Checked)
+    client_registry = Registry()
+    client_registry.register("CHK", "<q")
+    data: list[Any] = []
+    reports: list[tuple[int, DisconnectReason]] = []
+    loop_errors: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: loop_errors.append(context))
+    caplog.set_level(logging.INFO, logger="trame_async")
+    try:
+        async with (
+            trame_async.serve(
+                "127.0.0.1",
+                0,
+                registry=server_registry,
+                on_data=lambda client, message: data.append(message.value),
+                on_disconnect=lambda client, reason: reports.append((client.id, reason)),
+            ) as server,
+            trame_async.connect("127.0.0.1", server.port) as observer,
+            trame_async.connect("127.0.0.1", server.port) as publisher,
+        ):
+            reader, writer = await raw_handshake(server.port)
+            try:
+                writer.write(client_registry.encode("CHK", 1, Kind.DATA))  # fine
+                writer.write(client_registry.encode("CHK", -1, Kind.DATA))  # Checked(-1) raises
+                error = await read_until_error(reader)
+                await read_eof(reader)
+            finally:
+                await close_writer(writer)
+            assert error.error_code is ErrorCode.INTERNAL_ERROR
+            assert error.reason == "internal error"  # nothing of the exception on the wire
+            assert data == [Checked(1)]
+            await eventually(lambda: reports, what="on_disconnect of the failed client")
+            assert [reason for _, reason in reports] == [DisconnectReason.PROTOCOL_ERROR]
+            # Everyone else is served as before.
+            await publisher.multicast(INT, 7)
+            assert (await observer.receive(timeout=5)).value == 7
+            assert {c.id for c in server.clients} == {observer.id, publisher.id}
+    finally:
+        loop.set_exception_handler(None)
+    tracebacks = [r for r in caplog.records if r.exc_info is not None]
+    assert len(tracebacks) == 1, [r.getMessage() for r in tracebacks]
+    assert "internal error" in tracebacks[0].getMessage()
+    assert loop_errors == [], "the exception did not escape to the event loop"
+
+
 # The same stray request, cut by TCP at any byte, must be told apart from an oversized HELLO.
 HTTP_REQUEST = b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n"
 
@@ -517,3 +624,30 @@ def test_get_host_ip_sends_no_packet_and_closes_its_socket() -> None:
             trame_async.get_host_ip()
         gc.collect()
     assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
+
+
+# --- TLS: one handshake deadline from the accept ----------------------------------------------------
+
+
+async def test_tls_and_hello_share_one_handshake_deadline(tmp_path: Path) -> None:
+    """A peer that takes most of handshake_timeout for TLS, then sends no HELLO, is closed at
+    handshake_timeout after the accept, not after a second full timeout."""
+    timeout = 1.0
+    tls = make_tls(tmp_path)
+    async with trame_async.serve(
+        "127.0.0.1", 0, ssl=tls.server_context(), handshake_timeout=timeout
+    ) as server:
+        start = time.perf_counter()
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            await asyncio.sleep(0.6 * timeout)  # paces the peer: a slow TLS client
+            await writer.start_tls(tls.client_context())
+            tls_done = time.perf_counter() - start
+            error = await read_until_error(reader, timeout=5)
+            closed_after = time.perf_counter() - start
+            await read_eof(reader)
+        finally:
+            await close_writer(writer)
+    assert error.error_code is ErrorCode.HANDSHAKE_TIMEOUT
+    assert tls_done < timeout, f"the TLS handshake itself took {tls_done:.3f} s"
+    assert timeout - 50 * MS <= closed_after <= timeout + 500 * MS, closed_after

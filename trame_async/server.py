@@ -182,6 +182,7 @@ class RemoteClient(asyncio.Protocol):
         self.connected_since = time.time()
         self.dropped = 0
         self._transport: asyncio.Transport | None = None
+        # Built at the accept (before any TLS handshake): handshake_timeout counts from here.
         self._core = ServerCore(client_id, server._limits, server._loop.time(), server.registry)
         # Frames waiting for this loop iteration's write, or for a congested transport to drain.
         self._out: list[bytes] = []
@@ -551,6 +552,9 @@ class Server:
         kwargs: dict[str, Any] = {}
         if ssl is not None:
             kwargs["ssl"] = ssl
+            # One deadline for TLS and HELLO together: both loops build the protocol (and with it
+            # the core's clock, see RemoteClient.__init__) at the accept, before the TLS handshake,
+            # so the HELLO deadline counts from the accept too; this bounds the TLS stage alone.
             kwargs["ssl_handshake_timeout"] = (
                 ssl_handshake_timeout or self.config.handshake_timeout or 60.0
             )
