@@ -34,7 +34,7 @@ from .exceptions import (
 from .protocol import ClientCore, CoreState
 from .wire import DEFAULT_MAX_FRAME_SIZE, LENGTH_SIZE, Kind
 
-__all__ = ["Backoff", "Client", "QueuePolicy", "connect"]
+__all__ = ["DEFAULT_MAX_QUEUE_BYTES", "Backoff", "Client", "QueuePolicy", "connect"]
 
 logger = logging.getLogger("trame_async.client")
 
@@ -45,6 +45,8 @@ _DATA: Final = int(Kind.DATA)
 _CLEAN: Final = frozenset((DisconnectReason.CLOSED, DisconnectReason.GOODBYE))
 #: Ends of the connection that end ``async for`` quietly, as a close code 1000/1001 would.
 _ITER_END: Final = _CLEAN | {DisconnectReason.SERVER_SHUTDOWN}
+#: Default byte budget of the receive queue (frames as received on the wire).
+DEFAULT_MAX_QUEUE_BYTES: Final = 16 << 20
 
 
 #: Reasons after which reconnecting would fail the same way again.
@@ -87,6 +89,9 @@ class _ClientProtocol(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
+        # Bytes received of a frame the parser has not completed yet: they belong to the next
+        # delivery, for the receive queue's byte budget.
+        self._unqueued = 0
 
     # --- asyncio.Protocol -------------------------------------------------------------------------
 
@@ -102,7 +107,11 @@ class _ClientProtocol(asyncio.Protocol):
         if core.outgoing:
             self._write_outgoing()
         if messages:
-            self._client._deliver(messages)
+            buffered = core.parser.buffered
+            self._client._deliver(messages, self._unqueued + len(data) - buffered)
+            self._unqueued = buffered
+        else:
+            self._unqueued = core.parser.buffered
         if core.closed:
             self._end()
         elif not was_open and core.state is CoreState.OPEN:
@@ -205,23 +214,31 @@ class Client:
         registry: Registry,
         max_queue: int,
         queue_policy: QueuePolicy,
+        max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES,
     ) -> None:
         """Prepare a client; :func:`connect` opens it."""
         if max_queue < 1:
             raise ValueError("max_queue must be at least 1")
+        if max_queue_bytes < 1:
+            raise ValueError("max_queue_bytes must be at least 1")
         if queue_policy not in _POLICIES:
             raise ValueError(f"queue_policy must be one of {', '.join(_POLICIES)}")
         self.host = host
         self.port = port
         self.registry = registry
         self.max_queue = max_queue
+        self.max_queue_bytes = max_queue_bytes
         self.queue_policy: QueuePolicy = queue_policy
         self.dropped = 0
         self._proto: _ClientProtocol | None = None
         self._queue: collections.deque[Message] = collections.deque()
-        self._latest: dict[tuple[int, str], Message] | None = (
-            {} if queue_policy == "keep-latest" else None
-        )
+        # Byte accounting of the queue, per delivery (one data_received): (first, end, bytes),
+        # with first/end counted over every message ever delivered. A message popped or dropped
+        # from the front costs nothing here; deliveries fully consumed are settled lazily
+        # (_settle), and the oldest one partly consumed is prorated (_queued_bytes).
+        self._chunks: collections.deque[tuple[int, int, int]] = collections.deque()
+        self._delivered = 0
+        self._chunk_bytes = 0
         self._waiter: asyncio.Future[None] | None = None
         self._read_paused = False
         self._error: ConnectionClosed | None = None
@@ -259,6 +276,17 @@ class Client:
         Counts over the current connection only; a reconnect starts again from 0.
         """
         return self._proto.core.missed if self._proto is not None else 0
+
+    @property
+    def queued(self) -> int:
+        """Messages waiting for :meth:`receive`."""
+        return len(self._queue)
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes of the messages waiting for :meth:`receive`, as received (what
+        ``max_queue_bytes`` bounds)."""
+        return self._queued_bytes()
 
     @property
     def closed(self) -> bool:
@@ -330,8 +358,6 @@ class Client:
                 if not self._read_paused:
                     return self._queue.popleft()
                 return self._pop()
-            if self._latest:
-                return self._pop_latest()
             if self._error is not None:
                 raise self._error
             waiter = self._waiter
@@ -426,15 +452,13 @@ class Client:
 
     def _pop(self) -> Message:
         msg = self._queue.popleft()
-        if self._read_paused and len(self._queue) <= self.max_queue // 4:
+        if (
+            self._read_paused
+            and len(self._queue) <= self.max_queue // 4
+            and self._queued_bytes() <= self.max_queue_bytes // 4
+        ):
             self._set_reading(True)
         return msg
-
-    def _pop_latest(self) -> Message:
-        latest = self._latest
-        assert latest
-        key = next(iter(latest))
-        return latest.pop(key)
 
     def _set_reading(self, reading: bool) -> None:
         proto = self._proto
@@ -444,45 +468,106 @@ class Client:
                 proto.transport.resume_reading()
             else:
                 proto.transport.pause_reading()
+            # The server's pings wait unread meanwhile: its heartbeat clock must not run.
+            proto.core.reading_paused(not reading, proto.loop.time())
+            proto._arm()
 
-    def _deliver(self, messages: list[Message]) -> None:
+    def _settle(self) -> None:
+        """Forget the deliveries whose messages have all left the queue."""
+        chunks = self._chunks
+        consumed = self._delivered - len(self._queue)
+        while chunks and chunks[0][1] <= consumed:
+            self._chunk_bytes -= chunks.popleft()[2]
+
+    def _queued_bytes(self) -> int:
+        """Return the bytes of the messages in the queue, as received (the oldest delivery
+        partly consumed counts pro rata)."""
+        self._settle()
+        chunks = self._chunks
+        if not chunks:
+            return 0
+        first, end, size = chunks[0]
+        consumed = self._delivered - len(self._queue)
+        return self._chunk_bytes - size * (consumed - first) // (end - first)
+
+    def _over(self) -> bool:
+        return len(self._queue) > self.max_queue or self._queued_bytes() > self.max_queue_bytes
+
+    def _deliver(self, messages: list[Message], size: int) -> None:
+        """Queue the messages of one read of ``size`` bytes; apply the policy if over a bound."""
         queue = self._queue
+        self._settle()
+        first = self._delivered
         queue.extend(messages)
-        if len(queue) > self.max_queue:
-            self._overflow()
+        self._delivered = end = first + len(messages)
+        self._chunks.append((first, end, size))
+        self._chunk_bytes += size
+        # _chunk_bytes only overstates what is queued: the exact check runs only past it.
+        if len(queue) > self.max_queue or self._chunk_bytes > self.max_queue_bytes:
+            if self._over():
+                self._overflow()
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def _overflow(self) -> None:
+    def _drop_oldest(self, max_count: int, max_bytes: int) -> None:
+        """Drop messages from the front down to both bounds; the newest one always stays."""
         queue = self._queue
+        while len(queue) > 1 and (len(queue) > max_count or self._queued_bytes() > max_bytes):
+            queue.popleft()
+            self.dropped += 1
+
+    def _keep_latest(self) -> None:
+        """Fold the queue into the newest message per stream, in their order of arrival.
+
+        A stream is a (sender, trame code, kind). What is kept is a subsequence of what arrived,
+        so each sender's order holds and each stream's newest value is its last. Past
+        ``max_queue // 2`` streams (or half the byte budget) the oldest kept are dropped too: the
+        headroom makes a fold cost O(1) per message received.
+        """
+        queue = self._queue
+        newest: dict[tuple[Any, ...], int] = {}
+        for i, msg in enumerate(queue):
+            newest[msg[0], msg[1], msg[3]] = i
+        kept = sorted(newest.values())
+        if len(kept) < len(queue):
+            # Bytes of the kept messages: each counts the average of the delivery it came in.
+            consumed = self._delivered - len(queue)
+            chunks = iter(self._chunks)
+            first, end, size = next(chunks)
+            total = 0
+            for i in kept:
+                while consumed + i >= end:
+                    first, end, size = next(chunks)
+                total += size // (end - first)
+            self.dropped += len(queue) - len(kept)
+            items = list(queue)
+            queue.clear()
+            queue.extend(items[i] for i in kept)
+            self._chunks.clear()
+            self._chunks.append((self._delivered - len(kept), self._delivered, total))
+            self._chunk_bytes = total
+        self._drop_oldest(max(1, self.max_queue // 2), max(1, self.max_queue_bytes // 2))
+
+    def _overflow(self) -> None:
         policy = self.queue_policy
         if policy == "backpressure":
             if not self._read_paused:
                 self._set_reading(False)
         elif policy == "drop-oldest":
-            while len(queue) > self.max_queue:
-                queue.popleft()
-                self.dropped += 1
+            self._drop_oldest(self.max_queue, self.max_queue_bytes)
         elif policy == "keep-latest":
-            # Fold the backlog into the newest message per (sender, trame): the reader catches up
-            # with current state instead of history.
-            latest = self._latest
-            assert latest is not None
-            while queue:
-                msg = queue.popleft()
-                key = (msg.sender, str(msg.trame))
-                if latest.pop(key, None) is not None:
-                    self.dropped += 1
-                latest[key] = msg
+            # The reader catches up with the current state instead of the history.
+            self._keep_latest()
         else:
             proto = self._proto
             if proto is not None and not proto.core.closed:
-                proto.core._close(
+                proto.core.goodbye(
                     DisconnectReason.SLOW_CONSUMER,
-                    f"receive queue above max_queue={self.max_queue}",
+                    text=f"receive queue above max_queue={self.max_queue} messages "
+                    f"or max_queue_bytes={self.max_queue_bytes}",
                 )
-                proto.core.goodbye()
+                proto._write_outgoing()
                 proto._end()
 
     def _closed_error(self, core: ClientCore, exc: Exception | None) -> ConnectionClosed:
@@ -637,9 +722,13 @@ class connect:
         ssl: An ``ssl.SSLContext`` (or True) for TLS; ``server_hostname`` overrides the name checked.
         timeout: Seconds allowed for the TCP connect, TLS and trame handshakes together.
         max_queue: Messages held for :meth:`Client.receive` before ``queue_policy`` applies.
+        max_queue_bytes: Bytes held for :meth:`Client.receive` (frames as received) before
+            ``queue_policy`` applies; at least ``max_frame_size``.
         queue_policy: ``"backpressure"`` (stop reading from the socket until the application
             catches up: nothing is lost, the server may then cut this client as a slow consumer),
-            ``"drop-oldest"``, ``"keep-latest"`` (newest per sender and trame) or ``"disconnect"``.
+            ``"drop-oldest"``, ``"keep-latest"`` (newest per sender and trame, for up to
+            ``max_queue // 2`` streams, then drop-oldest) or ``"disconnect"`` (GOODBYE with
+            ``SLOW_CONSUMER``).
         rtt_interval: Seconds between this client's own RTT probes (None: no probe; the server's
             heartbeat still runs).
         max_frame_size: Largest frame accepted from the server.
@@ -670,6 +759,7 @@ class connect:
         server_hostname: str | None = None,
         timeout: float | None = 10.0,
         max_queue: int = 10_000,
+        max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES,
         queue_policy: QueuePolicy = "backpressure",
         rtt_interval: float | None = 30.0,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
@@ -678,8 +768,18 @@ class connect:
         on_disconnect: Callable[[ConnectionClosed], Any] | None = None,
         on_reconnect: Callable[[Client], Any] | None = None,
     ) -> None:
+        if max_queue_bytes < max_frame_size:
+            raise ValueError(
+                f"max_queue_bytes ({max_queue_bytes}) must be at least max_frame_size "
+                f"({max_frame_size}): one frame must fit; raise it or lower max_frame_size"
+            )
         self._client = Client(
-            host, port, registry=registry, max_queue=max_queue, queue_policy=queue_policy
+            host,
+            port,
+            registry=registry,
+            max_queue=max_queue,
+            queue_policy=queue_policy,
+            max_queue_bytes=max_queue_bytes,
         )
         if reconnect:
             self._client._reconnect = reconnect if isinstance(reconnect, Backoff) else Backoff()

@@ -539,8 +539,11 @@ class ClientCore(_Core):
     """The client's view of its connection to the server."""
 
     __slots__ = (
+        "_keepalive",
         "_last_rx",
+        "_next_keepalive",
         "_next_probe",
+        "_paused_at",
         "_probe",
         "_rtt_interval",
         "_silence_limit",
@@ -578,6 +581,11 @@ class ClientCore(_Core):
         self._rtt_interval = rtt_interval
         self._next_probe = _INF
         self._probe: tuple[int, float] | None = None
+        # While the adapter does not read (its receive queue is full), the server's pings wait
+        # unread: its silence proves nothing, and we tell it we are alive every _keepalive s.
+        self._paused_at: float | None = None
+        self._keepalive = _INF
+        self._next_keepalive = _INF
         self.outgoing.append(
             Hello(PROTOCOL_VERSION, FLAG_ECHO if echo else 0, token or b"").encode()
         )
@@ -696,6 +704,9 @@ class ClientCore(_Core):
         if interval is not None and timeout is not None:
             # The server pings every interval: silence longer than interval + timeout means dead.
             self._silence_limit = interval + timeout
+            # The server counts any frame as an answer to its ping; half the shorter of the two
+            # leaves room for latency.
+            self._keepalive = min(interval, timeout) / 2
         if self._rtt_interval is not None:
             self._next_probe = now
 
@@ -703,12 +714,26 @@ class ClientCore(_Core):
         """Return when :meth:`handle_timer` must next run, or None."""
         if self.state is not CoreState.OPEN:
             return None
-        when = min(self._last_rx + self._silence_limit, self._next_probe)
+        if self._paused_at is not None:
+            when = self._next_keepalive
+        else:
+            when = min(self._last_rx + self._silence_limit, self._next_probe)
         return None if when == _INF else when
 
     def handle_timer(self, now: float) -> None:
-        """Declare the server dead after too long a silence; send an RTT probe when due."""
+        """Declare the server dead after too long a silence; send an RTT probe when due.
+
+        While reading is paused (:meth:`reading_paused`) the server is never declared silent and
+        no probe goes out; a PING every half heartbeat period tells the server that this client
+        is alive, so that a lagging client is handled by the server's slow-consumer policy rather
+        than cut as a dead one.
+        """
         if self.state is not CoreState.OPEN:
+            return
+        if self._paused_at is not None:
+            if now >= self._next_keepalive:
+                self.outgoing.append(ping(self._next_ping_id()))
+                self._next_keepalive = now + self._keepalive
             return
         if now >= self._last_rx + self._silence_limit:
             self._close(
@@ -721,3 +746,19 @@ class ClientCore(_Core):
             self.outgoing.append(ping(ping_id))
             self._probe = (ping_id, now)
             self._next_probe = now + self._rtt_interval
+
+    def reading_paused(self, paused: bool, now: float) -> None:
+        """Tell the core that the adapter paused (or resumed) reading from the server.
+
+        Resuming restarts the silence clock at ``now``: what the server sent meanwhile, its pings
+        included, is still unread in the socket.
+        """
+        if paused:
+            if self._paused_at is None:
+                self._paused_at = now
+                self._probe = None  # its pong waits behind unread data: no RTT from it
+                self._next_keepalive = now + self._keepalive
+        elif self._paused_at is not None:
+            self._paused_at = None
+            self._last_rx = now
+            self._next_keepalive = _INF

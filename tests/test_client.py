@@ -1,0 +1,440 @@
+"""The client's receive queue: its policies, its byte budget, and heartbeats while it lags.
+
+Socket tests run a server and clients in one event loop on 127.0.0.1 (port 0), on the stock loop
+and on uvloop (see conftest.py). A client that "lags" simply does not call ``receive()`` for a
+while; each test then reads what was kept and checks it against what was sent. The sans-I/O tests
+at the end drive :class:`~trame_async.protocol.ClientCore` with a fake clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import defaultdict
+from typing import Any
+
+import pytest
+from helpers import MS, eventually, receive_n
+
+import trame_async
+from trame_async import (
+    BYT,
+    INT,
+    POS,
+    Client,
+    ConnectionClosed,
+    DisconnectReason,
+    Kind,
+    Message,
+    Registry,
+)
+from trame_async.protocol import ClientCore, CoreState
+from trame_async.wire import PROTOCOL_VERSION, FrameParser, Welcome, ping, pong
+
+MARKER = -1
+#: Same-size BYT values, so that the wire size of each frame is known: the first 4 bytes number it.
+PAYLOAD = 1000
+MARKER_SEQ = 0xFFFF_FFFF
+
+
+def payload(seq: int) -> bytes:
+    return seq.to_bytes(4, "big") + bytes(PAYLOAD - 4)
+
+
+def seq_of(msg: Message) -> int:
+    assert msg.trame == BYT and len(msg.value) == PAYLOAD, msg
+    return int.from_bytes(msg.value[:4], "big")
+
+
+#: Size on the wire of one relayed BYT frame of PAYLOAD bytes (a RELAY adds the 4-byte sender).
+RELAY_BYT_SIZE = len(trame_async.encode(BYT, payload(0))[0]) + 4
+
+
+async def receive_until_marker(client: Client, limit: int, timeout: float = 10.0) -> list[Message]:
+    """Receive up to ``limit`` messages, until the INT marker (excluded)."""
+    out: list[Message] = []
+    async with asyncio.timeout(timeout):
+        for _ in range(limit):
+            msg = await client.receive()
+            if msg.trame == INT and msg.value == MARKER:
+                return out
+            out.append(msg)
+    raise AssertionError(f"no marker within {limit} messages")
+
+
+async def read_paused(client: Client) -> None:
+    """Wait until the client stopped reading from its socket (its queue is full)."""
+    await eventually(lambda: client._read_paused, what="the client paused reading")
+
+
+# --- heartbeats while the application lags ----------------------------------------------------
+
+
+async def test_a_client_that_stops_consuming_outlives_the_heartbeat_then_gets_everything() -> None:
+    interval, timeout = 50 * MS, 200 * MS
+    lost: list[tuple[int, DisconnectReason]] = []
+    n = 200
+    async with (
+        trame_async.serve(
+            "127.0.0.1",
+            0,
+            heartbeat_interval=interval,
+            heartbeat_timeout=timeout,
+            on_disconnect=lambda c, r: lost.append((c.id, r)),
+        ) as server,
+        trame_async.connect("127.0.0.1", server.port, max_queue=10, rtt_interval=None) as slow,
+        trame_async.connect("127.0.0.1", server.port) as pub,
+    ):
+        assert slow.queue_policy == "backpressure"
+        for i in range(n):
+            await pub.multicast(INT, i)
+        await read_paused(slow)
+        for i in range(n, 2 * n):  # these wait unread in the socket, with the server's pings
+            await pub.multicast(INT, i)
+        # The application stays away for four times interval + timeout: neither end may take
+        # the other for dead meanwhile (the server's pings are unread, the client's pongs unsent).
+        loop = asyncio.get_running_loop()
+        until = loop.time() + 4 * (interval + timeout)
+        while loop.time() < until:
+            assert not slow.closed, slow.close_reason
+            assert lost == []
+            await asyncio.sleep(10 * MS)
+        got = await receive_n(slow, 2 * n)
+        assert [m.value for m in got] == list(range(2 * n))
+        assert {m.sender for m in got} == {pub.id}
+        await pub.multicast(INT, MARKER)
+        assert (await slow.receive(timeout=5)).value == MARKER
+        assert slow.close_reason is None and slow.dropped == 0
+        assert lost == [] and len(server.clients) == 2
+
+
+# --- the policies -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bound", ["count", "bytes"])
+async def test_disconnect_policy_says_goodbye_with_slow_consumer_then_closes(bound: str) -> None:
+    lost: list[tuple[int, DisconnectReason]] = []
+    limits: dict[str, Any] = (
+        {"max_queue": 10}
+        if bound == "count"
+        else {"max_queue_bytes": 8 * RELAY_BYT_SIZE, "max_frame_size": 4096}
+    )
+    async with (
+        trame_async.serve(
+            "127.0.0.1", 0, on_disconnect=lambda c, r: lost.append((c.id, r))
+        ) as server,
+        trame_async.connect("127.0.0.1", server.port, queue_policy="disconnect", **limits) as slow,
+        trame_async.connect("127.0.0.1", server.port) as pub,
+    ):
+        for i in range(50):
+            await pub.multicast(BYT, payload(i))
+        await asyncio.wait_for(slow.wait_closed(), 5)
+        assert slow.close_reason is DisconnectReason.SLOW_CONSUMER
+        # What was queued is still handed out, in order; then the reason.
+        got: list[int] = []
+        with pytest.raises(ConnectionClosed) as info:
+            for _ in range(100):
+                got.append(seq_of(await slow.receive(timeout=5)))
+        assert info.value.reason is DisconnectReason.SLOW_CONSUMER
+        assert "max_queue" in str(info.value)
+        assert got == list(range(len(got)))
+        assert len(got) > (10 if bound == "count" else 8)
+        # A real GOODBYE reached the server: not a reset, not a lost connection.
+        await eventually(lambda: lost, what="the server saw the slow client go")
+        assert lost == [(slow.id, DisconnectReason.GOODBYE)]
+        assert server.disconnects[DisconnectReason.GOODBYE] == 1
+
+
+async def test_drop_oldest_keeps_the_newest_max_queue_messages() -> None:
+    async with (
+        trame_async.serve("127.0.0.1", 0) as server,
+        trame_async.connect(
+            "127.0.0.1", server.port, max_queue=10, queue_policy="drop-oldest"
+        ) as slow,
+        trame_async.connect("127.0.0.1", server.port) as pub,
+    ):
+        for i in range(100):
+            await pub.multicast(INT, i)
+        await pub.multicast(INT, MARKER)
+        # 101 arrived, 10 are kept, whatever the reads they came in.
+        await eventually(lambda: slow.dropped == 91, what=f"91 dropped, not {slow.dropped}")
+        got = await receive_n(slow, 10)
+        assert [m.value for m in got] == [*range(91, 100), MARKER]
+        assert slow.missed == 0  # the server dropped nothing
+
+
+async def test_drop_oldest_keeps_the_byte_budget() -> None:
+    n = 64
+    budget = 16 << 10
+    kept = budget // RELAY_BYT_SIZE
+    async with (
+        trame_async.serve(
+            "127.0.0.1", 0, heartbeat_interval=None, heartbeat_timeout=None
+        ) as server,
+        trame_async.connect(
+            "127.0.0.1",
+            server.port,
+            queue_policy="drop-oldest",
+            max_queue_bytes=budget,
+            max_frame_size=4096,
+            rtt_interval=None,
+        ) as slow,
+        trame_async.connect("127.0.0.1", server.port) as pub,
+    ):
+        assert slow.max_queue_bytes == budget and slow.max_queue == 10_000
+        for i in range(n):
+            await pub.multicast(BYT, payload(i))
+        await pub.multicast(BYT, payload(MARKER_SEQ))
+        # Frames of one size: the budget holds exactly `kept` of them (the count bound is far).
+        await eventually(lambda: slow.dropped == n + 1 - kept, what=f"dropped {slow.dropped}")
+        assert slow.queued == kept and slow.queued_bytes == kept * RELAY_BYT_SIZE
+        got = [seq_of(m) for m in await receive_n(slow, kept)]
+        assert got == [*range(n + 1 - kept, n), MARKER_SEQ]
+        assert kept * RELAY_BYT_SIZE <= budget < (kept + 1) * RELAY_BYT_SIZE
+
+
+async def test_backpressure_pauses_on_the_byte_budget_and_loses_nothing() -> None:
+    n = 200
+    async with (
+        trame_async.serve("127.0.0.1", 0) as server,
+        trame_async.connect(
+            "127.0.0.1",
+            server.port,
+            max_queue_bytes=8 * RELAY_BYT_SIZE,
+            max_frame_size=4096,
+        ) as slow,
+        trame_async.connect("127.0.0.1", server.port) as pub,
+    ):
+        for i in range(n):
+            await pub.multicast(BYT, payload(i))
+        await read_paused(slow)  # a few KiB in: far below max_queue=10_000 messages
+        assert slow.queued < slow.max_queue and slow.queued_bytes > slow.max_queue_bytes
+        got = [seq_of(m) for m in await receive_n(slow, n)]
+        assert got == list(range(n))
+        assert not slow._read_paused  # reading resumed as the queue emptied
+        assert slow.dropped == 0
+
+
+async def test_keep_latest_hands_out_a_folded_value_before_a_newer_one() -> None:
+    async with (
+        trame_async.serve("127.0.0.1", 0) as server,
+        trame_async.connect(
+            "127.0.0.1", server.port, max_queue=2, queue_policy="keep-latest"
+        ) as slow,
+        trame_async.connect("127.0.0.1", server.port) as pub,
+    ):
+        for i in range(3):
+            await pub.multicast(INT, i)
+        await eventually(lambda: slow.dropped == 2, what="0, 1 and 2 folded into 2")
+        await pub.multicast(INT, 3)
+        await eventually(lambda: slow.queued == 2, what=f"2 and 3 queued: {slow.queued}")
+        got = await receive_n(slow, 2)
+        assert [m.value for m in got] == [2, 3]  # the newest value comes last
+        assert slow.dropped == 2
+        server.multicast(INT, MARKER)
+        assert (await slow.receive(timeout=5)).value == MARKER
+
+
+async def test_keep_latest_keeps_each_senders_order_and_the_newest_of_each_stream() -> None:
+    k = 300
+    max_queue = 50
+    async with contextlib.AsyncExitStack() as stack:
+        server = await stack.enter_async_context(trame_async.serve("127.0.0.1", 0))
+        slow = await stack.enter_async_context(
+            trame_async.connect(
+                "127.0.0.1", server.port, max_queue=max_queue, queue_policy="keep-latest"
+            )
+        )
+        pubs = [
+            await stack.enter_async_context(trame_async.connect("127.0.0.1", server.port))
+            for _ in range(3)
+        ]
+
+        async def publish(pub: Client) -> None:
+            for i in range(k):
+                await pub.multicast(INT, i)
+                await pub.multicast(POS, (float(i), 0.0))
+                await asyncio.sleep(0)  # interleave the senders
+
+        await asyncio.gather(*(publish(p) for p in pubs))
+        total = 3 * 2 * k
+        # Wait until the client has lagged through (nearly) everything before reading.
+        await eventually(lambda: slow.dropped >= total - max_queue, what=f"{slow.dropped}")
+        server.multicast(INT, MARKER)
+        got = await receive_until_marker(slow, total)
+        assert len(got) + slow.dropped == total
+
+        per_sender: dict[int, list[int]] = defaultdict(list)
+        last: dict[tuple[int, str], Any] = {}
+        for msg in got:
+            assert msg.kind is Kind.RELAY
+            step = 2 * msg.value if msg.trame == INT else 2 * int(msg.value.x) + 1
+            per_sender[msg.sender].append(step)
+            last[msg.sender, msg.trame] = msg.value
+        assert set(per_sender) == {p.id for p in pubs}
+        for sender, steps in per_sender.items():
+            assert steps == sorted(set(steps)), f"sender {sender} out of order"
+        # 6 streams, far below the cap: the newest value of every stream survived, last.
+        assert last == {
+            **{(p.id, "INT"): k - 1 for p in pubs},
+            **{(p.id, "POS"): (float(k - 1), 0.0) for p in pubs},
+        }
+
+
+async def test_keep_latest_beyond_max_queue_half_streams_drops_the_oldest() -> None:
+    # 20 streams (one code each) from one sender, for a client that keeps at most 10 // 2 = 5.
+    registry = Registry()
+    codes = [registry.register(f"K{i:02d}", "<q") for i in range(20)]
+    async with (
+        trame_async.serve("127.0.0.1", 0) as server,
+        trame_async.connect(
+            "127.0.0.1", server.port, max_queue=10, queue_policy="keep-latest", registry=registry
+        ) as slow,
+        trame_async.connect("127.0.0.1", server.port, registry=registry) as pub,
+    ):
+        sent: list[tuple[str, int]] = []
+        for i, code in enumerate(codes):
+            await pub.multicast(code, i)
+            sent.append((code, i))
+        await pub.multicast(INT, MARKER)
+        sent.append(("INT", MARKER))
+        # All streams are distinct, so only the fallback drops; 21 > 10 must have triggered it.
+        await eventually(lambda: slow.dropped >= len(sent) - 10, what=f"{slow.dropped}")
+        got = [(str(m.trame), m.value) for m in await receive_n(slow, len(sent) - slow.dropped)]
+        assert 5 <= len(got) <= 10
+        assert got == sent[-len(got) :]  # the newest streams, in order: drop-oldest
+
+
+async def test_missed_counts_what_the_servers_policy_dropped_for_this_client() -> None:
+    async with (
+        trame_async.serve(
+            "127.0.0.1",
+            0,
+            slow_consumer_policy="drop-oldest",
+            max_frame_size=4096,
+            max_queue_bytes=64 << 10,
+            slow_consumer_timeout=None,
+            heartbeat_interval=None,
+            heartbeat_timeout=None,
+        ) as server,
+        trame_async.connect("127.0.0.1", server.port, max_queue=10, rtt_interval=None) as slow,
+    ):
+        (remote,) = server.clients
+        sent = 0
+        # Faster than the client reads (it stops at 10 queued messages): the kernel's buffers
+        # fill, then the server's budget for it; at most 400 x 100 KiB before the server drops.
+        for _ in range(400):
+            for _ in range(100):
+                server.multicast(BYT, payload(sent))
+                sent += 1
+            await asyncio.sleep(0)  # let the writes go out
+            if remote.dropped:
+                break
+        assert remote.dropped, f"nothing dropped after {sent} frames"
+        server.multicast(BYT, payload(MARKER_SEQ))  # the newest: never dropped
+        got: list[int] = []
+        async with asyncio.timeout(30):
+            while not got or got[-1] != MARKER_SEQ:
+                assert len(got) <= sent
+                got.append(seq_of(await slow.receive()))
+        assert got[:-1] == sorted(set(got[:-1]))
+        # The DROPPED notices arrive ahead of the frames that follow the gaps.
+        assert slow.missed == remote.dropped == server.dropped_frames
+        assert len(got) + slow.missed == sent + 1
+        assert slow.dropped == 0  # the client itself lost nothing (backpressure)
+
+
+async def test_connect_refuses_a_byte_budget_below_one_frame() -> None:
+    with pytest.raises(ValueError, match="max_queue_bytes"):
+        trame_async.connect("127.0.0.1", 1, max_queue_bytes=1000, max_frame_size=4096)
+    with pytest.raises(ValueError, match="max_queue_bytes"):
+        Client(
+            "127.0.0.1",
+            1,
+            registry=trame_async.REGISTRY,
+            max_queue=1,
+            queue_policy="disconnect",
+            max_queue_bytes=0,
+        )
+
+
+# --- the sans-I/O core with a fake clock ---------------------------------------------------------
+
+
+def take(core: ClientCore) -> list[tuple[int, bytes]]:
+    """Return and clear the frames the core wants written, as ``(kind, body)``."""
+    parser = FrameParser()
+    frames = [(f[0], bytes(f[1:])) for f in parser.feed(b"".join(core.outgoing))]
+    core.outgoing.clear()
+    return frames
+
+
+def open_core(
+    now: float, interval: float | None, timeout: float | None, rtt_interval: float | None = None
+) -> ClientCore:
+    core = ClientCore(now, rtt_interval=rtt_interval)
+    assert [kind for kind, _ in take(core)] == [Kind.HELLO]
+    core.receive_data(Welcome(PROTOCOL_VERSION, 0, 3, interval, timeout, 1 << 20).encode(), now)
+    assert core.state is CoreState.OPEN
+    return core
+
+
+def test_client_core_does_not_count_paused_reading_as_server_silence() -> None:
+    core = open_core(10.0, interval=1.0, timeout=2.0)
+    # 10 s: WELCOME; 3 s of silence (interval + timeout) would mean a dead server.
+    assert core.next_timer() == 13.0
+    # 11 s: the receive queue is full, the adapter stops reading: the server's pings go unread.
+    core.reading_paused(True, 11.0)
+    # Meanwhile a PING every half of min(interval, timeout) tells the server we are alive.
+    assert core.next_timer() == 11.5
+    now = 11.5
+    keepalives = 0
+    while now <= 20.0:
+        assert core.next_timer() == now
+        core.handle_timer(now)
+        assert [kind for kind, _ in take(core)] == [Kind.PING]
+        keepalives += 1
+        now += 0.5
+    assert not core.closed and keepalives == 18  # 8.5 s past the 3 s limit, still open
+    core.reading_paused(True, 20.2)  # a second pause changes nothing
+    # 20.2 s: reading resumes; the silence clock starts again now.
+    core.reading_paused(False, 20.2)
+    assert core.next_timer() == pytest.approx(23.2)
+    core.handle_timer(23.1)
+    assert not core.closed and take(core) == []
+    # 21 s: what had waited in the socket is read, a ping among it: it is answered.
+    core.receive_data(ping(7), 21.0)
+    assert take(core) == [(Kind.PONG, (7).to_bytes(4, "big"))]
+    assert core.next_timer() == 24.0
+    core.handle_timer(23.999)
+    assert not core.closed
+    core.handle_timer(24.0)
+    assert core.closed and core.close_reason is DisconnectReason.HEARTBEAT_TIMEOUT
+
+
+def test_client_core_sends_no_rtt_probe_while_paused_and_drops_the_one_in_flight() -> None:
+    core = open_core(0.0, interval=10.0, timeout=10.0, rtt_interval=1.0)
+    core.handle_timer(0.0)
+    ((kind, body),) = take(core)
+    assert kind == Kind.PING
+    probe = int.from_bytes(body, "big")
+    # 0.5 s: paused before the pong came: it will be read late, so it must not give an RTT.
+    core.reading_paused(True, 0.5)
+    assert core.next_timer() == 5.5  # the next keepalive, not the probe due at 1 s
+    core.reading_paused(False, 3.0)
+    core.receive_data(pong(probe), 3.0)
+    assert core.rtt is None
+    # The probe that was due meanwhile goes out at once.
+    assert core.next_timer() == 1.0
+    core.handle_timer(3.0)
+    ((kind, body),) = take(core)
+    core.receive_data(pong(int.from_bytes(body, "big")), 3.01)
+    assert core.rtt == pytest.approx(0.01)
+
+
+def test_client_core_without_server_heartbeat_needs_no_keepalive() -> None:
+    core = open_core(0.0, interval=None, timeout=None)
+    core.reading_paused(True, 1.0)
+    assert core.next_timer() is None
+    core.reading_paused(False, 2.0)
+    assert core.next_timer() is None
