@@ -75,14 +75,16 @@ async def expect_marker(client: Client, sender: int = 0, timeout: float = 5.0) -
 # --- fan-out --------------------------------------------------------------------------------------
 
 
-async def test_every_client_gets_every_other_clients_multicasts_in_order() -> None:
+@pytest.mark.parametrize("echo", [False, True], ids=["echo-off", "echo-on"])
+async def test_every_client_gets_every_other_clients_multicasts_in_order(echo: bool) -> None:
     async with contextlib.AsyncExitStack() as stack:
         server = await stack.enter_async_context(
             trame_async.serve("127.0.0.1", 0, registry=SEQ_REGISTRY)
         )
-        clients = await connect_all(stack, server.port, N_CLIENTS, registry=SEQ_REGISTRY)
+        clients = await connect_all(stack, server.port, N_CLIENTS, registry=SEQ_REGISTRY, echo=echo)
         ids = [c.id for c in clients]
         assert len(set(ids)) == N_CLIENTS and 0 not in ids
+        assert all(r.echo is echo for r in server.clients)
 
         async def publish(index: int, client: Client) -> None:
             # Even clients send plain INTs, odd ones the composite trame.
@@ -93,7 +95,8 @@ async def test_every_client_gets_every_other_clients_multicasts_in_order() -> No
                     await client.multicast(SEQ, Seq(client.id, k, k / 2))
                 await asyncio.sleep(0)  # let the other publishers interleave
 
-        expected = (N_CLIENTS - 1) * K_MESSAGES
+        # With echo each client also gets its own: N * K in all, else (N - 1) * K.
+        expected = (N_CLIENTS if echo else N_CLIENTS - 1) * K_MESSAGES
         received, *_ = await asyncio.gather(
             asyncio.gather(*(receive_n(c, expected, timeout=30) for c in clients)),
             *(publish(i, c) for i, c in enumerate(clients)),
@@ -112,13 +115,68 @@ async def test_every_client_gets_every_other_clients_multicasts_in_order() -> No
                     per_sender[msg.sender].append(msg.value.seq)
                 else:
                     per_sender[msg.sender].append(msg.value)
-            assert client.id not in per_sender, "echo is off: a client must not get its own"
-            assert set(per_sender) == set(ids) - {client.id}
+            if echo:
+                assert set(per_sender) == set(ids), "echo is on: a client gets its own too"
+            else:
+                assert client.id not in per_sender, "echo is off: a client must not get its own"
+                assert set(per_sender) == set(ids) - {client.id}
             for sender, seqs in per_sender.items():
                 assert seqs == list(range(K_MESSAGES)), f"client {client.id} from {sender}"
 
         server.multicast(INT, MARKER)
         await asyncio.gather(*(expect_marker(c) for c in clients))
+
+
+async def test_a_multicast_is_encoded_once_and_the_same_bytes_queued_for_every_recipient() -> None:
+    """The fan-out costs one list append per recipient: one bytes object, no copy, no task."""
+    async with contextlib.AsyncExitStack() as stack:
+        server = await stack.enter_async_context(
+            trame_async.serve("127.0.0.1", 0, heartbeat_interval=None, heartbeat_timeout=None)
+        )
+        clients = await connect_all(stack, server.port, 10, rtt_interval=None)
+        sender, receivers = clients[0], clients[1:]
+        remotes = {r.id: r for r in server.clients}
+        # (relay bytes, what each client had queued right after the fan-out, tasks then)
+        fanned: list[tuple[bytes, dict[int, list[bytes]], int]] = []
+        real_fanout = server.fanout
+
+        def spy(relay_frame: bytes, exclude: RemoteClient | None = None, frames: int = 1) -> None:
+            real_fanout(relay_frame, exclude, frames)
+            # Still inside the callback, before the end-of-iteration flush writes the queues.
+            queued = {rid: list(r._out) for rid, r in remotes.items()}
+            fanned.append((relay_frame, queued, len(asyncio.all_tasks())))
+
+        server.fanout = spy  # type: ignore[method-assign]
+        tasks_before = len(asyncio.all_tasks())
+
+        await sender.multicast(POS, (1.0, 2.0))
+        for client in receivers:
+            got = await client.receive(timeout=5)
+            assert got == Message(sender.id, POS, Position(1.0, 2.0), Kind.RELAY)
+        ((relay, queued, tasks_during),) = fanned  # one fan-out for the multicast
+        # The RELAY frame is the MULTICAST frame with a sender id spliced in, built once.
+        multicast = trame_async.encode(POS, (1.0, 2.0))[0]
+        length = int.from_bytes(multicast[:4], "big") + 4
+        assert (
+            relay
+            == (length.to_bytes(4, "big") + bytes([Kind.RELAY]) + sender.id.to_bytes(4, "big"))
+            + multicast[5:]
+        )
+        for client in receivers:
+            (frame,) = queued[client.id]
+            assert frame is relay, "the same object for every recipient: no copy, no re-encode"
+        assert queued[sender.id] == []  # echo is off
+        assert tasks_during == tasks_before, "no task per recipient"
+
+        # A server-originated multicast goes through the same fan-out, to every client.
+        server.multicast(INT, MARKER)
+        relay, queued, tasks_during = fanned[-1]
+        assert len(fanned) == 2
+        assert all(q == [relay] and q[0] is relay for q in queued.values())
+        assert tasks_during == tasks_before
+        await asyncio.gather(*(expect_marker(c) for c in clients))
+        assert all(r._out == [] for r in remotes.values())  # written out, nothing held back
+        assert len(asyncio.all_tasks()) == tasks_before
 
 
 async def test_echo_on_gets_its_own_multicasts_echo_off_does_not() -> None:
