@@ -7,6 +7,7 @@ per malformed-input class, and fuzzing: whatever the bytes, decoding returns or 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import math
@@ -31,6 +32,7 @@ from trame_async import (
     BadFormatError,
     CodecError,
     ErrorCode,
+    FrameTooLargeError,
     InvalidTextError,
     Kind,
     Message,
@@ -52,8 +54,11 @@ from trame_async import (
 )
 from trame_async.wire import (
     DEFAULT_MAX_FRAME_SIZE,
+    MAX_LENGTH,
+    RELAY_OVERHEAD,
     SENDER,
     ErrorFrame,
+    FrameParser,
     Goodbye,
     Hello,
     Welcome,
@@ -205,6 +210,33 @@ def test_str_largest_value_fills_the_default_frame_size() -> None:
     assert decode(message) == (STR, value)
 
 
+@pytest.mark.parametrize(
+    ("trame", "value"),
+    [
+        (BYT, bytes(range(256)) * (MAX_VARIABLE // 256) + b"\xff" * (MAX_VARIABLE % 256)),
+        (STR, "é" * (MAX_VARIABLE // 2) + "a" * (MAX_VARIABLE % 2)),
+    ],
+    ids=["BYT", "STR"],
+)
+def test_largest_variable_value_passes_the_frame_parser(trame: Trame, value: Any) -> None:
+    # What a receiver with the default max_frame_size does: parse the stream, decode the frame.
+    message, fmt = encode(trame, value)
+    assert fmt == f"<{MAX_VARIABLE}s"
+    parser = FrameParser()
+    frames = parser.feed(message)
+    assert len(frames) == 1
+    assert parser.buffered == 0
+    assert REGISTRY.decode_frame(frames[0]) == Message(0, trame, value, Kind.MULTICAST)
+    # One byte more no longer fits: refused from the header alone.
+    bigger = value + (b"\x00" if trame is BYT else "a")
+    with pytest.raises(FrameTooLargeError) as info:
+        FrameParser().feed(encode(trame, bigger)[0][:5])
+    assert (info.value.size, info.value.limit) == (
+        DEFAULT_MAX_FRAME_SIZE + 1,
+        DEFAULT_MAX_FRAME_SIZE,
+    )
+
+
 @FUZZ
 @given(st.binary())
 @example(b"")
@@ -243,6 +275,83 @@ def test_pos_round_trip(x: float, y: float) -> None:
         assert type(decoded) is Position
         assert same_float(decoded.x, x)
         assert same_float(decoded.y, y)
+
+
+# --- round trips of user-registered types ---------------------------------------------------
+
+#: Item types of portable formats, by the sizes they pack (checked below against struct).
+_ITEM_TYPES = "bBhHiIqQefd?csp"
+
+
+@st.composite
+def user_formats(draw: st.DrawFn) -> str:
+    """A portable struct format of 1 to 6 items (with counts and padding), at most 64 bytes."""
+    order = draw(st.sampled_from("<>!"))
+    items = []
+    for char in draw(st.lists(st.sampled_from(_ITEM_TYPES), min_size=1, max_size=6)):
+        if char == "s":
+            count = draw(st.integers(0, 9))  # "0s" is one empty bytes value
+        elif char == "p":
+            count = draw(st.integers(1, 9))  # "0p" is refused
+        else:
+            count = draw(st.integers(1, 3))
+        items.append(f"{count}{char}" if count != 1 or draw(st.booleans()) else char)
+        if draw(st.integers(0, 4)) == 0:
+            items.append(draw(st.sampled_from(["x", "2x"])))
+    return order + "".join(items)
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Compare decoded items: floats by value and sign, NaN equal to NaN; the rest with ==."""
+    if isinstance(a, float) and isinstance(b, float):
+        if math.isnan(a) or math.isnan(b):
+            return math.isnan(a) and math.isnan(b)
+        return a == b and math.copysign(1.0, a) == math.copysign(1.0, b)
+    return type(a) is type(b) and a == b
+
+
+@settings(max_examples=200, deadline=None)
+@given(user_formats(), st.data(), st.sampled_from(["plain", "namedtuple", "dataclass"]))
+def test_user_type_round_trip(fmt: str, data: st.DataObject, shape: str) -> None:
+    size = struct.calcsize(fmt)
+    # Values the format can hold exactly: struct's own reading of random bytes ("e" and "f"
+    # floats are then representable, "p" strings short enough, "?" a bool).
+    raw = data.draw(st.binary(min_size=size, max_size=size), label="raw value")
+    items = struct.unpack(fmt, raw)
+    names = [f"f{i}" for i in range(len(items))]
+    cls: Any = None
+    if shape == "namedtuple":
+        cls = collections.namedtuple("Value", names)  # type: ignore[misc]
+    elif shape == "dataclass":
+        cls = dataclasses.make_dataclass("Value", names)
+    reg = Registry()
+    trame = reg.register("USR", fmt, cls)
+    assert trame.size == size
+    if cls is not None:
+        value: Any = cls(*items)
+    else:
+        value = items[0] if len(items) == 1 else items
+    message = reg.encode(trame, value)
+    packed = struct.pack(fmt, *items)
+    assert message.endswith(packed)  # the value as struct packs it, nothing else
+    got_trame, got = reg.decode(message)
+    assert got_trame is trame
+    if cls is not None:
+        assert type(got) is cls
+        got_items = tuple(getattr(got, name) for name in names)
+    else:
+        got_items = got if len(items) > 1 else (got,)
+    assert len(got_items) == len(items)
+    assert all(same_value(a, b) for a, b in zip(got_items, items, strict=True)), (got, items)
+    # The same value relayed, through the stream parser.
+    relay = reg.encode(trame, value, Kind.RELAY)
+    (frame,) = FrameParser().feed(relay)
+    msg = reg.decode_frame(frame)
+    assert msg.trame is trame
+    assert msg.kind == Kind.RELAY
+    assert reg.encode(trame, msg.value) == message or any(
+        isinstance(item, float) and math.isnan(item) for item in items
+    )
 
 
 @pytest.mark.parametrize(
@@ -367,7 +476,7 @@ def test_register_single_item_decodes_a_scalar() -> None:
 
 @pytest.mark.parametrize(
     ("fmt", "normalised"),
-    [("ff", "<ff"), ("< f f", "<ff"), (">ih", ">ih"), ("!I", "!I"), ("2s", "<2s")],
+    [("ff", "<ff"), ("< f f", "<ff"), (">ih", ">ih"), ("!I", "!I"), ("2s", "<2s"), ("*s", "<*s")],
 )
 def test_register_normalises_the_format(fmt: str, normalised: str) -> None:
     reg = Registry(builtins=False)
@@ -494,6 +603,13 @@ def test_register_non_str_code_refused() -> None:
         ("<q0p", "zero-length Pascal string"),
         ("<é", "must be ASCII"),
         ("<" + "q" * 255, "at most 255 characters"),
+        # A variable-length value is always sent as "<Ns": any other '*' format is refused.
+        (">*s", r"only allowed in '<\*s'"),
+        ("!*s", r"only allowed in '<\*s'"),
+        ("<*sq", r"only allowed in '<\*s'"),
+        ("<q*s", r"only allowed in '<\*s'"),
+        ("<*p", r"only allowed in '<\*s'"),
+        ("<2*s", r"only allowed in '<\*s'"),
     ],
 )
 def test_register_bad_format_refused(fmt: str, message: str) -> None:
@@ -509,8 +625,38 @@ def test_register_non_str_format_refused() -> None:
 
 def test_register_huge_format_does_not_allocate_its_size() -> None:
     # A format's items are counted without unpacking a zero buffer of its size.
-    trame = Registry(builtins=False).register("BIG", "<2000000000s8000000000x q")
-    assert trame.size == 10_000_000_008
+    trame = Registry(builtins=False).register("BIG", "<2000000000s2000000000x q")
+    assert trame.size == 4_000_000_008
+
+
+def largest_fixed_size(fmt_len: int) -> int:
+    """Return the largest value size whose RELAY frame's length still fits the u32 length field."""
+    return MAX_LENGTH - 1 - RELAY_OVERHEAD - (3 + 1 + fmt_len)
+
+
+def test_register_largest_fixed_size_that_fits_a_frame() -> None:
+    size = largest_fixed_size(len("<4294967274s"))
+    assert size == 4_294_967_274
+    trame = Registry(builtins=False).register("BIG", f"<{size}s")
+    assert trame.size == size
+    assert 1 + RELAY_OVERHEAD + len(trame.head) + size == MAX_LENGTH
+
+
+@pytest.mark.parametrize(
+    "fmt",
+    ["<4294967275s", "<5000000000s", "<2000000000s8000000000x q", "<600000000q", "<4294967290x?"],
+)
+def test_register_fixed_size_beyond_any_frame_refused(fmt: str) -> None:
+    # Refused at registration, not with a struct.error at the first encode.
+    class Huge(NamedTuple):
+        data: Any
+
+    reg = Registry(builtins=False)
+    with pytest.raises(RegistrationError, match=r"more than the \d+ a frame can carry") as info:
+        reg.register("BIG", fmt, Huge if fmt.endswith("s") else None)
+    assert "'BIG'" in str(info.value)
+    assert "BIG" not in reg
+    assert not hasattr(Huge, "__trame__")  # a refused type does not mark its class
 
 
 @pytest.mark.parametrize(
@@ -643,6 +789,13 @@ def test_registries_are_independent() -> None:
 
 # --- values that do not fit ----------------------------------------------------------------
 
+#: Types with the items struct packs lossily ("?" by truthiness, "s"/"p" padded or cut).
+OWN = Registry(builtins=False)
+S3 = OWN.register("S3S", "<3s")
+P4 = OWN.register("P4P", "<4p")
+P300 = OWN.register("P3H", "<300p")
+MIX = OWN.register("MIX", "<h?3s2?2p")
+
 
 @pytest.mark.parametrize(
     ("trame", "value"),
@@ -668,6 +821,29 @@ def test_registries_are_independent() -> None:
         (BYT, "text"),
         (BYT, 5),
         (BYT, None),
+        # struct would pack these, but they would not decode back to themselves.
+        (BOL, "false"),
+        (BOL, ""),
+        (BOL, None),
+        (BOL, 2),
+        (BOL, -1),
+        (BOL, 1.0),
+        (BOL, [True]),
+        (S3, b"a"),
+        (S3, b""),
+        (S3, b"abcd"),
+        (S3, b"abcdef"),
+        (S3, bytearray(b"ab")),
+        (S3, "abc"),
+        (P4, b"abcd"),
+        (P4, b"abcdef"),
+        (P300, b"x" * 256),
+        (P300, b"x" * 299),
+        (MIX, (1, True, b"ab", True, False, b"a")),
+        (MIX, (1, True, b"abc", 2, False, b"a")),
+        (MIX, (1, True, b"abc", True, None, b"a")),
+        (MIX, (1, "yes", b"abc", True, False, b"a")),
+        (MIX, (1, True, b"abc", True, False, b"ab")),
     ],
 )
 def test_value_mismatch(trame: Trame, value: Any) -> None:
@@ -682,6 +858,67 @@ def test_value_mismatch(trame: Trame, value: Any) -> None:
     assert isinstance(err, ValueError)
     with pytest.raises(ValueMismatchError):
         trame.pack(value)
+
+
+@pytest.mark.parametrize(
+    ("trame", "value", "detail"),
+    [
+        (BOL, "false", "'?' takes True or False (or the int 0 or 1), not 'false'"),
+        (S3, b"a", "'3s' takes exactly 3 bytes, not 1"),
+        (S3, b"abcdef", "'3s' takes exactly 3 bytes, not 6"),
+        (P4, b"abcd", "'4p' takes at most 3 bytes, not 4"),
+        (P300, b"x" * 256, "'300p' takes at most 255 bytes, not 256"),
+        (MIX, (1, True, b"abc", True, 2, b"a"), "item 4 (from 0): '?' takes True or False"),
+        (MIX, (1, True, b"abc", True, False, b"ab"), "item 5 (from 0): '2p' takes at most 1"),
+    ],
+)
+def test_value_mismatch_says_which_item_and_why(trame: Trame, value: Any, detail: str) -> None:
+    with pytest.raises(ValueMismatchError) as info:
+        encode(trame, value)
+    assert detail in info.value.detail
+    assert detail in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("trame", "value", "decoded"),
+    [
+        (BOL, 1, True),
+        (BOL, 0, False),
+        (S3, b"abc", b"abc"),
+        (S3, bytearray(b"\x00\x01\x02"), b"\x00\x01\x02"),
+        (P4, b"", b""),
+        (P4, b"abc", b"abc"),
+        (P300, b"y" * 255, b"y" * 255),
+        (MIX, (-1, 1, b"abc", 0, True, b""), (-1, True, b"abc", False, True, b"")),
+        (MIX, iter([7, False, b"xyz", True, True, b"q"]), (7, False, b"xyz", True, True, b"q")),
+    ],
+)
+def test_checked_items_accept_values_that_round_trip(
+    trame: Trame, value: Any, decoded: Any
+) -> None:
+    # True/False are the ints 1/0, so the decoded value equals what was given.
+    message, _ = encode(trame, value)
+    assert (REGISTRY if trame is BOL else OWN).decode(message) == (trame, decoded)
+    if not isinstance(value, Iterator):
+        assert decoded == value
+        assert trame.pack(value) == message[9 + message[8] :]
+
+
+@pytest.mark.parametrize("trame", [INT, POS, BOL, STR, BYT, MIX])
+@pytest.mark.parametrize(
+    "kind", [*sorted(set(Kind) - {Kind.MULTICAST, Kind.RELAY, Kind.DATA}), 0x7F]
+)
+def test_encode_refuses_a_kind_that_is_not_data(trame: Trame, kind: int) -> None:
+    value = {INT: 1, POS: (0.0, 0.0), BOL: True, STR: "x", BYT: b"x"}.get(
+        trame, (1, True, b"abc", True, False, b"")
+    )
+    registry = OWN if trame is MIX else REGISTRY
+    with pytest.raises(CodecError, match="is not a data frame kind") as info:
+        registry.encode(trame, value, kind)
+    assert not isinstance(info.value, ValueMismatchError)  # the value is fine, the kind is not
+    assert isinstance(info.value, ValueError)
+    name = Kind(kind).name if kind in set(Kind) else str(kind)
+    assert f"kind {name} " in str(info.value)
 
 
 def test_value_mismatch_for_registered_classes() -> None:
@@ -707,7 +944,25 @@ def test_value_mismatch_message_is_shortened() -> None:
 INT_VALUE = struct.pack("<q", 42)
 GOOD_INT = data_frame(b"INT", b"<q", INT_VALUE)
 
-MALFORMED: list[tuple[str, bytes, type[TrameError], ErrorCode, tuple[str, ...]]] = [
+
+class Malformed(NamedTuple):
+    """One malformed input class: the bytes, the error they raise and what its message says."""
+
+    name: str
+    message: bytes
+    error: type[TrameError]
+    code: ErrorCode
+    mentions: tuple[str, ...]
+    #: Fed as a byte stream to a FrameParser (default max_frame_size) rather than to decode().
+    stream: bool = False
+
+
+def receive_stream(message: bytes | memoryview) -> list[Message]:
+    """Do what a peer does with bytes from its socket: cut them into frames, decode each one."""
+    return [REGISTRY.decode_frame(frame) for frame in FrameParser().feed(message)]
+
+
+_MALFORMED_ROWS: list[tuple[Any, ...]] = [
     ("empty", b"", TruncatedFrameError, ErrorCode.MALFORMED_FRAME, ("needs 5", "only 0")),
     ("3-byte header", b"\x00\x00\x00", TruncatedFrameError, ErrorCode.MALFORMED_FRAME, ("5",)),
     ("no kind byte", b"\x00\x00\x00\x05", TruncatedFrameError, ErrorCode.MALFORMED_FRAME, ("4",)),
@@ -731,6 +986,23 @@ MALFORMED: list[tuple[str, bytes, type[TrameError], ErrorCode, tuple[str, ...]]]
         TruncatedFrameError,
         ErrorCode.MALFORMED_FRAME,
         ("4294967295",),
+    ),
+    (
+        # The header alone: refused before any of the body is sent or buffered.
+        "length beyond the maximum",
+        (DEFAULT_MAX_FRAME_SIZE + 1).to_bytes(4, "big") + b"\x10",
+        FrameTooLargeError,
+        ErrorCode.FRAME_TOO_LARGE,
+        ("1048577 bytes", "maximum frame size of 1048576"),
+        True,
+    ),
+    (
+        "length far beyond the maximum",
+        b"\xff\xff\xff\xff",
+        FrameTooLargeError,
+        ErrorCode.FRAME_TOO_LARGE,
+        ("4294967295 bytes",),
+        True,
     ),
     (
         "body without code",
@@ -773,6 +1045,13 @@ MALFORMED: list[tuple[str, bytes, type[TrameError], ErrorCode, tuple[str, ...]]]
         UnknownTrameError,
         ErrorCode.UNKNOWN_TRAME,
         ("'ZZZ'",),
+    ),
+    (
+        "code that is not printable ASCII",
+        data_frame(b"I\x00T", b"<q", INT_VALUE),
+        BadFormatError,
+        ErrorCode.BAD_FORMAT,
+        ("'I\\x00T'", "3 printable ASCII characters"),
     ),
     (
         "value shorter than its format",
@@ -870,36 +1149,43 @@ MALFORMED: list[tuple[str, bytes, type[TrameError], ErrorCode, tuple[str, ...]]]
         ]
     ],
 ]
+MALFORMED: list[Malformed] = [Malformed(*row) for row in _MALFORMED_ROWS]
 
 
-@pytest.mark.parametrize(
-    ("message", "error", "code", "mentions"),
-    [pytest.param(*row[1:], id=row[0]) for row in MALFORMED],
-)
-def test_decode_malformed(
-    message: bytes, error: type[TrameError], code: ErrorCode, mentions: tuple[str, ...]
-) -> None:
-    with pytest.raises(error) as info:
-        decode(message)
-    assert type(info.value) is error
-    assert info.value.error_code == code
-    for text in mentions:
+@pytest.mark.parametrize("row", [pytest.param(row, id=row.name) for row in MALFORMED])
+def test_decode_malformed(row: Malformed) -> None:
+    receive = receive_stream if row.stream else decode
+    with pytest.raises(row.error) as info:
+        receive(row.message)
+    assert type(info.value) is row.error
+    assert info.value.error_code == row.code
+    for text in row.mentions:
         assert text in str(info.value)
     # A view decodes (and fails) like bytes.
-    with pytest.raises(error):
-        decode(memoryview(message))
+    with pytest.raises(row.error):
+        receive(memoryview(row.message))
 
 
 def test_malformed_table_covers_every_protocol_error_of_decode() -> None:
-    classes = {row[2] for row in MALFORMED}
+    classes = {row.error for row in MALFORMED}
     assert classes == {
         TruncatedFrameError,
+        FrameTooLargeError,
         UnknownKindError,
         UnknownTrameError,
+        BadFormatError,
         ValueSizeMismatchError,
         InvalidTextError,
         TrailingDataError,
         UnexpectedFrameError,
+    }
+    # Every malformed-frame class of the hierarchy has a row.
+    assert {cls for cls in classes if issubclass(cls, ProtocolError)} >= {
+        cls
+        for cls in vars(trame_async.exceptions).values()
+        if isinstance(cls, type)
+        and issubclass(cls, trame_async.exceptions.MalformedFrameError)
+        and cls is not trame_async.exceptions.MalformedFrameError
     }
 
 
@@ -976,7 +1262,7 @@ def test_check_body_accepts_well_formed_frames() -> None:
 
 @pytest.mark.parametrize(
     "message",
-    [row[1] for row in MALFORMED if row[2] in (ValueSizeMismatchError, InvalidTextError)],
+    [row.message for row in MALFORMED if row.error in (ValueSizeMismatchError, InvalidTextError)],
 )
 def test_check_body_refuses_what_decode_refuses(message: bytes) -> None:
     with pytest.raises(ProtocolError):
@@ -986,6 +1272,28 @@ def test_check_body_refuses_what_decode_refuses(message: bytes) -> None:
 def test_decode_frame_empty() -> None:
     with pytest.raises(TruncatedFrameError, match="frame kind"):
         REGISTRY.decode_frame(b"")
+
+
+@pytest.mark.parametrize(
+    "wrap", [bytes, bytearray, lambda b: memoryview(bytearray(b)), lambda b: memoryview(b)]
+)
+def test_decode_frame_and_check_body_take_any_bytes_like(wrap: Any) -> None:
+    # Lookups hash slices of the frame: writable buffers must be copied, not hashed.
+    for message, expected in (
+        (GOOD_INT, Message(0, INT, 42, Kind.MULTICAST)),
+        (encode(STR, "été")[0], Message(0, STR, "été", Kind.MULTICAST)),
+        (data_frame(b"ABC", b"<3s", b"xyz", Kind.RELAY), Message(7, "ABC", b"xyz", Kind.RELAY)),
+    ):
+        frame = wrap(message[4:])
+        assert REGISTRY.decode_frame(frame, strict=False) == expected
+        REGISTRY.check_body(frame, 5 if expected.kind == Kind.RELAY else 1)
+        body = wrap(message[9:] if expected.kind == Kind.RELAY else message[5:])
+        assert REGISTRY.decode_body(body, 0, strict=False) == (expected.trame, expected.value)
+    bad = wrap(data_frame(b"INT", b"<q", INT_VALUE[:7])[4:])
+    with pytest.raises(ValueSizeMismatchError):
+        REGISTRY.decode_frame(bad)
+    with pytest.raises(ValueSizeMismatchError):
+        REGISTRY.check_body(bad, 1)
 
 
 # --- fuzzing: only TrameError ------------------------------------------------------------------
@@ -1054,6 +1362,9 @@ def test_decode_arbitrary_bytes(data: bytes) -> None:
     assert_only_trame_errors(decode, data)
     assert_only_trame_errors(REGISTRY.decode_frame, memoryview(bytes(data)), strict=False)
     assert_only_trame_errors(REGISTRY.decode_frame, data, strict=True)
+    assert_only_trame_errors(REGISTRY.decode_frame, bytearray(data), strict=False)
+    assert_only_trame_errors(REGISTRY.check_body, bytearray(data), 1)
+    assert_only_trame_errors(REGISTRY.decode_body, bytearray(data), 0, strict=False)
 
 
 @FUZZ

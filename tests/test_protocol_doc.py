@@ -222,3 +222,52 @@ def test_parse_examples_rejects_bad_blocks() -> None:
         parse_examples("```frame\nname: PING 1\nhex: 00\n```\n")
     with pytest.raises(AssertionError, match="unknown line"):
         parse_examples("```frame\nnmae: PING 1\n```\n")
+
+
+def _section(heading: str) -> str:
+    start = TEXT.index(heading + "\n")
+    end = TEXT.find("\n#", start + len(heading))
+    return TEXT[start : end if end != -1 else len(TEXT)]
+
+
+def test_builtin_types_table_matches_the_registry() -> None:
+    rows = re.findall(
+        r"^\| `([A-Z]{3})` \| `([^`]+)`\s*\|", _section("### Trame types"), re.MULTILINE
+    )
+    assert dict(rows) == {
+        code: fmt for code, (fmt, _cls) in trame_async.Registry().listing().items()
+    }
+
+
+def test_largest_variable_value_is_the_documented_one() -> None:
+    text = _section("### Trame types")
+    found = re.search(r"fits a 1 MiB MULTICAST is (\d+) bytes", text)
+    assert found is not None
+    size = int(found.group(1))
+    # Through the parser a receiver with the default max_frame_size uses: the frame fills it.
+    (frame,) = wire.FrameParser().feed(trame_async.encode("BYT", bytes(size))[0])
+    assert len(frame) == wire.DEFAULT_MAX_FRAME_SIZE
+    with pytest.raises(trame_async.FrameTooLargeError):
+        wire.FrameParser().feed(trame_async.encode("BYT", bytes(size + 1))[0])
+
+
+@pytest.mark.parametrize(
+    ("fmt", "good", "bad"),
+    [
+        ("<?", [True, False, 0, 1], ["false", None, 2]),  # "? as the byte 0 or 1"
+        ("<3s", [b"abc"], [b"ab", b"abcd"]),  # "s values of exactly count bytes"
+        ("<4p", [b"", b"abc"], [b"abcd"]),  # "p values of at most min(count - 1, 255) bytes"
+        ("<300p", [b"x" * 255], [b"x" * 256]),
+    ],
+)
+def test_sender_value_rules_of_the_formats_section(
+    fmt: str, good: list[Any], bad: list[Any]
+) -> None:
+    assert "A sender MUST write only values that read back as themselves" in _section("### Formats")
+    reg = trame_async.Registry(builtins=False)
+    trame = reg.register("VAL", fmt)
+    for value in good:
+        assert reg.decode(reg.encode(trame, value))[1] == value
+    for value in bad:
+        with pytest.raises(trame_async.ValueMismatchError):
+            reg.encode(trame, value)

@@ -29,12 +29,14 @@ from trame_async import (
     ErrorCode,
     FrameTooLargeError,
     HandshakeError,
+    InvalidStateError,
     InvalidTextError,
     Kind,
     TrailingDataError,
     TrameError,
     TruncatedFrameError,
 )
+from trame_async.exceptions import ParserFailedError
 from trame_async.wire import (
     DEFAULT_MAX_FRAME_SIZE,
     FLAG_ECHO,
@@ -232,6 +234,8 @@ def test_oversize_length_after_a_good_frame_in_the_same_chunk() -> None:
     assert parser.buffered <= 4
     with pytest.raises(FrameTooLargeError):
         parser.feed(b"more")
+    with pytest.raises(ParserFailedError):  # the error is raised once, then the parser is failed
+        parser.feed(b"more")
 
 
 @pytest.mark.parametrize("limit", [1, 5, HANDSHAKE_MAX_FRAME_SIZE, DEFAULT_MAX_FRAME_SIZE])
@@ -289,10 +293,14 @@ def test_parser_refuses_input_after_an_error(bad: bytes) -> None:
     parser = FrameParser()
     with pytest.raises(TrameError):
         parser.feed(bad)
-    with pytest.raises(ValueError, match="failed"):
-        parser.feed(FRAMES[2])
-    with pytest.raises(ValueError, match="failed"):
-        parser.feed(b"")
+    for data in (FRAMES[2], b"", bad):
+        with pytest.raises(ParserFailedError, match="failed earlier") as info:
+            parser.feed(data)
+        # One of the package's errors, of the state category, and a ValueError as it used to be.
+        assert isinstance(info.value, TrameError)
+        assert isinstance(info.value, InvalidStateError)
+        assert isinstance(info.value, ValueError)
+        assert "close the connection" in str(info.value)
 
 
 @FUZZ

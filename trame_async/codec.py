@@ -13,6 +13,9 @@ A variable-length type is registered as ``"<*s"`` and sends ``"<5s"`` for a 5-by
 
 Structs are compiled at registration; encoding a fixed-size value is one ``Struct.pack`` that also
 writes the (constant) frame header, and decoding checks the header with one dictionary lookup.
+Encoding refuses any value that would not decode back to itself: ``struct`` alone would pack
+``"false"`` as True for ``?`` and pad or cut bytes for ``s`` and ``p``. Formats with those items
+get a packer that checks them after packing; every other format keeps the bare ``Struct.pack``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any, Final, NamedTuple, TypeVar, cast
 
 from .exceptions import (
     BadFormatError,
+    CodecError,
     InvalidTextError,
     RegistrationError,
     TrailingDataError,
@@ -38,7 +42,7 @@ from .exceptions import (
     ValueMismatchError,
     ValueSizeMismatchError,
 )
-from .wire import HEADER, LENGTH_SIZE, SENDER, Kind
+from .wire import HEADER, LENGTH_SIZE, MAX_LENGTH, RELAY_OVERHEAD, SENDER, Kind
 
 __all__ = [
     "BOL",
@@ -102,7 +106,21 @@ def _normalize_format(code: str, fmt: object) -> str:
         raise RegistrationError(
             f"format {fmt!r} of trame {code!r} must be ASCII and at most 255 characters"
         )
+    if "*" in norm and norm != "<" + _VARIABLE_BODY:
+        # Variable values always travel as "<Ns": accepting ">*s" would list a format never sent.
+        raise RegistrationError(
+            f"format {fmt!r} of trame {code!r} is not a struct format: '*' is only allowed in "
+            f"'<*s', the whole format of a variable-length type (each value is sent as '<Ns')"
+        )
     return norm
+
+
+def _not_data_kind(kind: object) -> CodecError:
+    shown = _KIND_NAMES.get(kind, repr(kind)) if isinstance(kind, int) else repr(kind)
+    return CodecError(
+        f"kind {shown} is not a data frame kind; data frames are Kind.MULTICAST, Kind.DATA "
+        f"or Kind.RELAY"
+    )
 
 
 class Trame(str):
@@ -133,6 +151,9 @@ class Trame(str):
     _getter: Callable[[Any], Any] | None
     _make: Callable[..., Any] | None
     _star: bool
+    #: Items ``struct`` would pack lossily: (index, "s"/"p", count) or (first index, "?", run).
+    _checks: tuple[tuple[int, str, int], ...]
+    _value_packer: Callable[[Any], bytes] | None
     _frames: dict[int, Callable[[Any], bytes]]
     _owner: Registry
     #: Unpack a fixed-size value at ``offset`` of a buffer (its size already checked).
@@ -152,6 +173,8 @@ class Trame(str):
         self._getter = None
         self._make = None
         self._star = False  # build values as make(*fields) rather than make(fields)
+        self._checks = ()
+        self._value_packer = None
         # Per-kind (frame struct, frame prefix) of fixed-size types, built on first use.
         self._frames = {}
         if self._variable:
@@ -169,7 +192,7 @@ class Trame(str):
                 raise RegistrationError(
                     f"format {fmt!r} of trame {code!r} has a zero-length Pascal string '0p'"
                 )
-            self._items = _count_items(fmt)
+            self._items, self._checks = _scan_items(fmt)
             if self._items == 0:
                 raise RegistrationError(
                     f"format {fmt!r} of trame {code!r} carries no value (only padding); add a field"
@@ -257,6 +280,7 @@ class Trame(str):
         self.cls = value_cls
         self._compile_unpack()
         self._frames = {}  # packers compiled before the class was bound
+        self._value_packer = None
         owner = self.__dict__.get("_owner")
         if owner is not None:
             owner._reset_sizes()  # its decode table holds our unpacker
@@ -284,20 +308,34 @@ class Trame(str):
         raise ValueMismatchError(self.code, self.fmt, value, "expected bytes")
 
     def pack_frame(self, kind: int, value: Any) -> bytes:
-        """Return a whole data frame of ``kind`` (MULTICAST, DATA, or RELAY from the server)."""
+        """Return a whole data frame of ``kind`` (MULTICAST, DATA, or RELAY from the server).
+
+        Raises:
+            ValueMismatchError: the value does not fit the format (or would not decode back to
+                itself).
+            CodecError: ``kind`` is not a data frame kind.
+        """
         if self._variable:
+            if kind not in _DATA_KINDS:
+                raise _not_data_kind(kind)  # as fixed-size types do: never a PING-kind frame
             data = self._variable_bytes(value)
             fmt = b"<%ds" % len(data)
             extra = b"\0\0\0\0" if kind == Kind.RELAY else b""
             n = len(extra) + 4 + len(fmt) + len(data)
+            if n >= MAX_LENGTH:
+                raise ValueMismatchError(
+                    self.code, self.fmt, value, f"{len(data)} bytes cannot fit in one frame"
+                )
             return b"".join(
                 (HEADER.pack(1 + n, kind), extra, self._code, bytes((len(fmt),)), fmt, data)
             )
         packer = self._frames.get(kind)
-        if packer is None:
-            packer = self._frame_packer(kind)
         try:
+            if packer is None:
+                packer = self._frame_packer(kind)
             return packer(value)
+        except CodecError:
+            raise  # a bad kind: not the value's fault
         except (struct.error, TypeError, ValueError, OverflowError, AttributeError) as err:
             raise self._mismatch(value, err) from err
 
@@ -306,7 +344,9 @@ class Trame(str):
         pack = st.pack
         getter = self._getter
         packer: Callable[[Any], bytes]
-        if self._items == 1:
+        if self._checks:
+            packer = self._checked_packer(pack, (prefix,))
+        elif self._items == 1:
             if getter is None:
                 packer = functools.partial(pack, prefix)  # no Python frame per call
             else:
@@ -318,9 +358,62 @@ class Trame(str):
         self._frames[kind] = packer
         return packer
 
+    def _checked_packer(
+        self, pack: Callable[..., bytes], prefix: tuple[bytes, ...]
+    ) -> Callable[[Any], bytes]:
+        """Return a packer that also refuses items ``struct`` would pack lossily.
+
+        The items are checked after a successful pack, which has already checked their count and
+        types, so the check can index them blindly.
+        """
+        getter = self._getter
+        check = self._check_items
+
+        def pack_one(value: Any) -> bytes:
+            item = value if getter is None else getter(value)
+            data = pack(*prefix, item)
+            check((item,))
+            return data
+
+        def pack_many(value: Any) -> bytes:
+            items = tuple(value if getter is None else getter(value))  # may be an iterator
+            data = pack(*prefix, *items)
+            check(items)
+            return data
+
+        return pack_one if self._items == 1 else pack_many
+
+    def _check_items(self, items: tuple[Any, ...]) -> None:
+        """Raise ValueError for an item that would not decode back to itself."""
+        for index, char, count in self._checks:
+            if char == "?":
+                # struct packs any object by truthiness: "false" and None would travel as bools.
+                for at in range(index, index + count):
+                    item = items[at]
+                    if not (isinstance(item, int) and (item == 0 or item == 1)):
+                        where = f"item {at} (from 0): " if self._items > 1 else ""
+                        raise ValueError(
+                            f"{where}'?' takes True or False (or the int 0 or 1), "
+                            f"not {_brief(item)}"
+                        )
+                continue
+            item = items[index]
+            where = f"item {index} (from 0): " if self._items > 1 else ""
+            if char == "s":
+                if len(item) != count:  # struct pads short values with NULs, cuts long ones
+                    raise ValueError(
+                        f"{where}'{count}s' takes exactly {count} bytes, not {len(item)} (struct "
+                        f"would pad or cut it)"
+                    )
+            elif len(item) > min(count - 1, 255):  # "p": one length byte, at most 255
+                raise ValueError(
+                    f"{where}'{count}p' takes at most {min(count - 1, 255)} bytes, "
+                    f"not {len(item)} (struct would cut it)"
+                )
+
     def _frame_struct(self, kind: int) -> tuple[struct.Struct, bytes]:
         if kind not in _DATA_KINDS:
-            raise ValueError(f"kind {kind!r} is not a data frame kind")
+            raise _not_data_kind(kind)
         assert self.size is not None
         extra = b"\0\0\0\0" if kind == Kind.RELAY else b""
         prefix = HEADER.pack(1 + len(extra) + len(self.head) + self.size, kind) + extra + self.head
@@ -335,6 +428,11 @@ class Trame(str):
         st = self._struct
         assert st is not None
         try:
+            if self._checks:
+                packer = self._value_packer
+                if packer is None:
+                    packer = self._value_packer = self._checked_packer(st.pack, ())
+                return packer(value)
             getter = self._getter
             if self._items == 1:
                 return st.pack(value if getter is None else getter(value))
@@ -405,19 +503,33 @@ _FORMAT_ITEM: Final = re.compile(r"(\d*)([A-Za-z?])")
 _ZERO_PASCAL: Final = re.compile(r"(?<!\d)0+p")
 
 
-def _count_items(fmt: str) -> int:
-    """Return how many values ``struct`` packs for the valid format ``fmt``, without unpacking.
+def _scan_items(fmt: str) -> tuple[int, tuple[tuple[int, str, int], ...]]:
+    """Return how many values ``struct`` packs for the valid format ``fmt``, without unpacking,
+    and its checked items: ``(index, "s" or "p", count)``, ``(first index, "?", run length)``.
 
     Counting by unpacking ``bytes(size)`` would let a peer's 20-byte frame declaring
-    ``"<2000000000s"`` make the receiver allocate gigabytes before the value size is checked.
+    ``"<2000000000s"`` make the receiver allocate gigabytes before the value size is checked; for
+    the same reason a run such as ``"1000000000?"`` is one entry, not one per item.
     """
     items = 0
+    checks: list[tuple[int, str, int]] = []
     for count, char in _FORMAT_ITEM.findall(fmt):
+        n = int(count) if count else 1
         if char in "sp":
+            checks.append((items, char, n))
             items += 1  # "5s" is one bytes value
+        elif char == "?":
+            if n:
+                checks.append((items, char, n))
+            items += n
         elif char != "x":
-            items += int(count) if count else 1
-    return items
+            items += n
+    return items, tuple(checks)
+
+
+def _brief(value: object) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= 40 else shown[:37] + "..."
 
 
 def _parse_digits(raw: bytes | memoryview) -> int:
@@ -483,9 +595,14 @@ class Registry:
                 dx: float
                 dy: float
 
+        Values that would not decode back to themselves are refused at encoding: a ``?`` item
+        takes ``True``/``False`` (or the int 0 or 1), an ``Ns`` item bytes of exactly N bytes, an
+        ``Np`` item at most ``min(N - 1, 255)`` bytes.
+
         Raises:
             RegistrationError: the code is not 3 printable ASCII characters, is registered already,
-                or the format cannot be carried (native byte order, no field, not a struct format).
+                or the format cannot be carried (native byte order, no field, not a struct format,
+                ``*`` other than in ``"<*s"``, a value too large for any frame).
         """
         raw = _check_code(code)
         if raw in self._by_code:
@@ -494,7 +611,18 @@ class Registry:
                 f"trame code {code!r} is already registered with format {have.fmt!r}; "
                 f"pick another code"
             )
-        trame = Trame(code, _normalize_format(code, fmt), cls)
+        trame = Trame(code, _normalize_format(code, fmt))
+        if trame.size is not None:
+            # The largest frame of the type is its RELAY; the length field must hold it.
+            room = MAX_LENGTH - 1 - RELAY_OVERHEAD - len(trame.head)
+            if trame.size > room:
+                raise RegistrationError(
+                    f"format {trame.fmt!r} of trame {code!r} packs {trame.size} bytes, more than "
+                    f"the {room} a frame can carry; use a smaller format (frames are also limited "
+                    f"by max_frame_size, 1 MiB by default)"
+                )
+        if cls is not None:
+            trame._bind(cls)  # after the checks: a refused type must not mark the class
         trame.registered = True
         trame._owner = self
         self._add(trame)
@@ -548,13 +676,16 @@ class Registry:
         return self._resolve(trame).pack_frame(kind, value)
 
     def decode_body(
-        self, buf: bytes | memoryview, start: int, *, strict: bool = True
+        self, buf: bytes | bytearray | memoryview, start: int, *, strict: bool = True
     ) -> tuple[Trame, Any]:
         """Decode the data body ``buf[start:]`` (code, format, value).
 
         With ``strict`` an unknown code raises :class:`UnknownTrameError`; otherwise the value is
         unpacked with the frame's own format into a tuple (a scalar for one item).
         """
+        return self._decode_body(_hashable(buf), start, strict)
+
+    def _decode_body(self, buf: bytes | memoryview, start: int, strict: bool) -> tuple[Trame, Any]:
         end = len(buf)
         if end - start < 4:
             raise TruncatedFrameError("data frame code and format length", 4, end - start)
@@ -632,7 +763,7 @@ class Registry:
             self.sizes[code_raw + bytes((len(fmt_raw),)) + bytes(fmt_raw)] = st.size
         return trame, st.size
 
-    def check_body(self, buf: bytes | memoryview, start: int) -> None:
+    def check_body(self, buf: bytes | bytearray | memoryview, start: int) -> None:
         """Check that the data body ``buf[start:]`` is well formed, without keeping its value.
 
         Registered codes are checked against their type (format, size, UTF-8 text); unknown codes
@@ -641,14 +772,23 @@ class Registry:
         end = len(buf)
         if end - start >= 4:
             fmt_end = start + 4 + buf[start + 3]
-            if self.sizes.get(buf[start:fmt_end]) == end - fmt_end:
-                return
-        self.decode_body(buf, start, strict=False)
+            try:
+                if self.sizes.get(buf[start:fmt_end]) == end - fmt_end:
+                    return
+            except (TypeError, ValueError):  # a bytearray's or writable view's slices do not hash
+                return self.check_body(bytes(buf), start)
+        self._decode_body(_hashable(buf), start, False)
 
-    def decode_frame(self, frame: memoryview | bytes, *, strict: bool = True) -> Message:
+    def decode_frame(
+        self, frame: bytes | bytearray | memoryview, *, strict: bool = True
+    ) -> Message:
         """Decode a data frame given from its kind byte (as :class:`~.wire.FrameParser` yields)."""
-        if isinstance(frame, memoryview) and not frame.readonly:
-            frame = bytes(frame)  # lookups hash slices of it: only read-only views hash
+        # Lookups hash slices of the frame: only bytes and read-only views hash.
+        if isinstance(frame, memoryview):
+            if not frame.readonly:
+                frame = bytes(frame)
+        elif type(frame) is not bytes:
+            frame = bytes(frame)  # a bytearray
         if not frame:
             raise TruncatedFrameError("frame kind", 1, 0)
         kind = frame[0]
@@ -656,10 +796,10 @@ class Registry:
             if len(frame) < 5:
                 raise TruncatedFrameError("RELAY sender", 4, len(frame) - 1)
             sender: int = SENDER.unpack_from(frame, 1)[0]
-            trame, value = self.decode_body(frame, 5, strict=strict)
+            trame, value = self._decode_body(frame, 5, strict)
             return Message(sender, trame, value, Kind.RELAY)
         if kind == Kind.MULTICAST or kind == Kind.DATA:
-            trame, value = self.decode_body(frame, 1, strict=strict)
+            trame, value = self._decode_body(frame, 1, strict)
             return Message(0, trame, value, Kind(kind))
         if kind in _KIND_NAMES:
             raise UnexpectedFrameError(_KIND_NAMES[kind], "where a data frame was expected")
@@ -692,6 +832,13 @@ class Registry:
 
 
 _KIND_NAMES: Final = {int(k): k.name for k in Kind}
+
+
+def _hashable(buf: bytes | bytearray | memoryview) -> bytes | memoryview:
+    """Return ``buf`` itself if its slices hash (bytes, read-only views), else a bytes copy."""
+    if type(buf) is bytes or (type(buf) is memoryview and buf.readonly):
+        return buf
+    return bytes(buf)
 
 
 def _fmt_text(fmt_raw: bytes | memoryview) -> str:

@@ -22,6 +22,7 @@
     │   └── AuthenticationError               the server refused our token
     ├── ConnectError (OSError)                could not open the connection
     └── InvalidStateError (RuntimeError)      call not valid in the object's current state
+        └── ParserFailedError (ValueError)    FrameParser fed again after it raised
 
 A peer-caused :class:`ProtocolError` carries the :class:`~trame_async.codes.ErrorCode` that goes into
 the ``ERROR`` frame sent back. :class:`UnknownTrameError` is raised by :func:`trame_async.decode` for an
@@ -46,6 +47,7 @@ __all__ = [
     "InvalidStateError",
     "InvalidTextError",
     "MalformedFrameError",
+    "ParserFailedError",
     "ProtocolError",
     "RegistrationError",
     "TrailingDataError",
@@ -334,3 +336,17 @@ class ConnectError(TrameError, OSError):
 
 class InvalidStateError(TrameError, RuntimeError):
     """A call that is not valid in the object's current state (e.g. sending after close)."""
+
+
+class ParserFailedError(InvalidStateError, ValueError):
+    """:meth:`FrameParser.feed <trame_async.wire.FrameParser.feed>` called after it raised.
+
+    The stream lost its framing at the error, so no later byte can be trusted: close the
+    connection. Also a ``ValueError``, which earlier versions raised here.
+    """
+
+    def __str__(self) -> str:
+        return (
+            "the frame parser failed earlier and refuses further input; close the connection "
+            "and open a new one"
+        )

@@ -28,6 +28,7 @@ from .exceptions import (
     FrameTooLargeError,
     HandshakeError,
     InvalidTextError,
+    ParserFailedError,
     ProtocolError,
     TrailingDataError,
     TruncatedFrameError,
@@ -389,12 +390,13 @@ class FrameParser:
         length: int = _LENGTH.unpack(have)[0]
         return LENGTH_SIZE + length - len(buf)
 
-    def feed(self, data: bytes) -> list[memoryview]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[memoryview]:
         """Consume ``data``; return the frames it completes, in order.
 
         Raises:
             FrameTooLargeError: a length prefix above :attr:`max_frame_size`.
             TruncatedFrameError: a length of 0 (shorter than the header).
+            ParserFailedError: the parser raised before (it refuses any further input).
 
         When frames precede the bad header in the same chunk, they are returned and the error is
         left in :attr:`error` instead.
@@ -403,7 +405,7 @@ class FrameParser:
             if self.error is not None:
                 err, self.error = self.error, None
                 raise err
-            raise ValueError("parser failed earlier; close the connection")
+            raise ParserFailedError
         if type(data) is not bytes:
             data = bytes(data)  # views handed out must point into immutable memory
         frames: list[memoryview] = []
