@@ -496,12 +496,17 @@ class Client:
     def _deliver(self, messages: list[Message], size: int) -> None:
         """Queue the messages of one read of ``size`` bytes; apply the policy if over a bound."""
         queue = self._queue
-        self._settle()
+        chunks = self._chunks
+        if queue:
+            self._settle()
+            self._chunk_bytes += size
+        else:  # the reader keeps up: nothing to settle one by one
+            chunks.clear()
+            self._chunk_bytes = size
         first = self._delivered
         queue.extend(messages)
         self._delivered = end = first + len(messages)
-        self._chunks.append((first, end, size))
-        self._chunk_bytes += size
+        chunks.append((first, end, size))
         # _chunk_bytes only overstates what is queued: the exact check runs only past it.
         if len(queue) > self.max_queue or self._chunk_bytes > self.max_queue_bytes:
             if self._over():
