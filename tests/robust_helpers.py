@@ -343,17 +343,31 @@ def error_code_of(frames: Sequence[tuple[int, bytes]]) -> int | None:
 
 
 class ServerProcess:
-    """tests/robust_server.py in a subprocess; :meth:`stats` asks it for its counters."""
+    """tests/robust_server.py in a subprocess; :meth:`stats` asks it for its counters.
+
+    With ``report_disconnects``, each ``on_disconnect`` of the server lands in :attr:`disconnects`
+    (client id -> ``[(reason name, time.monotonic() in the server)]``); :meth:`wait_disconnects`
+    waits for some ids.
+    """
 
     def __init__(self, proc: asyncio.subprocess.Process, stderr_path: Path) -> None:
         self.proc = proc
         self.stderr_path = stderr_path
         self.port = 0
+        self.disconnects: dict[int, list[tuple[str, float]]] = {}
+        self._waiters: dict[int, asyncio.Future[None]] = {}
+        self._lines: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self._ended = False
+        self._reader = asyncio.create_task(self._read_stdout())
 
     @classmethod
-    async def start(cls, config: dict[str, Any], stderr_path: Path) -> ServerProcess:
+    async def start(
+        cls, config: dict[str, Any], stderr_path: Path, *, report_disconnects: bool = False
+    ) -> ServerProcess:
         """Start a server with these ServerConfig fields, on the running loop's kind of loop."""
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if report_disconnects:
+            config = {**config, "_report_disconnects": True}
         with open(stderr_path, "wb") as err:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -378,17 +392,54 @@ class ServerProcess:
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
 
+    async def _read_stdout(self) -> None:
+        """Route the server's lines: disconnect reports to :attr:`disconnects`, others to _line."""
+        stdout = self.proc.stdout
+        assert stdout is not None
+        for _ in range(100_000_000):
+            raw = await stdout.readline()
+            if not raw:
+                break
+            line: dict[str, Any] = json.loads(raw)
+            if line.get("type") != "disconnect":
+                self._lines.put_nowait(line)
+                continue
+            client_id = int(line["id"])
+            self.disconnects.setdefault(client_id, []).append((line["reason"], line["at"]))
+            waiter = self._waiters.pop(client_id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+        self._lines.put_nowait(None)
+
     async def _line(self, timeout: float) -> dict[str, Any]:
-        assert self.proc.stdout is not None
+        ended = f"server exited (rc={self.proc.returncode})\n{self.stderr()}"
+        assert not self._ended, ended
         try:
-            raw = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+            line = await asyncio.wait_for(self._lines.get(), timeout)
         except TimeoutError:
             raise AssertionError(
                 f"server printed nothing within {timeout:g} s\n{self.stderr()}"
             ) from None
-        assert raw, f"server exited (rc={self.proc.returncode})\n{self.stderr()}"
-        result: dict[str, Any] = json.loads(raw)
-        return result
+        if line is None:
+            self._ended = True
+            raise AssertionError(ended)
+        return line
+
+    async def wait_disconnects(self, ids: Sequence[int], timeout: float = 10.0) -> None:
+        """Wait until the server reported the disconnect of every client in ``ids``."""
+        loop = asyncio.get_running_loop()
+        futures = []
+        for client_id in ids:
+            if client_id not in self.disconnects:
+                future = self._waiters.get(client_id)
+                if future is None:
+                    future = self._waiters[client_id] = loop.create_future()
+                futures.append(future)
+        if futures:
+            _, pending = await asyncio.wait(futures, timeout=timeout)
+            assert not pending, (
+                f"{len(pending)} of {len(ids)} disconnects not reported in {timeout:g} s"
+            )
 
     async def stats(self) -> dict[str, Any]:
         """Ask the server for its counters (SIGUSR1) and return them."""
@@ -427,6 +478,12 @@ class ServerProcess:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
         await asyncio.wait_for(self.proc.wait(), 20.0)
+        # Its stdout ends with it; the reader then stops by itself.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._reader), 5.0)
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
 
 
 # --- pacing a publisher by its slowest subscriber ---------------------------------------------------

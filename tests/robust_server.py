@@ -7,6 +7,9 @@ Usage: ``python tests/robust_server.py CONFIG_JSON [asyncio|uvloop]``
 
 - at start: ``{"type": "listening", "port": N}``;
 - on SIGUSR1: ``{"type": "stats", ...}`` (see :func:`_stats`);
+- with ``"_report_disconnects": true`` in ``CONFIG_JSON``, for every ``on_disconnect``:
+  ``{"type": "disconnect", "id": N, "reason": "NAME", "at": time.monotonic()}`` (the clock is
+  system-wide, so a test can compare it with its own);
 - on SIGTERM: it shuts the server down gracefully, prints ``{"type": "final", ...}`` and exits 0.
 
 The stats count what a test must see to call the server healthy: ``on_disconnect`` reasons,
@@ -23,6 +26,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from typing import Any
 
 import psutil
@@ -97,6 +101,7 @@ def _stats(kind: str, server: trame_async.Server | None, counts: _Counts) -> dic
         "log_samples": counts.log_samples,
         "slow_consumers": server.slow_consumers if server is not None else 0,
         "dropped_frames": server.dropped_frames if server is not None else 0,
+        "peak_queued_bytes": server.peak_queued_bytes if server is not None else 0,
     }
 
 
@@ -122,8 +127,19 @@ async def main(config: dict[str, Any]) -> None:
     printer.setLevel(logging.WARNING)
     root.addHandler(printer)
 
+    report = bool(config.pop("_report_disconnects", False))
+
     def on_disconnect(client: trame_async.RemoteClient, reason: DisconnectReason) -> None:
         counts.reasons[reason.name] += 1
+        if report:
+            _print(
+                {
+                    "type": "disconnect",
+                    "id": client.id,
+                    "reason": reason.name,
+                    "at": time.monotonic(),
+                }
+            )
 
     server = await trame_async.start_server("127.0.0.1", 0, on_disconnect=on_disconnect, **config)
     stop = asyncio.Event()

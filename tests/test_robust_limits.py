@@ -36,6 +36,7 @@ from robust_helpers import (
     error_code_of,
     open_fds,
     push_junk,
+    split_frames,
 )
 
 import trame_async
@@ -187,6 +188,9 @@ N_MALFORMED = 10_000
 N_SUBSCRIBERS = 100
 #: Malformed frames per publisher batch.
 TICK = 50
+#: Server RSS growth allowed across a flood, warm-up done: 10,000 connections that each leaked
+#: 1 KiB would already be twice this.
+FLOOD_RSS_GROWTH_MAX = 5 << 20
 
 
 _BENIGN = frozenset((Kind.RELAY, Kind.PING, Kind.PONG, Kind.DROPPED))
@@ -304,8 +308,10 @@ async def test_flood_of_malformed_frames_while_subscribers_get_everything(tmp_pa
                 what=f"attack connections gone, fds back to {baseline['fds']}",
             )
             assert after["tasks"] == baseline["tasks"], (baseline, after)
-            # RSS is asserted by test_flood_leaves_server_memory_at_baseline (see the bug there).
             rss_growth = after["rss"] - baseline["rss"]
+            assert rss_growth <= FLOOD_RSS_GROWTH_MAX, (
+                f"server RSS grew by {rss_growth / 2**20:.1f} MiB over the flood"
+            )
             opened = warm.opened + tally.opened
             refused = warm.refused_before_hello + tally.refused_before_hello
             assert after["reasons"] == {"PROTOCOL_ERROR": opened}, after["reasons"]
@@ -364,7 +370,9 @@ async def test_flood_leaves_server_memory_at_baseline(tmp_path: Path) -> None:
         )
         rss_growth = after["rss"] - baseline["rss"]
         report("flood memory", rss_growth_kib=rss_growth // 1024)
-        assert rss_growth <= 5 << 20, f"server RSS grew by {rss_growth / 2**20:.1f} MiB"
+        assert rss_growth <= FLOOD_RSS_GROWTH_MAX, (
+            f"server RSS grew by {rss_growth / 2**20:.1f} MiB"
+        )
     finally:
         await server.kill()
 
@@ -709,7 +717,9 @@ async def test_subscriber_that_never_reads_is_cut_and_bounded() -> None:
             # The kernel buffers fill within milliseconds at this rate; then the timeout runs.
             assert SLOW_TIMEOUT - EARLY <= detection <= SLOW_TIMEOUT + 2 * LATE, detection
             frame = len(PADDED_REGISTRY.encode(SEQ_1K, 0)) + 4
-            assert sampler.max <= max_queue + frame, sampler.max
+            # The server's own peak, taken at every write and every budget decision.
+            peak = server.stats()["peak_queued_bytes"]
+            assert sampler.max <= peak <= max_queue + frame, (sampler.max, peak)
             for i, g in enumerate(got):
                 assert_gap_free(g, sent, f"subscriber {i}")
             report(
@@ -717,6 +727,7 @@ async def test_subscriber_that_never_reads_is_cut_and_bounded() -> None:
                 detection_s=detection,
                 congested_before_cut_s=congested_for,
                 max_queued_kib=sampler.max / 1024,
+                peak_queued_kib=peak / 1024,
                 budget_kib=max_queue // 1024,
                 samples=sampler.samples,
                 relayed=sent,
@@ -764,9 +775,8 @@ async def test_drop_oldest_skips_to_the_newest_frames_and_says_how_many() -> Non
         max_queue_bytes=max_queue,
         send_buffer_size=16 << 10,
         write_high_water=16 << 10,
-        slow_consumer_timeout=None,
         heartbeat_interval=None,
-    )
+    )  # and the default slow_consumer_timeout: the stalled reader is cut only if stuck for 5 s
     stalled = await RawConn.connect(server.port, rcvbuf=16 << 10)
     n = 3000
     try:
@@ -829,7 +839,9 @@ async def test_drop_oldest_skips_to_the_newest_frames_and_says_how_many() -> Non
         total_notified = sum(item for what, item in events if what == "dropped")
         assert total_notified == stalled_rc.dropped == sent - (len(events) - notices - 1)
         frame = len(PADDED_REGISTRY.encode(SEQ_200, 0)) + 4
-        assert sampler.max <= max_queue + frame, sampler.max
+        peak = server.stats()["peak_queued_bytes"]
+        assert sampler.max <= peak <= max_queue + frame, (sampler.max, peak)
+        assert server.slow_consumers == 0
         report(
             "drop-oldest",
             published=sent,
@@ -837,6 +849,7 @@ async def test_drop_oldest_skips_to_the_newest_frames_and_says_how_many() -> Non
             dropped=stalled_rc.dropped,
             notices=notices,
             max_queued_kib=sampler.max / 1024,
+            peak_queued_kib=peak / 1024,
         )
     finally:
         stalled.close()
@@ -854,9 +867,8 @@ async def test_keep_latest_delivers_each_senders_latest_value() -> None:
         max_queue_bytes=16 << 10,
         send_buffer_size=8 << 10,
         write_high_water=8 << 10,
-        slow_consumer_timeout=None,
         heartbeat_interval=None,
-    )
+    )  # and the default slow_consumer_timeout
     stalled = await RawConn.connect(server.port, rcvbuf=8 << 10)
     n = 2000  # positions per sender
     try:
@@ -929,14 +941,229 @@ async def test_keep_latest_delivers_each_senders_latest_value() -> None:
             assert xs[-1] == expected[sid][-1], f"sender {sid}: the latest position comes last"
         received = sum(len(xs) for xs in per_sender.values())
         assert notified == stalled_rc.dropped == total - received
+        frame = len(trame_async.encode(POS, (0.0, 0.0))[0]) + 4
+        peak = server.stats()["peak_queued_bytes"]
+        assert peak <= (16 << 10) + frame, peak
+        assert server.slow_consumers == 0
         report(
             "keep-latest",
             published=total,
             delivered_to_stalled=received,
             dropped=notified,
+            peak_queued_kib=peak / 1024,
         )
     finally:
         stalled.close()
+        server.close()
+        await server.wait_closed()
+
+
+#: Three streams (trame codes) of sequence numbers: keep-latest keeps the newest of each.
+STREAMS_REGISTRY = Registry()
+STREAMS = [STREAMS_REGISTRY.register(f"LA{k}", "<q") for k in range(3)]
+
+
+class PacedReader:
+    """A raw client that reads at most ``chunk`` bytes every ``period`` seconds (the sleep paces
+    the reader), until it has seen ``SENTINEL`` on every stream of :data:`STREAMS`.
+
+    ``period`` may be changed while it runs (0: read as fast as it can).
+    """
+
+    def __init__(self, conn: RawConn, chunk: int, period: float) -> None:
+        self.conn = conn
+        self.chunk = chunk
+        self.period = period
+        self.bytes = 0
+        #: ("relay", (code, value)) and ("dropped", count), in arrival order.
+        self.events: list[tuple[str, Any]] = []
+        self.finished: set[str] = set()
+        self.other: list[int] = []
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        conn = self.conn
+        deadline = time.perf_counter() + 120
+        assert not conn.frames, f"unexpected frames with the WELCOME: {conn.frames}"
+        while len(self.finished) < len(STREAMS) and time.perf_counter() < deadline:
+            data = await loop.sock_recv(conn.sock, self.chunk)
+            if not data:
+                return
+            self.bytes += len(data)
+            conn.buf += data
+            for kind, body in split_frames(conn.buf):
+                if kind == Kind.RELAY:
+                    code = body[4:7].decode()
+                    value = int.from_bytes(body[-8:], "little", signed=True)
+                    self.events.append(("relay", (code, value)))
+                    if value == SENTINEL:
+                        self.finished.add(code)
+                elif kind == Kind.DROPPED:
+                    self.events.append(("dropped", int.from_bytes(body, "big")))
+                else:
+                    self.other.append(kind)
+            if self.period:
+                await asyncio.sleep(self.period)
+
+    def values(self) -> dict[str, list[int]]:
+        """Return the values received per stream code, in order."""
+        out: dict[str, list[int]] = {t.code: [] for t in STREAMS}
+        for what, item in self.events:
+            if what == "relay":
+                out[item[0]].append(item[1])
+        return out
+
+    def notified(self) -> int:
+        return sum(item for what, item in self.events if what == "dropped")
+
+
+async def publish_streams(publisher: Client, seconds: float, max_frames: int = 5_000_000) -> int:
+    """Multicast 0, 1, 2, ... round robin over :data:`STREAMS` for ``seconds``, then the sentinel
+    on each stream; return how many values were sent (sentinels not counted)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    seq = 0
+    while seq < max_frames and loop.time() < end:
+        for _ in range(300):
+            await publisher.multicast(STREAMS[seq % 3], seq)
+            seq += 1
+        await asyncio.sleep(0)  # let the server run its writes even if the publisher never waits
+    for trame in STREAMS:
+        await publisher.multicast(trame, SENTINEL)
+    return seq
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["drop-oldest", "keep-latest"])
+async def test_drop_policies_keep_a_lagging_reader_and_cut_only_a_stuck_one(policy: str) -> None:
+    """Under the drop policies a reader that lags is fed, however long it stays congested; only
+    one that takes nothing of its backlog for slow_consumer_timeout is cut."""
+    timeout = 0.5
+    log = DisconnectLog()
+    server = await trame_async.start_server(
+        "127.0.0.1",
+        0,
+        slow_consumer_policy=policy,
+        slow_consumer_timeout=timeout,
+        write_high_water=256 << 10,
+        heartbeat_interval=None,
+        on_disconnect=log,
+    )  # default budget (4 MiB) and socket buffers
+    lagging = await RawConn.connect(server.port, rcvbuf=16 << 10)
+    stuck = await RawConn.connect(server.port, rcvbuf=16 << 10)
+    reader: PacedReader | None = None
+    try:
+        lagging_rc = remote(server, await lagging.handshake())
+        stuck_id = await stuck.handshake()  # and never reads again
+        stuck_rc = remote(server, stuck_id)
+        congested = Sampler(lambda: int(stuck_rc._write_paused), lambda: stuck_rc.is_open)
+        # At most 200 KB/s: one congestion of the lagging reader (from the high-water mark down to
+        # the low one, through the kernel's buffers) lasts several timeouts, while its reads free
+        # its small receive window, and show as progress, several times per timeout.
+        reader = PacedReader(lagging, chunk=2048, period=10 * MS)
+        async with trame_async.connect(
+            "127.0.0.1", server.port, rtt_interval=None, registry=STREAMS_REGISTRY
+        ) as publisher:
+            sent = await publish_streams(publisher, seconds=6 * timeout)
+            await log.wait([stuck_id])
+            await congested.stop()
+            assert lagging_rc.is_open, f"the lagging reader was cut: {log.reports}"
+            assert lagging_rc._write_paused or lagging_rc.queued_bytes, "it was lagging"
+            reader.period = 0  # catch up now
+            await asyncio.wait_for(reader.task, 60)
+        reason, cut_at = log.reports[stuck_id][0]
+        assert reason is DisconnectReason.SLOW_CONSUMER
+        assert congested.first_nonzero is not None
+        stuck_for = cut_at - congested.first_nonzero
+        # From its last progress (here: its first congestion), one to two timeouts.
+        assert timeout - EARLY <= stuck_for <= 2 * timeout + LATE, stuck_for
+        assert lagging_rc.id not in log.reports, log.reports
+        cut = {cid for cid, reports in log.reports.items() if reports[0][0] is reason}
+        assert cut == {stuck_id}, f"only the stuck reader was cut: {log.reports}"
+        assert server.slow_consumers == 1
+        assert not reader.other, reader.other
+        values = reader.values()
+        for code, got in values.items():
+            assert got[-1] == SENTINEL, f"{code}: the newest value comes last"
+            assert got[:-1] == sorted(set(got[:-1])), f"{code}: out of order or repeated"
+        received = sum(len(v) - 1 for v in values.values())
+        assert lagging_rc.dropped > 0, "the lagging reader was over its budget at some point"
+        assert reader.notified() == lagging_rc.dropped == sent - received
+        report(
+            f"lagging under {policy}",
+            published=sent,
+            delivered=received,
+            dropped=lagging_rc.dropped,
+            stuck_cut_after_s=stuck_for,
+        )
+    finally:
+        if reader is not None:
+            reader.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader.task
+        lagging.close()
+        stuck.close()
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.slow
+async def test_keep_latest_feeds_a_slow_reader_the_newest_values_not_the_backlog() -> None:
+    """Default budget (4 MiB), buffers and timeout: a reader slower than the stream, but reading,
+    gets at most what the buffers on the way hold once the stream stops, then the newest values;
+    it is never cut."""
+    log = DisconnectLog()
+    config = trame_async.ServerConfig(slow_consumer_policy="keep-latest", heartbeat_interval=None)
+    server = await trame_async.start_server("127.0.0.1", 0, config=config, on_disconnect=log)
+    rcvbuf = 16 << 10
+    slow = await RawConn.connect(server.port, rcvbuf=rcvbuf)
+    reader: PacedReader | None = None
+    try:
+        slow_rc = remote(server, await slow.handshake())
+        reader = PacedReader(slow, chunk=2048, period=5 * MS)  # at most 400 KB/s
+        async with trame_async.connect(
+            "127.0.0.1", server.port, rtt_interval=None, registry=STREAMS_REGISTRY
+        ) as publisher:
+            sent = await publish_streams(publisher, seconds=3.0)
+            stopped_at, before = time.perf_counter(), reader.bytes
+            await asyncio.wait_for(reader.task, 30)
+            caught_up = time.perf_counter() - stopped_at
+        backlog = reader.bytes - before
+        # What may still be on the way when the stream stops: the kernel buffers (Linux doubles
+        # what is asked), the transport's buffer and one slice of write_high_water, and the
+        # newest frame of each stream.
+        on_the_way = (
+            2 * config.send_buffer_size + 2 * rcvbuf + 2 * config.write_high_water + (4 << 10)
+        )
+        assert backlog <= on_the_way, (
+            f"{backlog} bytes after the stream stopped: an old backlog, not the newest values"
+        )
+        assert on_the_way < config.max_queue_bytes // 4, "the test tells backlog from buffers"
+        assert slow_rc.is_open and slow_rc.id not in log.reports, log.reports
+        assert server.slow_consumers == 0
+        assert not reader.other, reader.other
+        values = reader.values()
+        for code, got in values.items():
+            assert got[-1] == SENTINEL, f"{code}: the newest value comes last"
+            assert got[:-1] == sorted(set(got[:-1])), f"{code}: out of order or repeated"
+        received = sum(len(v) - 1 for v in values.values())
+        assert slow_rc.dropped > 0, "the reader was slower than the stream"
+        assert reader.notified() == slow_rc.dropped == sent - received
+        report(
+            "keep-latest slow reader",
+            published=sent,
+            delivered=received,
+            backlog_at_stop_kib=backlog / 1024,
+            bound_kib=on_the_way / 1024,
+            caught_up_s=caught_up,
+        )
+    finally:
+        if reader is not None:
+            reader.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader.task
+        slow.close()
         server.close()
         await server.wait_closed()
 
@@ -1074,25 +1301,55 @@ class DisconnectLog:
             )
 
 
+#: Server RSS growth allowed across the kill/stop/churn scenario, warm-up done.
+CHURN_RSS_GROWTH_MAX = 5 << 20
+N_WARM_CYCLES = 200
+
+
+async def churn(port: int, n: int, expected: dict[int, DisconnectReason]) -> None:
+    """Connect and close ``n`` clients, ``CYCLE_BATCH`` at a time: half say goodbye, half abort
+    their socket (an RST, no GOODBYE). Note the reason each must be reported with."""
+
+    async def cycle(j: int) -> None:
+        client = await trame_async.connect("127.0.0.1", port, rtt_interval=None)
+        if j % 2 == 0:
+            expected[client.id] = DisconnectReason.GOODBYE
+            await client.close()
+        else:
+            expected[client.id] = DisconnectReason.CONNECTION_LOST
+            transport = client._proto.transport if client._proto else None
+            assert transport is not None
+            transport.abort()
+            await client.wait_closed()
+            await client.close()
+
+    for start in range(0, n, CYCLE_BATCH):
+        await asyncio.gather(*(cycle(start + j) for j in range(min(CYCLE_BATCH, n - start))))
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-async def test_killed_hung_and_churning_clients_are_each_reported_once_on_time() -> None:
+async def test_killed_hung_and_churning_clients_are_each_reported_once_on_time(
+    tmp_path: Path,
+) -> None:
     # The loop's first child process sets up its one-time machinery (uvloop: a signal pipe).
     warm = await spawn(["-c", "pass"])
     await stop_process(warm)
-    base_fds = open_fds()
     base_tasks = asyncio.all_tasks()
-    log = DisconnectLog()
-    server = await trame_async.start_server(
-        "127.0.0.1",
-        0,
-        heartbeat_interval=HB_INTERVAL,
-        heartbeat_timeout=HB_TIMEOUT,
-        on_disconnect=log,
+    server = await ServerProcess.start(
+        {"heartbeat_interval": HB_INTERVAL, "heartbeat_timeout": HB_TIMEOUT},
+        tmp_path / "server.err",
+        report_disconnects=True,
     )
     expected: dict[int, DisconnectReason] = {}
     detection: dict[str, list[float]] = {"SIGKILL": [], "SIGSTOP": []}
     try:
+        # Warm-up (allocator pools, caches), then the server's baseline.
+        await churn(server.port, N_WARM_CYCLES, expected)
+        await server.wait_disconnects(list(expected))
+        baseline = await server.stats_when(lambda s: s["all"] == 0, what="warm-up gone")
+        base_fds = open_fds()
+
         # Client processes, killed or stopped several at a time.
         for _ in range(2 * N_SIGNALLED // PROCESS_BATCH):
             procs = await asyncio.gather(
@@ -1100,56 +1357,41 @@ async def test_killed_hung_and_churning_clients_are_each_reported_once_on_time()
             )
             try:
                 ids = [int(await read_line(p, 30)) for p in procs]
-                early = [cid for cid in ids if cid in log.reports]
+                early = [cid for cid in ids if cid in server.disconnects]
                 assert not early, f"clients {early} were disconnected before any signal"
                 signalled: dict[int, tuple[str, float]] = {}
                 for i, (proc, cid) in enumerate(zip(procs, ids, strict=True)):
                     sig = signal.SIGKILL if i % 2 == 0 else signal.SIGSTOP
-                    signalled[cid] = (sig.name, time.perf_counter())
+                    signalled[cid] = (sig.name, time.monotonic())  # the server's clock too
                     os.kill(proc.pid, sig)
                     expected[cid] = (
                         DisconnectReason.CONNECTION_LOST
                         if sig is signal.SIGKILL
                         else DisconnectReason.HEARTBEAT_TIMEOUT
                     )
-                await log.wait(ids)
+                await server.wait_disconnects(ids)
                 for cid, (name, at) in signalled.items():
-                    reason, when = log.reports[cid][0]
-                    assert reason is expected[cid], f"{name} of client {cid}: {reason}"
+                    reason, when = server.disconnects[cid][0]
+                    assert reason == expected[cid].name, f"{name} of client {cid}: {reason}"
                     detection[name].append(when - at)
             finally:
                 for proc in procs:
                     await stop_process(proc)  # SIGCONT, SIGKILL, reap
 
-        # Connect/close churn: half say goodbye, half abort their socket.
-        for start in range(0, N_CYCLES, CYCLE_BATCH):
+        await churn(server.port, N_CYCLES, expected)
+        await server.wait_disconnects(list(expected))
 
-            async def cycle(j: int) -> None:
-                client = await trame_async.connect("127.0.0.1", server.port, rtt_interval=None)
-                if j % 2 == 0:
-                    expected[client.id] = DisconnectReason.GOODBYE
-                    await client.close()
-                else:
-                    expected[client.id] = DisconnectReason.CONNECTION_LOST
-                    transport = client._proto.transport if client._proto else None
-                    assert transport is not None
-                    transport.abort()  # an RST, no GOODBYE
-                    await client.wait_closed()
-                    await client.close()
-
-            await asyncio.gather(*(cycle(start + j) for j in range(CYCLE_BATCH)))
-        await log.wait(list(expected))
-
-        assert len(expected) == 2 * N_SIGNALLED + N_CYCLES
-        twice = {cid: r for cid, r in log.reports.items() if len(r) != 1}
+        reports = server.disconnects
+        assert len(expected) == N_WARM_CYCLES + 2 * N_SIGNALLED + N_CYCLES
+        twice = {cid: r for cid, r in reports.items() if len(r) != 1}
         assert not twice, f"reported more than once: {dict(list(twice.items())[:5])}"
         wrong = {
-            cid: (log.reports[cid][0][0], want)
+            cid: (reports[cid][0][0], want.name)
             for cid, want in expected.items()
-            if log.reports[cid][0][0] is not want
+            if reports[cid][0][0] != want.name
         }
         assert not wrong, f"{len(wrong)} wrong reasons, e.g. {dict(list(wrong.items())[:5])}"
-        assert set(log.reports) == set(expected)
+        assert set(reports) == set(expected)
         kill_max = max(detection["SIGKILL"])
         stop_min, stop_max = min(detection["SIGSTOP"]), max(detection["SIGSTOP"])
         assert kill_max <= LATE, detection["SIGKILL"]
@@ -1157,25 +1399,42 @@ async def test_killed_hung_and_churning_clients_are_each_reported_once_on_time()
         assert HB_TIMEOUT - HB_INTERVAL / 2 <= stop_min, detection["SIGSTOP"]
         assert stop_max <= HB_INTERVAL + HB_TIMEOUT + 200 * MS, detection["SIGSTOP"]
 
-        # Nothing left behind.
-        await eventually_true(lambda: not server._all, "every connection gone")
-        await eventually_true(
-            lambda: open_fds() == base_fds + 1,
-            "descriptors back to baseline",
-            detail=lambda: f"{open_fds()} open, baseline {base_fds} + 1 listening: {fd_targets()}",
+        # Nothing left behind, in the server process and in this one.
+        after = await server.stats_when(
+            lambda s: s["all"] == 0 and s["fds"] == baseline["fds"],
+            what=f"every connection gone, server descriptors back to {baseline['fds']}",
+        )
+        assert after["tasks"] == baseline["tasks"], (baseline, after)
+        rss_growth = after["rss"] - baseline["rss"]
+        assert rss_growth <= CHURN_RSS_GROWTH_MAX, (
+            f"server RSS grew by {rss_growth / 2**20:.1f} MiB over the churn"
+        )
+        assert after["reasons"] == dict(collections.Counter(r.name for r in expected.values()))
+        assert after["errors"] == 0 and after["exc_handler"] == 0, (
+            after["log_samples"],
+            after["exc_samples"],
         )
         await eventually_true(
-            lambda: asyncio.all_tasks() <= base_tasks, "no task left but the test's own"
+            lambda: open_fds() == base_fds,
+            "this process's descriptors back to baseline",
+            detail=lambda: f"{open_fds()} open, baseline {base_fds}: {fd_targets()}",
+        )
+        await eventually_true(
+            lambda: asyncio.all_tasks() <= base_tasks | {server._reader},
+            "no task left but the test's own",
         )
         report(
             "kill/stop/churn",
             sigkill_detect_ms_max=kill_max * 1000,
             sigstop_detect_ms=f"{stop_min * 1000:.0f}..{stop_max * 1000:.0f}",
-            reports=len(log.reports),
+            reports=len(reports),
+            server_rss_growth_kib=rss_growth // 1024,
+            server_fds=after["fds"],
         )
+        final = await server.stop()
+        assert final["errors"] == 0 and final["exc_handler"] == 0, final
     finally:
-        server.close()
-        await server.wait_closed()
+        await server.kill()
 
 
 async def test_a_client_cannot_make_itself_count_as_a_slow_consumer() -> None:
@@ -1228,6 +1487,7 @@ async def test_burst_over_budget_is_cut_at_once() -> None:
         assert at - start < 1000 * MS, "cut on the budget, not by the 30 s timeout"
         frame = len(SERVER_REGISTRY.encode(SEQ_1K_SERVER, 0)) + 4
         assert most <= max_queue + frame, f"{most} bytes queued, budget {max_queue}"
+        assert most <= server.peak_queued_bytes <= max_queue + frame, server.peak_queued_bytes
         report("budget overflow", frames_before_cut=i, max_queued_kib=most / 1024)
     finally:
         stalled.close()
