@@ -523,8 +523,8 @@ class Server:
         #: Bytes of RELAY frames queued for clients since the start.
         self.bytes_relayed = 0
         #: Most bytes ever queued for one client (pending frames + transport buffer), taken after
-        #: each write and each slow-consumer decision: between those, a queue stays below the limit
-        #: set at the last of them, so this is the true peak of every backlog above that limit.
+        #: each write and whenever a queue passes its limit (before the policy acts): a queue below
+        #: its limit is below the budget, so every excursion past the budget is seen here.
         self.peak_queued_bytes = 0
         #: Connections that ended, by reason, since the start (handshake failures included).
         self.disconnects: collections.Counter[DisconnectReason] = collections.Counter()
@@ -756,15 +756,16 @@ class Server:
         transport = client._transport
         if transport is None:
             return
-        left = self.config.max_queue_bytes - transport.get_write_buffer_size()
+        buffered = transport.get_write_buffer_size()
+        queued = client._out_bytes + buffered
+        if queued > self.peak_queued_bytes:
+            self.peak_queued_bytes = queued
+        left = self.config.max_queue_bytes - buffered
         if client._out_bytes <= left:
             if not client._write_paused:
                 client._flush()  # may pause writing, and through it the publishers
             else:
                 client._limit = left
-                queued = client._out_bytes + self.config.max_queue_bytes - left
-                if queued > self.peak_queued_bytes:
-                    self.peak_queued_bytes = queued
             return
         policy = self.config.slow_consumer_policy
         if policy == "disconnect":
@@ -780,9 +781,6 @@ class Server:
             dropped += more
         client._out_bytes = size
         self._count_drops(client, dropped)
-        queued = size + self.config.max_queue_bytes - left
-        if queued > self.peak_queued_bytes:
-            self.peak_queued_bytes = queued
 
     def _catch_up(self, client: RemoteClient) -> None:
         """A lagging client (drop policies) can take more: hand its transport the next slice.
