@@ -273,9 +273,10 @@ async def test_trame_serve_tls_flags_serve_tls_clients_and_exit_0_on_sigint(
             assert [(m.sender, m.value) for m in await receive_n(alice, 1)] == [(bob.id, 2)]
             got = sorted((m.sender, m.value) for m in await receive_n(bob, 2))
             assert got == sorted([(alice.id, 1), (bob.id, 2)])
-            # A plaintext client on the TLS port is refused, and never becomes a client.
-            with pytest.raises((trame_async.ConnectError, trame_async.ConnectionClosed)):
+            # A plaintext client on the TLS port is refused, told why, and never becomes a client.
+            with pytest.raises(trame_async.ConnectError) as refused:
                 await trame_async.connect(host, port, timeout=5)
+            assert_plaintext_on_tls_port(refused.value, host, port)
 
             # Ctrl+C: the clients are told the server is going away, then it exits 0.
             proc.interrupt()
@@ -296,9 +297,10 @@ async def test_trame_serve_tls_client_ca_refuses_clients_without_a_certificate(
     proc, host, port = start_trame_serve(None, *tls_files.cli_args(client_ca=True))
     try:
         # TLS 1.3 finishes the client's side of the handshake before the server checks its
-        # certificate: the refusal may come as a failed connect or as the connection closing.
-        with pytest.raises((trame_async.ConnectError, trame_async.ConnectionClosed)):
+        # certificate: the refusal comes on the first read, and connect() names it.
+        with pytest.raises(trame_async.ConnectError) as refused:
             await trame_async.connect(host, port, ssl=tls_files.client_context(), timeout=5)
+        assert_client_certificate_asked(refused.value, host, port)
         ctx = tls_files.client_context(with_cert=True)
         async with (
             trame_async.connect(host, port, ssl=ctx, echo=True, timeout=5) as client,
@@ -319,6 +321,23 @@ async def test_trame_serve_tls_client_ca_refuses_clients_without_a_certificate(
     assert_clean_stderr(proc)
 
 
+def assert_plaintext_on_tls_port(err: trame_async.ConnectError, host: str, port: int) -> None:
+    """Assert that ``err`` says the server closed before the handshake and suggests ssl=."""
+    text = str(err)
+    assert f"{host}:{port}" in text, text
+    assert "closed the connection before the handshake" in text, text
+    assert "if the server serves TLS, pass ssl=" in text, text
+    assert isinstance(err.__cause__, trame_async.TrameError | OSError), repr(err.__cause__)
+
+
+def assert_client_certificate_asked(err: trame_async.ConnectError, host: str, port: int) -> None:
+    """Assert that ``err`` names the missing client certificate and how to present one."""
+    text = str(err)
+    assert f"{host}:{port}" in text, text
+    assert "client certificate" in text and "load_cert_chain(" in text, text
+    assert "check that trame-serve runs there" not in text, text
+
+
 async def test_plaintext_and_silent_connections_to_tls_port_are_closed(tls: Tls) -> None:
     handshake = 0.5
     async with trame_async.serve(
@@ -337,9 +356,52 @@ async def test_plaintext_and_silent_connections_to_tls_port_are_closed(tls: Tls)
         assert handshake * 0.9 <= loop.time() - start <= handshake + 0.5
         await close_writer(writer)
         await close_writer(silent_w)
+        # A trame_async client without ssl= is closed the same way, and says what it may mean.
+        with pytest.raises(trame_async.ConnectError) as refused:
+            await trame_async.connect("127.0.0.1", server.port, timeout=5)
+        assert_plaintext_on_tls_port(refused.value, "127.0.0.1", server.port)
         assert server.clients == []
         async with trame_async.connect("127.0.0.1", server.port, ssl=tls.client) as client:
             assert client.id > 0  # and the listener still serves TLS clients
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        # A fatal protocol_version alert, as TLS servers send to a peer that does not speak TLS.
+        pytest.param(b"\x15\x03\x03\x00\x02\x02\x46", "answered with a TLS record", id="tls-alert"),
+        pytest.param(b"HTTP/1.1 400 Bad Request\r\n\r\n", "not a trame_async frame", id="http"),
+    ],
+)
+async def test_plaintext_client_says_when_the_server_answers_in_another_protocol(
+    answer: bytes, expected: str
+) -> None:
+    async def answer_and_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)  # the HELLO has started arriving
+        writer.write(answer)
+        await close_writer(writer)
+
+    listener = await asyncio.start_server(answer_and_close, "127.0.0.1", 0)
+    async with listener:
+        port = listener.sockets[0].getsockname()[1]
+        with pytest.raises(trame_async.ConnectError) as refused:
+            await trame_async.connect("127.0.0.1", port, timeout=5)
+    text = str(refused.value)
+    assert f"127.0.0.1:{port}" in text and expected in text, text
+    assert answer[:5].hex(" ") in text, text  # the bytes seen, to recognise the protocol
+    if answer[0] == 0x15:
+        assert "it serves TLS: pass ssl=" in text, text
+
+
+async def test_tls_client_on_a_plaintext_port_is_told_to_drop_ssl(tls: Tls) -> None:
+    async with trame_async.serve("127.0.0.1", 0) as server:
+        with pytest.raises(trame_async.ConnectError) as refused:
+            await trame_async.connect("127.0.0.1", server.port, ssl=tls.client, timeout=5)
+        text = str(refused.value)
+        assert f"127.0.0.1:{server.port}" in text, text
+        assert "did not answer with TLS" in text and "connect without ssl=" in text, text
+        assert isinstance(refused.value.__cause__, ssl.SSLError)
+        assert server.clients == []
 
 
 @pytest.mark.parametrize("case", ["untrusted-ca", "wrong-name"])
@@ -350,12 +412,14 @@ async def test_bad_server_certificate_fails_clearly(
     if case == "untrusted-ca":
         server_ctx, client_ctx = tls.server, tls.other_client
         problem = "unable to get local issuer certificate"
+        advice = "ssl.create_default_context(cafile=...)"
     else:
         # Signed by the CA the client trusts, but issued for another name.
         server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         tls_files.ca.issue_cert("example.org").configure_cert(server_ctx)
         client_ctx = tls_files.client_context()
         problem = "IP address mismatch"
+        advice = "pass server_hostname="
     async with trame_async.serve("127.0.0.1", 0, ssl=server_ctx) as server:
         with pytest.raises(trame_async.ConnectError) as info:
             await trame_async.connect("127.0.0.1", server.port, ssl=client_ctx, timeout=5)
@@ -363,6 +427,9 @@ async def test_bad_server_certificate_fails_clearly(
         text = str(info.value)
         assert "CERTIFICATE_VERIFY_FAILED" in text and problem in text, text
         assert f"127.0.0.1:{server.port}" in text
+        # The advice is about certificates, not about whether trame-serve runs there.
+        assert advice in text and "check that trame-serve runs there" not in text, text
+        assert info.value.hint in text
         assert isinstance(info.value.__cause__, ssl.SSLCertVerificationError)
         assert server.clients == []
 
@@ -382,8 +449,47 @@ async def test_client_certificate_required(tls: Tls) -> None:
     async with trame_async.serve("127.0.0.1", 0, ssl=server_ctx) as server:
         async with trame_async.connect("127.0.0.1", server.port, ssl=with_cert) as client:
             assert client.id > 0
-        with pytest.raises((trame_async.ConnectError, trame_async.ConnectionClosed)):
+        # TLS 1.3: this side's handshake completes; the asyncio server then drops the
+        # connection without flushing its alert, and connect() says what that usually means.
+        with pytest.raises(trame_async.ConnectError) as refused:
             await trame_async.connect("127.0.0.1", server.port, ssl=without_cert, timeout=5)
+        assert_client_certificate_asked(refused.value, "127.0.0.1", server.port)
+        assert server.clients == []
+
+
+async def test_client_certificate_required_alert_is_named(tls_files: TlsFiles) -> None:
+    """A server that sends its "certificate required" alert: connect() names it exactly."""
+    server_ctx = tls_files.server_context(require_client_cert=True)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(10)
+        port = listener.getsockname()[1]
+
+        def refuse_one() -> str:
+            # A blocking ssl socket writes its alert to the socket before it raises.
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(10)
+                try:
+                    with server_ctx.wrap_socket(conn, server_side=True) as tls_conn:
+                        tls_conn.recv(1)
+                except ssl.SSLError as err:
+                    return str(err.reason)
+                return "accepted"
+
+        refusal = asyncio.ensure_future(asyncio.to_thread(refuse_one))
+        try:
+            with pytest.raises(trame_async.ConnectError) as refused:
+                await trame_async.connect(
+                    "127.0.0.1", port, ssl=tls_files.client_context(), timeout=5
+                )
+        finally:
+            server_side = await asyncio.wait_for(refusal, 15)
+    assert server_side == "PEER_DID_NOT_RETURN_A_CERTIFICATE"
+    assert_client_certificate_asked(refused.value, "127.0.0.1", port)
+    text = str(refused.value)
+    assert "requires a client certificate" in text, text
+    assert "TLSV13_ALERT_CERTIFICATE_REQUIRED" in text, text
+    assert isinstance(refused.value.__cause__, ssl.SSLError)
 
 
 # --- 8. reconnect ----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import inspect
 import logging
 import random
 import socket
+import ssl as _ssl
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, Final, Literal, cast
@@ -51,6 +52,18 @@ DEFAULT_MAX_QUEUE_BYTES: Final = 16 << 20
 
 #: Reasons after which reconnecting would fail the same way again.
 _FATAL: Final = frozenset((DisconnectReason.AUTH_FAILED, DisconnectReason.CLOSED))
+#: Kind bytes a trame_async server can start its answer to a HELLO with.
+_FIRST_KINDS: Final = frozenset((int(Kind.WELCOME), int(Kind.GOODBYE), int(Kind.ERROR)))
+#: Bytes kept of what the server sent before WELCOME: a length prefix and a kind byte.
+_HEAD_SIZE: Final = LENGTH_SIZE + 1
+#: X.509 verify codes of a certificate issued for another name (hostname, email, IP address).
+_NAME_MISMATCH: Final = frozenset((62, 63, 64))
+#: X.509 verify codes of a certificate outside its validity period (not yet valid, expired).
+_OUT_OF_DATE: Final = frozenset((9, 10))
+_PASS_CERT: Final = (
+    "pass ssl= a context with load_cert_chain(certfile, keyfile) holding a certificate "
+    "signed by a CA the server trusts"
+)
 
 
 @dataclass(frozen=True)
@@ -92,6 +105,10 @@ class _ClientProtocol(asyncio.Protocol):
         # Bytes received of a frame the parser has not completed yet: they belong to the next
         # delivery, for the receive queue's byte budget.
         self._unqueued = 0
+        # The first bytes from the server before WELCOME, and what ended the transport: a
+        # refused connect is explained from them (a TLS alert, a TLS record on a plain socket).
+        self.head = b""
+        self.lost_exc: Exception | None = None
 
     # --- asyncio.Protocol -------------------------------------------------------------------------
 
@@ -103,6 +120,8 @@ class _ClientProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         core = self.core
         was_open = core.state is CoreState.OPEN
+        if not was_open and len(self.head) < _HEAD_SIZE:
+            self.head += data[: _HEAD_SIZE - len(self.head)]
         messages = core.receive_data(data, self.loop.time())
         if core.outgoing:
             self._write_outgoing()
@@ -123,6 +142,7 @@ class _ClientProtocol(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost_exc = exc
         core = self.core
         core.connection_lost()
         if self._timer is not None:
@@ -696,17 +716,116 @@ class Client:
             raise ConnectError(
                 self.host, self.port, f"no answer within {timeout:g} s (timed out)"
             ) from err
-        except ConnectionClosed:
-            raise
+        except ConnectionClosed as err:
+            refused = self._refusal(proto, err, tls=ssl is not None)
+            if refused is None:
+                raise
+            raise refused from proto.lost_exc or err
         except OSError as err:
             await _abort(proto)
             if isinstance(err, TrameError):
                 raise
+            if isinstance(err, _ssl.SSLError):
+                detail, hint = _tls_failure(err)
+                raise ConnectError(self.host, self.port, detail, hint=hint) from err
             raise ConnectError(self.host, self.port, err.strerror or str(err)) from err
         with contextlib.suppress(OSError):
             sock = proto.transport.get_extra_info("socket") if proto.transport else None
             if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _refusal(
+        self, proto: _ClientProtocol, err: ConnectionClosed, *, tls: bool
+    ) -> ConnectError | None:
+        """Explain a connection that ended before WELCOME without a word from a trame_async server.
+
+        Returns None when the server did say why (a GOODBYE or an ERROR frame, a bad WELCOME):
+        that ``ConnectionClosed`` is the answer.
+        """
+        if err.reason not in (DisconnectReason.CONNECTION_LOST, DisconnectReason.PROTOCOL_ERROR):
+            return None
+        exc = proto.lost_exc
+        lost = err.reason is DisconnectReason.CONNECTION_LOST
+        # An EOF inside TLS says no more than a TCP one: explained below with it.
+        if lost and isinstance(exc, _ssl.SSLError) and not isinstance(exc, _ssl.SSLEOFError):
+            detail, hint = _tls_failure(exc)
+            return ConnectError(self.host, self.port, detail, hint=hint)
+        head = proto.head
+        if not head:
+            if not lost:
+                return None
+            why = "" if exc is None else f" ({getattr(exc, 'strerror', None) or exc})"
+            if tls:
+                # With TLS 1.3 the server checks the client's certificate after this side's
+                # handshake is over; an asyncio server then closes without sending its alert.
+                return ConnectError(
+                    self.host,
+                    self.port,
+                    f"the server closed the TLS connection before the trame handshake, "
+                    f"without a byte or a TLS alert{why}",
+                    hint="a server that requires a client certificate does this when none or "
+                    f"an untrusted one is sent: {_PASS_CERT}",
+                )
+            return ConnectError(
+                self.host,
+                self.port,
+                f"the server closed the connection before the handshake, without a byte{why}",
+                hint="a TLS port does this to a plaintext client: if the server serves TLS, pass "
+                "ssl= an ssl.SSLContext that trusts its certificate; otherwise check that "
+                "trame-serve runs there and that the address and port are right",
+            )
+        shown = head.hex(" ")
+        if not tls and len(head) >= 2 and 0x14 <= head[0] <= 0x17 and head[1] == 3:
+            return ConnectError(
+                self.host,
+                self.port,
+                f"the server answered with a TLS record (bytes {shown}), not a trame_async frame",
+                hint="it serves TLS: pass ssl= an ssl.SSLContext that trusts its certificate",
+            )
+        if len(head) == _HEAD_SIZE and head[LENGTH_SIZE] not in _FIRST_KINDS:
+            return ConnectError(
+                self.host,
+                self.port,
+                f"the server's first bytes ({shown}) are not a trame_async frame",
+            )
+        return None
+
+
+def _tls_failure(err: _ssl.SSLError) -> tuple[str, str]:
+    """Return what failed in a TLS error and what to do about it: (detail, hint)."""
+    if isinstance(err, _ssl.SSLCertVerificationError):
+        detail = f"the server's certificate failed verification ({err.reason}): "
+        detail += err.verify_message
+        if err.verify_code in _NAME_MISMATCH:
+            hint = (
+                "connect to a name the certificate holds, or pass server_hostname= that name "
+                "(and check that this is the server you meant)"
+            )
+        elif err.verify_code in _OUT_OF_DATE:
+            hint = "renew the server's certificate, or check this machine's clock"
+        else:
+            hint = (
+                "pass ssl= a context that trusts the CA that signed the server's certificate: "
+                "ssl.create_default_context(cafile=...) or load_verify_locations(...)"
+            )
+        return detail, hint
+    reason = err.reason or str(err)
+    if "CERTIFICATE_REQUIRED" in reason:
+        return (
+            f"the server requires a client certificate and refused the TLS connection ({reason})",
+            _PASS_CERT,
+        )
+    if "ALERT" in reason and ("CERTIFICATE" in reason or "UNKNOWN_CA" in reason):
+        return f"the server refused this client's TLS certificate ({reason})", _PASS_CERT
+    if reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG"):
+        return (
+            f"the server did not answer with TLS ({reason})",
+            "if it serves plaintext, connect without ssl=; otherwise check the address and port",
+        )
+    return f"TLS failed: {err}", (
+        "check the ssl= context against the server's TLS settings: protocol versions, ciphers, "
+        "and a client certificate if it requires one (load_cert_chain(certfile, keyfile))"
+    )
 
 
 async def _abort(proto: _ClientProtocol) -> None:
@@ -747,7 +866,10 @@ class connect:
         on_reconnect: Called with the client after each successful reconnect.
 
     Raises:
-        ConnectError: the connection could not be opened (refused, timed out).
+        ConnectError: the connection could not be opened (refused, timed out), TLS failed (the
+            server's certificate, or the server refused this client's), or the server closed it
+            before the handshake without a trame_async answer (as a TLS port does to a plaintext
+            client); ``detail`` and ``hint`` say which and what to do.
         AuthenticationError: the server refused the token.
         ConnectionClosed: the server refused the connection for another reason.
     """

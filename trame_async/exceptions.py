@@ -318,20 +318,26 @@ class AuthenticationError(ConnectionClosed):
     """The server refused the authentication token."""
 
 
-class ConnectError(TrameError, OSError):
-    """The connection could not be opened (refused, timed out, unreachable)."""
+#: What a failed connect advises when nothing more specific is known.
+_CHECK_ADDRESS = "check that trame-serve runs there and that the address and port are right"
 
-    def __init__(self, host: str, port: int, detail: str) -> None:
+
+class ConnectError(TrameError, OSError):
+    """The connection could not be opened (refused, timed out, unreachable, TLS refused).
+
+    :attr:`hint` says what to do; by default, to check the address, which a TLS failure replaces
+    with advice about certificates.
+    """
+
+    def __init__(self, host: str, port: int, detail: str, *, hint: str | None = None) -> None:
         self.host = host
         self.port = port
         self.detail = detail
+        self.hint = hint or _CHECK_ADDRESS
         super().__init__(host, port, detail)
 
     def __str__(self) -> str:
-        return (
-            f"cannot connect to {self.host}:{self.port}: {self.detail}; check that trame-serve "
-            f"runs there and that the address and port are right"
-        )
+        return f"cannot connect to {self.host}:{self.port}: {self.detail}; {self.hint}"
 
 
 class InvalidStateError(TrameError, RuntimeError):
