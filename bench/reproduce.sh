@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every run behind docs/performance.md, in order (about 20 minutes on 2 cores).
+# Every run behind docs/performance.md, in order (about 25 minutes on 2 cores).
 #
 #   bash bench/reproduce.sh OUTDIR
 #
@@ -27,16 +27,16 @@ run() {  # run NAME CMD...: stdout to NAME.txt, stderr (progress) to NAME.log
 
 # Codec: ns per encode/decode against bare struct.
 run codec "$py" bench/codec.py --repeat 7 --json "$out/codec.json"
-# Fan-out, publisher as fast as flow control allows: S = 1, 10, 100, 3 repeats; S = 1000 once.
+# Fan-out, publisher as fast as flow control allows: S = 1, 10, 100 and 1000, 3 repeats each.
 run fanout-flood "$py" bench/fanout.py -S 1 10 100 --repeat 3 --duration 3 \
     --json "$out/fanout-flood.json"
-run fanout-flood-S1000 "$py" bench/fanout.py -S 1000 --repeat 1 --duration 3 \
+run fanout-flood-S1000 "$py" bench/fanout.py -S 1000 --repeat 3 --duration 3 \
     --json "$out/fanout-flood-S1000.json"
 # Latency, paced at 100 frames/s for 5 s (500 frames per cell).
 run fanout-paced "$py" bench/fanout.py -S 1 10 100 --rate 100 --duration 5 --repeat 3 \
     --json "$out/fanout-paced.json"
 # What the robustness limits cost: default limits, default + token, every limit relaxed.
-run fanout-limits "$py" bench/fanout.py -S 1 100 --repeat 5 --duration 4 \
+run fanout-limits "$py" bench/fanout.py -S 1 100 --repeat 3 --duration 4 \
     --relays trame-raw trame-raw-token trame-raw-relaxed trame trame-token trame-relaxed \
     --json "$out/fanout-limits.json"
 # 10,000 idle clients, 1 s heartbeat; then 10 s of py-spy on the server.
