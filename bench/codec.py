@@ -19,6 +19,10 @@ For the built-in INT, POS and STR and a registered composite trame ("<Qdd" Named
 
 Each figure is the best of ``--repeat`` timeit runs of about 0.05 s each, in ns per call.
 
+A last table times the steps any codec written in Python pays per frame (one call of a Python
+function, a slice, a dictionary lookup, building a NamedTuple from a tuple) against the same bare
+``Struct.unpack``: it shows how much of the budget "2x bare struct" one Python-level step takes.
+
     python bench/codec.py [--repeat 7] [--json FILE]
 """
 
@@ -198,6 +202,47 @@ def measure(trame: trame_async.Trame, value: Any, repeat: int) -> list[dict[str,
     return rows
 
 
+def noop(x: Any) -> Any:
+    """A Python function doing nothing: what one Python-level call costs."""
+    return x
+
+
+def primitives(repeat: int) -> list[dict[str, Any]]:
+    """Time the per-frame steps of any pure-Python codec against bare Struct('<q').unpack."""
+    st = struct.Struct("<q")
+    message, _ = trame_async.encode(POS, Position(1.5, -2.25))
+    head = bytes(message[:12])
+    env: dict[str, Any] = {
+        "st": st,
+        "packed": st.pack(7),
+        "noop": noop,
+        "message": message,
+        "table": {head: POS, b"other-key-12": INT},
+        "head": head,
+        "Position": Position,
+        "fields": (1.5, -2.25),
+        "new": tuple.__new__,
+        "mv": memoryview(message),
+    }
+    steps = [
+        ("Struct('<q').unpack(8 bytes) (baseline)", "st.unpack(packed)"),
+        ("call of a Python function that returns its argument", "noop(packed)"),
+        ("bytes slice of 12 bytes: message[:12]", "message[:12]"),
+        ("dict lookup of a 12-byte key", "table.get(head)"),
+        ("NamedTuple from a tuple: tuple.__new__(Position, t)", "new(Position, fields)"),
+        ("NamedTuple from a tuple: Position._make(t)", "Position._make(fields)"),
+        ("NamedTuple from fields: Position(x, y)", "Position(1.5, -2.25)"),
+        ("memoryview slice: mv[12:]", "mv[12:]"),
+    ]
+    rows = []
+    base = None
+    for label, stmt in steps:
+        ns = best_ns(stmt, env, repeat)
+        base = base or ns
+        rows.append({"step": label, "ns": ns, "vs_struct": ns / base})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -218,9 +263,18 @@ def main(argv: list[str] | None = None) -> int:
             [[r["trame"], r["fmt"], r["op"], r["path"], r["ns"], r["vs_struct"]] for r in rows],
         )
     )
+    steps = primitives(args.repeat)
+    print("\n## Steps any Python codec pays per frame, against bare struct (same run)\n")
+    print(
+        _util.table(
+            ["step", "ns", "x struct"], [[r["step"], r["ns"], r["vs_struct"]] for r in steps]
+        )
+    )
     if args.json:
         Path(args.json).write_text(
-            json.dumps({"meta": _util.finish_metadata(meta), "rows": rows}, indent=2)
+            json.dumps(
+                {"meta": _util.finish_metadata(meta), "rows": rows, "primitives": steps}, indent=2
+            )
         )
     return 0
 

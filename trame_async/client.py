@@ -56,6 +56,9 @@ _FATAL: Final = frozenset((DisconnectReason.AUTH_FAILED, DisconnectReason.CLOSED
 _FIRST_KINDS: Final = frozenset((int(Kind.WELCOME), int(Kind.GOODBYE), int(Kind.ERROR)))
 #: Bytes kept of what the server sent before WELCOME: a length prefix and a kind byte.
 _HEAD_SIZE: Final = LENGTH_SIZE + 1
+#: Bytes of MULTICAST/DATA frames held for the end-of-iteration write past which send() writes
+#: at once: a sender that never yields to the loop still meets the transport's flow control.
+_EARLY_WRITE: Final = 64 << 10
 #: X.509 verify codes of a certificate issued for another name (hostname, email, IP address).
 _NAME_MISMATCH: Final = frozenset((62, 63, 64))
 #: X.509 verify codes of a certificate outside its validity period (not yet valid, expired).
@@ -109,6 +112,11 @@ class _ClientProtocol(asyncio.Protocol):
         # refused connect is explained from them (a TLS alert, a TLS record on a plain socket).
         self.head = b""
         self.lost_exc: Exception | None = None
+        # Frames sent during this loop iteration, written together by one call_soon: one
+        # syscall for a burst of multicasts instead of one per frame.
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._flush_handle: asyncio.Handle | None = None
 
     # --- asyncio.Protocol -------------------------------------------------------------------------
 
@@ -143,6 +151,10 @@ class _ClientProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost_exc = exc
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        self._pending = []
         core = self.core
         core.connection_lost()
         if self._timer is not None:
@@ -174,12 +186,30 @@ class _ClientProtocol(asyncio.Protocol):
         core = self.core
         transport = self.transport
         if transport is not None:
+            if self._pending:
+                self._flush()  # a GOODBYE goes after every frame already sent
             for frame in core.outgoing:
                 transport.write(frame)
         core.outgoing.clear()
 
+    def _flush(self) -> None:
+        """Write the frames sent since the last flush in one call."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()  # a write past _EARLY_WRITE: the handle has nothing left
+            self._flush_handle = None
+        pending = self._pending
+        if not pending:
+            return
+        self._pending = []
+        self._pending_bytes = 0
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+
     def _end(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
+            if self._pending:
+                self._flush()
             self.transport.close()
 
     def _arm(self) -> None:
@@ -215,7 +245,12 @@ class _ClientProtocol(asyncio.Protocol):
         core = self.core
         if core.state is not CoreState.OPEN or self.transport is None:
             raise self._client._closed_error(core, None)
-        self.transport.write(frame)
+        self._pending.append(frame)
+        self._pending_bytes += len(frame)
+        if self._pending_bytes >= _EARLY_WRITE:
+            self._flush()  # may pause writing: the caller's drain() then waits
+        elif self._flush_handle is None:
+            self._flush_handle = self.loop.call_soon(self._flush)
 
 
 class Client:
@@ -395,6 +430,12 @@ class Client:
     async def __anext__(self) -> Message:
         """Iterate over messages; stop on a clean close or server shutdown, raise on other ends."""
         queue = self._queue
+        if not queue and self._error is None:
+            # Wait here rather than in receive(): no second coroutine per message at low rates.
+            waiter = self._waiter
+            if waiter is None or waiter.done():
+                waiter = self._waiter = asyncio.get_running_loop().create_future()
+            await waiter
         if queue and not self._read_paused:
             return queue.popleft()  # the common case at high rates, without a second coroutine
         try:

@@ -151,10 +151,12 @@ class Trame(str):
     _getter: Callable[[Any], Any] | None
     _make: Callable[..., Any] | None
     _star: bool
+    _wrap: bool
+    _spread: bool
     #: Items ``struct`` would pack lossily: (index, "s"/"p", count) or (first index, "?", run).
     _checks: tuple[tuple[int, str, int], ...]
     _value_packer: Callable[[Any], bytes] | None
-    _frames: dict[int, Callable[[Any], bytes]]
+    _frames: dict[int, Callable[..., bytes]]
     _owner: Registry
     #: Unpack a fixed-size value at ``offset`` of a buffer (its size already checked).
     unpack_from: Callable[..., Any]
@@ -173,6 +175,8 @@ class Trame(str):
         self._getter = None
         self._make = None
         self._star = False  # build values as make(*fields) rather than make(fields)
+        self._wrap = False  # make(the struct's tuple) builds the value, whatever the item count
+        self._spread = False  # frame packers take the value's items: packer(*value)
         self._checks = ()
         self._value_packer = None
         # Per-kind (frame struct, frame prefix) of fixed-size types, built on first use.
@@ -264,10 +268,11 @@ class Trame(str):
             self._star = True
         elif issubclass(value_cls, tuple) and hasattr(value_cls, "_fields"):
             fields = tuple(value_cls._fields)
-            if self._items > 1:
-                self._make = value_cls._make  # type: ignore[attr-defined]
-            else:
-                self._make = value_cls
+            # What NamedTuple._make does, minus its Python frame and length check (the struct's
+            # tuple always has one item per field: checked below).
+            self._make = functools.partial(tuple.__new__, value_cls)
+            self._wrap = True
+            if self._items == 1:
                 self._getter = operator.itemgetter(0)
         else:
             self._make = value_cls
@@ -333,28 +338,32 @@ class Trame(str):
         try:
             if packer is None:
                 packer = self._frame_packer(kind)
+            if self._spread:
+                return packer(*value)
             return packer(value)
         except CodecError:
             raise  # a bad kind: not the value's fault
         except (struct.error, TypeError, ValueError, OverflowError, AttributeError) as err:
             raise self._mismatch(value, err) from err
 
-    def _frame_packer(self, kind: int) -> Callable[[Any], bytes]:
+    def _frame_packer(self, kind: int) -> Callable[..., bytes]:
+        """Compile the packer of whole ``kind`` frames; pack_frame spreads items if ``_spread``."""
         st, prefix = self._frame_struct(kind)
         pack = st.pack
         getter = self._getter
-        packer: Callable[[Any], bytes]
+        packer: Callable[..., bytes]
+        self._spread = False
         if self._checks:
             packer = self._checked_packer(pack, (prefix,))
+        elif getter is None:
+            # No Python frame per call: pack_frame calls packer(value), or packer(*value) for
+            # several items, and struct checks the count.
+            packer = functools.partial(pack, prefix)
+            self._spread = self._items > 1
         elif self._items == 1:
-            if getter is None:
-                packer = functools.partial(pack, prefix)  # no Python frame per call
-            else:
-                packer = lambda value: pack(prefix, getter(value))  # noqa: E731
-        elif getter is not None:
-            packer = lambda value: pack(prefix, *getter(value))  # noqa: E731
+            packer = lambda value: pack(prefix, getter(value))  # noqa: E731
         else:
-            packer = lambda value: pack(prefix, *value)  # noqa: E731
+            packer = lambda value: pack(prefix, *getter(value))  # noqa: E731
         self._frames[kind] = packer
         return packer
 
@@ -454,7 +463,10 @@ class Trame(str):
             return
         raw = st.unpack_from
         make = self._make
-        if self._items == 1:
+        if self._wrap:
+            assert make is not None
+            self.unpack_from = lambda buf, offset=0: make(raw(buf, offset))
+        elif self._items == 1:
             if make is None:
                 self.unpack_from = lambda buf, offset=0: raw(buf, offset)[0]
             else:
@@ -673,7 +685,8 @@ class Registry:
 
     def encode(self, trame: TrameLike, value: Any, kind: int = Kind.MULTICAST) -> bytes:
         """Return a whole data frame (MULTICAST by default) carrying ``value``."""
-        return self._resolve(trame).pack_frame(kind, value)
+        t = trame if type(trame) is Trame and trame.registered else self._resolve(trame)
+        return t.pack_frame(kind, value)
 
     def decode_body(
         self, buf: bytes | bytearray | memoryview, start: int, *, strict: bool = True
