@@ -17,12 +17,12 @@ except ImportError:  # pragma: no cover - uvloop is in the test extra
 MS = 0.001 * float(os.environ.get("TRAME_TESTS_TIMEOUT_FACTOR", "1"))
 
 # Modules whose async tests run on the stock loop and on uvloop: every module that runs a server
-# or a client in the test's own loop. Names are prefixes ("test_robust" covers test_robust_*).
+# or a client in the test's own loop. Names are prefixes: "test_server" also covers
+# test_server_stats, "test_robust" every test_robust_*.
 # Modules that run them in a subprocess (test_cli, test_examples) or a thread (test_fuzz_server)
 # pick their loops themselves.
 _BOTH_LOOPS = (
     "test_server",
-    "test_server_stats",
     "test_client",
     "test_heartbeat",
     "test_multicast",

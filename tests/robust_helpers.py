@@ -355,6 +355,8 @@ class ServerProcess:
         self.stderr_path = stderr_path
         self.port = 0
         self.disconnects: dict[int, list[tuple[str, float]]] = {}
+        #: stdout lines that are not JSON objects (a stray print): shown when a wait fails.
+        self.junk: list[str] = []
         self._waiters: dict[int, asyncio.Future[None]] = {}
         self._lines: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         self._ended = False
@@ -393,36 +395,53 @@ class ServerProcess:
         return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
 
     async def _read_stdout(self) -> None:
-        """Route the server's lines: disconnect reports to :attr:`disconnects`, others to _line."""
+        """Route the server's lines: disconnect reports to :attr:`disconnects`, others to _line.
+
+        Runs until stdout ends (the process exits; :meth:`kill` cancels it otherwise). However it
+        ends, None goes on the queue, so a waiting :meth:`_line` fails at once, not at its timeout.
+        """
         stdout = self.proc.stdout
         assert stdout is not None
-        for _ in range(100_000_000):
-            raw = await stdout.readline()
-            if not raw:
-                break
-            line: dict[str, Any] = json.loads(raw)
-            if line.get("type") != "disconnect":
-                self._lines.put_nowait(line)
-                continue
-            client_id = int(line["id"])
-            self.disconnects.setdefault(client_id, []).append((line["reason"], line["at"]))
-            waiter = self._waiters.pop(client_id, None)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
-        self._lines.put_nowait(None)
+        try:
+            while raw := await stdout.readline():
+                try:
+                    line = json.loads(raw)
+                except ValueError:
+                    line = None
+                if not isinstance(line, dict):
+                    self.junk.append(raw.decode(errors="replace").rstrip("\n"))
+                    continue
+                if line.get("type") != "disconnect":
+                    self._lines.put_nowait(line)
+                    continue
+                client_id = int(line["id"])
+                self.disconnects.setdefault(client_id, []).append((line["reason"], line["at"]))
+                waiter = self._waiters.pop(client_id, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
+        finally:
+            self._lines.put_nowait(None)
+
+    def _explain(self) -> str:
+        junk = "".join(f"\nnot JSON on stdout: {line!r}" for line in self.junk[-5:])
+        return f"{junk}\n{self.stderr()}"
 
     async def _line(self, timeout: float) -> dict[str, Any]:
-        ended = f"server exited (rc={self.proc.returncode})\n{self.stderr()}"
-        assert not self._ended, ended
+        assert not self._ended, f"server output ended (rc={self.proc.returncode}){self._explain()}"
         try:
             line = await asyncio.wait_for(self._lines.get(), timeout)
         except TimeoutError:
             raise AssertionError(
-                f"server printed nothing within {timeout:g} s\n{self.stderr()}"
+                f"server printed nothing within {timeout:g} s{self._explain()}"
             ) from None
         if line is None:
             self._ended = True
-            raise AssertionError(ended)
+            reader = self._reader
+            failed = reader.done() and not reader.cancelled() and reader.exception()
+            why = f"; reading its output failed: {failed!r}" if failed else ""
+            raise AssertionError(
+                f"server output ended (rc={self.proc.returncode}){why}{self._explain()}"
+            )
         return line
 
     async def wait_disconnects(self, ids: Sequence[int], timeout: float = 10.0) -> None:
@@ -469,7 +488,9 @@ class ServerProcess:
         final = await self._line(20.0)
         assert final["type"] == "final", final
         rc = await asyncio.wait_for(self.proc.wait(), 20.0)
-        assert rc == 0, f"server exited with {rc}\n{self.stderr()}"
+        assert rc == 0, f"server exited with {rc}{self._explain()}"
+        # Its stdout has ended: the reader stops by itself, and a failure of its shows here.
+        await asyncio.wait_for(self._reader, 20.0)
         return final
 
     async def kill(self) -> None:
@@ -478,12 +499,15 @@ class ServerProcess:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
         await asyncio.wait_for(self.proc.wait(), 20.0)
-        # Its stdout ends with it; the reader then stops by itself.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._reader), 5.0)
-        self._reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader
+        # Its stdout ends with it; the reader then stops by itself. This runs in finally blocks:
+        # a failure of the reader must not mask the test's own (stop() and _line report it).
+        reader = self._reader
+        await asyncio.wait([reader], timeout=5.0)
+        if not reader.done():
+            reader.cancel()
+            await asyncio.wait([reader], timeout=5.0)
+        if reader.done() and not reader.cancelled():
+            reader.exception()  # retrieved: no "never retrieved" warning
 
 
 # --- pacing a publisher by its slowest subscriber ---------------------------------------------------

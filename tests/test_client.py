@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import logging
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,14 +25,24 @@ from trame_async import (
     INT,
     POS,
     Client,
+    ConnectError,
     ConnectionClosed,
     DisconnectReason,
+    ErrorCode,
     Kind,
     Message,
     Registry,
 )
-from trame_async.protocol import ClientCore, CoreState
-from trame_async.wire import PROTOCOL_VERSION, FrameParser, Welcome, ping, pong
+from trame_async.protocol import ClientCore, CoreState, ServerCore, ServerLimits
+from trame_async.wire import (
+    PROTOCOL_VERSION,
+    ErrorFrame,
+    FrameParser,
+    Hello,
+    Welcome,
+    ping,
+    pong,
+)
 
 MARKER = -1
 #: Same-size BYT values, so that the wire size of each frame is known: the first 4 bytes number it.
@@ -187,7 +200,7 @@ async def test_drop_oldest_keeps_the_byte_budget() -> None:
         await pub.multicast(BYT, payload(MARKER_SEQ))
         # Frames of one size: the budget holds exactly `kept` of them (the count bound is far).
         await eventually(lambda: slow.dropped == n + 1 - kept, what=f"dropped {slow.dropped}")
-        assert slow.queued == kept and slow.queued_bytes == kept * RELAY_BYT_SIZE
+        assert slow.queued == kept and 0 < slow.queued_bytes <= budget
         got = [seq_of(m) for m in await receive_n(slow, kept)]
         assert got == [*range(n + 1 - kept, n), MARKER_SEQ]
         assert kept * RELAY_BYT_SIZE <= budget < (kept + 1) * RELAY_BYT_SIZE
@@ -356,6 +369,160 @@ async def test_connect_refuses_a_byte_budget_below_one_frame() -> None:
             queue_policy="disconnect",
             max_queue_bytes=0,
         )
+    # Client checks the budget against the frame size itself: connect() has no check of its own.
+    with pytest.raises(ValueError, match=r"max_queue_bytes \(1000\) must be at least max_frame"):
+        Client(
+            "127.0.0.1",
+            1,
+            registry=trame_async.REGISTRY,
+            max_queue=1,
+            queue_policy="disconnect",
+            max_queue_bytes=1000,
+            max_frame_size=4096,
+        )
+
+
+# --- a failed first connect ---------------------------------------------------------------------
+
+
+def trame_tasks() -> list[asyncio.Task[Any]]:
+    """Return the running tasks whose coroutine is trame_async's own (a reconnect loop, a hook)."""
+    package = Path(trame_async.__file__).parent
+    return [
+        task
+        for task in asyncio.all_tasks()
+        if (code := getattr(task.get_coro(), "cr_code", None)) is not None
+        and Path(code.co_filename).parent == package
+    ]
+
+
+@pytest.mark.parametrize("server", ["closes at once", "says nothing"])
+async def test_a_failed_first_connect_leaves_no_reconnect_task(server: str) -> None:
+    """reconnect= is for a connection that was made: a first connect that fails only raises."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if server == "closes at once":
+            writer.close()
+        else:
+            writers.append(writer)  # holds the connection open, silent, until the test ends
+
+    listener = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        port = listener.sockets[0].getsockname()[1]
+        # "says nothing": the connect times out while waiting for WELCOME (TCP is long done).
+        opening = trame_async.connect("127.0.0.1", port, reconnect=True, timeout=300 * MS)
+        with pytest.raises(ConnectError):
+            await opening
+        client = opening._client
+        assert trame_tasks() == []
+        assert client._reconnect_task is None and client._down is None
+        assert client.closed and not client.connected
+        await client.close()  # idempotent, and nothing to wait for
+    finally:
+        for writer in writers:
+            writer.close()
+        listener.close()
+        await listener.wait_closed()
+
+
+# --- a value that the client's class refuses ---------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Reading:
+    """A value type with a rule of its own: a reading is never negative."""
+
+    value: int
+
+    def __post_init__(self) -> None:
+        if self.value < 0:
+            raise ValueError(f"negative reading {self.value}")
+
+
+def reading_registries() -> tuple[Registry, Registry]:
+    """Return (the server's registry: RDG as a plain <q, a client's: RDG bound to Reading)."""
+    plain, strict = Registry(), Registry()
+    plain.register("RDG", "<q")
+    strict.register("RDG", "<q", Reading)
+    return plain, strict
+
+
+@pytest.mark.parametrize("kind", [Kind.RELAY, Kind.DATA], ids=["relay", "data"])
+async def test_a_value_the_clients_class_refuses_fails_the_connection_cleanly(
+    kind: Kind, caplog: pytest.LogCaptureFixture
+) -> None:
+    plain, strict = reading_registries()
+    lost: list[DisconnectReason] = []
+    loop_errors: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: loop_errors.append(context))
+    caplog.set_level(logging.INFO, logger="trame_async")
+    try:
+        async with (
+            trame_async.serve(
+                "127.0.0.1", 0, registry=plain, on_disconnect=lambda c, r: lost.append(r)
+            ) as server,
+            trame_async.connect("127.0.0.1", server.port, registry=strict) as client,
+        ):
+            (remote,) = server.clients
+            # One loop iteration: the server writes the four frames together.
+            for value in (1, 2, -1, 3):
+                if kind is Kind.RELAY:
+                    server.multicast("RDG", value)
+                else:
+                    remote.send("RDG", value)
+            got = [(await client.receive(timeout=5)).value for _ in range(2)]
+            assert got == [Reading(1), Reading(2)]
+            with pytest.raises(ConnectionClosed) as info:
+                await client.receive(timeout=5)
+            assert info.value.reason is DisconnectReason.PROTOCOL_ERROR
+            assert info.value.peer_error_code is ErrorCode.BAD_VALUE
+            assert "refused by Reading" in str(info.value)
+            assert client.close_reason is DisconnectReason.PROTOCOL_ERROR
+            # The server got the client's ERROR, not a reset.
+            await eventually(lambda: lost, what="the server saw the client go")
+            assert lost == [DisconnectReason.ERROR_RECEIVED]
+    finally:
+        loop.set_exception_handler(None)
+    assert loop_errors == [], "the exception escaped to the event loop"
+    assert [r for r in caplog.records if r.exc_info is not None] == []
+
+
+def test_client_core_delivers_the_messages_before_a_refused_value() -> None:
+    plain, strict = reading_registries()
+    relays = [plain.encode("RDG", v, Kind.RELAY) for v in (1, 2, -1, 3)]
+    datas = [plain.encode("RDG", v, Kind.DATA) for v in (1, 2, -1, 3)]
+    partial = relays[0][:3]  # the start of a frame: the parser takes the chunk, not the scan
+    for chunks in (
+        [b"".join(relays)],
+        [b"".join(datas)],
+        [partial, relays[0][3:] + b"".join(relays[1:])],
+    ):
+        core = ClientCore(0.0, registry=strict)
+        core.receive_data(Welcome(PROTOCOL_VERSION, 0, 3, None, None, 1 << 20).encode(), 0.0)
+        take(core)
+        out: list[Message] = []
+        for chunk in chunks:
+            out += core.receive_data(chunk, 1.0)
+        assert [m.value for m in out] == [Reading(1), Reading(2)]
+        assert core.closed and core.close_reason is DisconnectReason.PROTOCOL_ERROR
+        ((kind, body),) = take(core)
+        assert kind == Kind.ERROR and ErrorFrame.parse(body).error_code is ErrorCode.BAD_VALUE
+        assert core.receive_data(relays[3], 2.0) == []  # closed: nothing more
+
+
+def test_server_core_relays_a_value_its_class_would_refuse() -> None:
+    # The server checks bodies without building values: a well-formed value goes through (the
+    # receivers' classes judge it), and a server with refusing classes still cannot crash there.
+    plain, strict = reading_registries()
+    core = ServerCore(7, ServerLimits(), 0.0, registry=strict)
+    core.receive_data(Hello(PROTOCOL_VERSION, 0, b"").encode(), 0.0)
+    assert core.state is CoreState.OPEN
+    frames = [plain.encode("RDG", -1), plain.encode("RDG", -2, Kind.DATA)]
+    out = core.receive_data(b"".join(frames), 1.0)
+    assert [bytes(f) for f in out] == [f[4:] for f in frames]
+    assert not core.closed
 
 
 # --- the sans-I/O core with a fake clock ---------------------------------------------------------

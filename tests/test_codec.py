@@ -1296,6 +1296,103 @@ def test_decode_frame_and_check_body_take_any_bytes_like(wrap: Any) -> None:
         REGISTRY.check_body(bad, 1)
 
 
+# --- values that the receiver's class refuses ---------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Reading:
+    """A dataclass with a rule of its own: a reading is never negative."""
+
+    value: int
+
+    def __post_init__(self) -> None:
+        if self.value < 0:
+            raise ValueError(f"negative reading {self.value}")
+
+
+class Span:
+    """A plain class whose constructor refuses an empty span (several items: spread)."""
+
+    def __init__(self, start: int, end: int) -> None:
+        if end <= start:
+            raise ValueError(f"empty span {start}..{end}")
+        self.start, self.end = start, end
+
+
+class Flag:
+    """A plain class of one item whose constructor raises something other than ValueError."""
+
+    def __init__(self, on: bool) -> None:
+        if not on:
+            raise KeyError("off")
+        self.on = on
+
+
+def refusing_registry() -> tuple[Registry, Registry]:
+    """Return (a sender's registry with plain formats, a receiver's binding refusing classes)."""
+    sender, receiver = Registry(), Registry()
+    for code, fmt, cls in (("RDG", "<q", Reading), ("SPN", "<ii", Span), ("FLG", "<?", Flag)):
+        sender.register(code, fmt)
+        receiver.register(code, fmt, cls)
+    return sender, receiver
+
+
+@pytest.mark.parametrize(
+    ("code", "good", "bad", "cls", "why"),
+    [
+        ("RDG", 5, -1, Reading, "ValueError: negative reading -1"),
+        ("SPN", (1, 2), (2, 2), Span, "ValueError: empty span 2..2"),
+        ("FLG", True, False, Flag, "KeyError: 'off'"),
+    ],
+)
+def test_a_value_the_class_refuses_is_a_protocol_error(
+    code: str, good: Any, bad: Any, cls: type[Any], why: str
+) -> None:
+    sender, receiver = refusing_registry()
+    assert isinstance(receiver.decode(sender.encode(code, good))[1], cls)
+    for kind in (Kind.MULTICAST, Kind.DATA, Kind.RELAY):
+        message = sender.encode(code, bad, kind)
+        calls: list[tuple[Any, ...]] = [
+            (receiver.decode_frame, message[4:]),
+            (receiver.decode_body, message[9 if kind == Kind.RELAY else 5 :], 0),
+        ]
+        if kind != Kind.RELAY:
+            calls.append((receiver.decode, message))  # the whole-frame fast path
+        for call, *args in calls:
+            with pytest.raises(trame_async.BadValueError) as info:
+                call(*args)
+            err = info.value
+            assert isinstance(err, ProtocolError) and not isinstance(err, CodecError)
+            assert err.error_code is ErrorCode.BAD_VALUE
+            assert (err.code, err.cls_name, err.detail) == (code, cls.__name__, why)
+            assert isinstance(err.__cause__, ValueError | KeyError)
+            assert f"value of trame {code!r} refused by {cls.__name__}" in str(err)
+
+
+def test_check_body_never_builds_a_value() -> None:
+    # The server's relay check: a value the server's class would refuse is relayed all the same
+    # (it is well formed), and the check costs no constructor call.
+    built: list[int] = []
+
+    @dataclasses.dataclass
+    class Watched:
+        n: int
+
+        def __post_init__(self) -> None:
+            built.append(self.n)
+            raise ValueError("refused")
+
+    sender, receiver = refusing_registry()
+    receiver.register("WCH", "<q", Watched)
+    sender.register("WCH", "<q")
+    for kind in (Kind.MULTICAST, Kind.DATA):
+        for code, value in (("RDG", -1), ("SPN", (2, 2)), ("FLG", False), ("WCH", 1)):
+            message = sender.encode(code, value, kind)
+            receiver.check_body(message[4:], 1)
+            receiver.check_body(bytearray(message[4:]), 1)
+    assert built == []
+
+
 # --- fuzzing: only TrameError ------------------------------------------------------------------
 
 

@@ -38,6 +38,7 @@ from .codes import DisconnectReason, ErrorCode
 from .exceptions import (
     AuthenticationError,
     BadFormatError,
+    BadValueError,
     CodecError,
     ConnectError,
     ConnectionClosed,
@@ -61,13 +62,14 @@ from .exceptions import (
 from .wire import DEFAULT_MAX_FRAME_SIZE, PROTOCOL_VERSION, FrameParser, Kind
 
 if TYPE_CHECKING:
-    from .client import Backoff, Client, QueuePolicy, connect
+    from .client import DEFAULT_MAX_QUEUE_BYTES, Backoff, Client, QueuePolicy, connect
     from .netutil import get_host_ip
     from .server import RemoteClient, Server, ServerConfig, serve, start_server
 
 # The asyncio parts load on first use, so that the sans-I/O codec can be imported (by a tool, a
 # backplane worker, another event loop) without importing asyncio.
 _LAZY = {
+    "DEFAULT_MAX_QUEUE_BYTES": "client",
     "Backoff": "client",
     "Client": "client",
     "QueuePolicy": "client",
@@ -102,6 +104,7 @@ __all__ = [
     "BOL",
     "BYT",
     "DEFAULT_MAX_FRAME_SIZE",
+    "DEFAULT_MAX_QUEUE_BYTES",
     "FLT",
     "INT",
     "POS",
@@ -111,6 +114,7 @@ __all__ = [
     "AuthenticationError",
     "Backoff",
     "BadFormatError",
+    "BadValueError",
     "Client",
     "CodecError",
     "ConnectError",

@@ -24,6 +24,7 @@ from typing import Any, Final, Literal, cast
 from .codec import REGISTRY, Message, Registry, TrameLike
 from .codes import DisconnectReason
 from .exceptions import (
+    _CHECK_ADDRESS,
     AuthenticationError,
     CodecError,
     ConnectError,
@@ -101,6 +102,9 @@ class _ClientProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.loop = asyncio.get_running_loop()
         self.handshake: asyncio.Future[None] = self.loop.create_future()
+        # Whether connect() got this connection: only then is losing it a reason to reconnect
+        # (the handshake future is also done when it failed, or was cancelled by a timeout).
+        self.opened = False
         self.lost: asyncio.Future[None] = self.loop.create_future()
         self._drain: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -144,6 +148,7 @@ class _ClientProtocol(asyncio.Protocol):
         elif not was_open and core.state is CoreState.OPEN:
             if not self.handshake.done():
                 self.handshake.set_result(None)
+                self.opened = True
             self._arm()
 
     def eof_received(self) -> bool | None:
@@ -270,12 +275,16 @@ class Client:
         max_queue: int,
         queue_policy: QueuePolicy,
         max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
     ) -> None:
-        """Prepare a client; :func:`connect` opens it."""
+        """Prepare a client and check its queue settings; :func:`connect` opens it."""
         if max_queue < 1:
             raise ValueError("max_queue must be at least 1")
-        if max_queue_bytes < 1:
-            raise ValueError("max_queue_bytes must be at least 1")
+        if max_queue_bytes < max(1, max_frame_size):
+            raise ValueError(
+                f"max_queue_bytes ({max_queue_bytes}) must be at least max_frame_size "
+                f"({max_frame_size}): one frame must fit; raise it or lower max_frame_size"
+            )
         if queue_policy not in _POLICIES:
             raise ValueError(f"queue_policy must be one of {', '.join(_POLICIES)}")
         self.host = host
@@ -652,7 +661,7 @@ class Client:
         if (
             self._reconnect is not None
             and not self._closing
-            and proto.handshake.done()
+            and proto.opened
             and error.reason not in _FATAL
         ):
             # Stay alive: receive() keeps waiting while a new connection is made.
@@ -753,6 +762,7 @@ class Client:
                 )
                 await proto.handshake
         except TimeoutError as err:
+            proto.opened = False  # a WELCOME in the last instant: connect() fails all the same
             await _abort(proto)
             raise ConnectError(
                 self.host, self.port, f"no answer within {timeout:g} s (timed out)"
@@ -812,8 +822,7 @@ class Client:
                 self.port,
                 f"the server closed the connection before the handshake, without a byte{why}",
                 hint="a TLS port does this to a plaintext client: if the server serves TLS, pass "
-                "ssl= an ssl.SSLContext that trusts its certificate; otherwise check that "
-                "trame-serve runs there and that the address and port are right",
+                f"ssl= an ssl.SSLContext that trusts its certificate; otherwise {_CHECK_ADDRESS}",
             )
         shown = head.hex(" ")
         if not tls and len(head) >= 2 and 0x14 <= head[0] <= 0x17 and head[1] == 3:
@@ -936,11 +945,6 @@ class connect:
         on_disconnect: Callable[[ConnectionClosed], Any] | None = None,
         on_reconnect: Callable[[Client], Any] | None = None,
     ) -> None:
-        if max_queue_bytes < max_frame_size:
-            raise ValueError(
-                f"max_queue_bytes ({max_queue_bytes}) must be at least max_frame_size "
-                f"({max_frame_size}): one frame must fit; raise it or lower max_frame_size"
-            )
         self._client = Client(
             host,
             port,
@@ -948,6 +952,7 @@ class connect:
             max_queue=max_queue,
             queue_policy=queue_policy,
             max_queue_bytes=max_queue_bytes,
+            max_frame_size=max_frame_size,
         )
         if reconnect:
             self._client._reconnect = reconnect if isinstance(reconnect, Backoff) else Backoff()

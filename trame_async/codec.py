@@ -31,6 +31,7 @@ from typing import Any, Final, NamedTuple, TypeVar, cast
 
 from .exceptions import (
     BadFormatError,
+    BadValueError,
     CodecError,
     InvalidTextError,
     RegistrationError,
@@ -73,6 +74,7 @@ _VARIABLE_BODY: Final = "*s"
 _DATA_KINDS: Final = frozenset((Kind.MULTICAST, Kind.RELAY, Kind.DATA))
 _MULTICAST: Final = int(Kind.MULTICAST)
 _DATA: Final = int(Kind.DATA)
+_RELAY: Final = int(Kind.RELAY)
 #: Upper bound on cached formats of unregistered codes (server relay checks, generic decode).
 _FORMAT_CACHE_SIZE: Final = 1024
 _CODE: Final = re.compile(rb"[\x20-\x7e]{3}")
@@ -464,19 +466,43 @@ class Trame(str):
         raw = st.unpack_from
         make = self._make
         if self._wrap:
+            # tuple.__new__ with the struct's tuple, one item per field: it cannot raise.
             assert make is not None
             self.unpack_from = lambda buf, offset=0: make(raw(buf, offset))
-        elif self._items == 1:
-            if make is None:
+        elif make is None:
+            if self._items == 1:
                 self.unpack_from = lambda buf, offset=0: raw(buf, offset)[0]
             else:
-                self.unpack_from = lambda buf, offset=0: make(raw(buf, offset)[0])
-        elif make is None:
-            self.unpack_from = raw  # the struct's own bound method: no Python frame at all
-        elif self._star:
-            self.unpack_from = lambda buf, offset=0: make(*raw(buf, offset))
+                self.unpack_from = raw  # the struct's own bound method: no Python frame at all
         else:
-            self.unpack_from = lambda buf, offset=0: make(raw(buf, offset))
+            # A user class may refuse a peer's value: that is the peer's error, not a crash of
+            # the receiver (a try costs nothing until it catches).
+            refused = self._refused
+            if self._items == 1:
+
+                def unpack_from(buf: Any, offset: int = 0) -> Any:
+                    item = raw(buf, offset)[0]
+                    try:
+                        return make(item)
+                    except Exception as err:
+                        raise refused(err) from err
+
+            else:
+                assert self._star  # a class that is not a NamedTuple takes the items spread
+
+                def unpack_from(buf: Any, offset: int = 0) -> Any:
+                    items = raw(buf, offset)
+                    try:
+                        return make(*items)
+                    except Exception as err:
+                        raise refused(err) from err
+
+            self.unpack_from = unpack_from
+
+    def _refused(self, err: Exception) -> BadValueError:
+        cls = self.cls if self.cls is not None else self._make
+        name = getattr(cls, "__name__", repr(cls))
+        return BadValueError(self.code, name, f"{type(err).__name__}: {err}")
 
     def _variable_unpack(self, buf: bytes | memoryview, offset: int = 0) -> Any:
         return self.unpack_variable(memoryview(buf)[offset:])
@@ -796,24 +822,19 @@ class Registry:
         self, frame: bytes | bytearray | memoryview, *, strict: bool = True
     ) -> Message:
         """Decode a data frame given from its kind byte (as :class:`~.wire.FrameParser` yields)."""
-        # Lookups hash slices of the frame: only bytes and read-only views hash.
-        if isinstance(frame, memoryview):
-            if not frame.readonly:
-                frame = bytes(frame)
-        elif type(frame) is not bytes:
-            frame = bytes(frame)  # a bytearray
+        frame = _hashable(frame)  # lookups hash slices of the frame
         if not frame:
             raise TruncatedFrameError("frame kind", 1, 0)
         kind = frame[0]
-        if kind == Kind.RELAY:
+        if kind == _RELAY:
             if len(frame) < 5:
                 raise TruncatedFrameError("RELAY sender", 4, len(frame) - 1)
             sender: int = SENDER.unpack_from(frame, 1)[0]
             trame, value = self._decode_body(frame, 5, strict)
-            return Message(sender, trame, value, Kind.RELAY)
-        if kind == Kind.MULTICAST or kind == Kind.DATA:
+            return _new_message(Message, (sender, trame, value, Kind.RELAY))
+        if kind == _MULTICAST or kind == _DATA:
             trame, value = self._decode_body(frame, 1, strict)
-            return Message(0, trame, value, Kind(kind))
+            return _new_message(Message, (0, trame, value, _KINDS[kind]))
         if kind in _KIND_NAMES:
             raise UnexpectedFrameError(_KIND_NAMES[kind], "where a data frame was expected")
         raise UnknownKindError(kind)
@@ -845,6 +866,9 @@ class Registry:
 
 
 _KIND_NAMES: Final = {int(k): k.name for k in Kind}
+_KINDS: Final = {int(k): k for k in Kind}
+# tuple.__new__ skips the Python-level __new__ of the NamedTuple: half the cost per message.
+_new_message: Final = tuple.__new__
 
 
 def _hashable(buf: bytes | bytearray | memoryview) -> bytes | memoryview:

@@ -51,6 +51,8 @@ class ErrorCode(enum.IntEnum):
     """The server is shutting down and accepts no new connection."""
     INTERNAL_ERROR = 18
     """The peer failed while handling a frame; details are in its own log, never on the wire."""
+    BAD_VALUE = 19
+    """A well-formed value that the receiver's value type refuses (its constructor raised)."""
 
 
 class DisconnectReason(enum.IntEnum):

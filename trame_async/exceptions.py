@@ -17,7 +17,8 @@
     │   │   └── InvalidTextError              text field not UTF-8
     │   ├── FrameTooLargeError                length prefix above the maximum frame size
     │   ├── HandshakeError                    not a trame_async peer, or wrong version
-    │   └── UnexpectedFrameError              valid frame, wrong state or direction
+    │   ├── UnexpectedFrameError              valid frame, wrong state or direction
+    │   └── BadValueError                     value refused by the receiver's value type
     ├── ConnectionClosed                      the connection is gone; carries the reason
     │   └── AuthenticationError               the server refused our token
     ├── ConnectError (OSError)                could not open the connection
@@ -39,6 +40,7 @@ from .codes import DisconnectReason, ErrorCode
 __all__ = [
     "AuthenticationError",
     "BadFormatError",
+    "BadValueError",
     "CodecError",
     "ConnectError",
     "ConnectionClosed",
@@ -278,6 +280,29 @@ class UnexpectedFrameError(ProtocolError):
         return (
             f"unexpected {self.kind_name} frame {self.state}; follow the frame order of "
             f"docs/protocol.md"
+        )
+
+
+class BadValueError(ProtocolError):
+    """A well-formed value that the receiver's value type refuses: its constructor (or a
+    dataclass's ``__post_init__``) raised.
+
+    The peer's bytes follow the format, but break a rule of the class registered for the code, so
+    the connection fails like any protocol error rather than with the class's own exception.
+    """
+
+    error_code = ErrorCode.BAD_VALUE
+
+    def __init__(self, code: str, cls_name: str, detail: str) -> None:
+        self.code = code
+        self.cls_name = cls_name
+        self.detail = detail
+        super().__init__(code, cls_name, detail)
+
+    def __str__(self) -> str:
+        return (
+            f"value of trame {self.code!r} refused by {self.cls_name}: {self.detail}; the sender "
+            f"must send values that the receiver's type accepts"
         )
 
 

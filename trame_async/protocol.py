@@ -603,7 +603,7 @@ class ClientCore(_Core):
         out: list[Message] = []
         if self.state is CoreState.OPEN and not self.parser.in_frame and type(data) is bytes:
             pos = self._scan_relays(data, out)
-            if pos == len(data):
+            if pos == len(data) or self.closed:
                 return out
             data = data[pos:]
         try:
@@ -640,7 +640,8 @@ class ClientCore(_Core):
 
         The hot path of a receiving client: no memoryview per frame, one dict lookup checks code
         and format. Returns where it stopped; the parser takes the rest (other kinds, unknown
-        codes, a partial frame, or anything odd, which it then checks in full).
+        codes, a partial frame, or anything odd, which it then checks in full). A value that its
+        type refuses fails the connection; the messages before it stay in ``out``.
         """
         known = self.registry._by_head.get
         unpack_head = _RELAY_HEAD_UNPACK
@@ -649,17 +650,20 @@ class ClientCore(_Core):
         limit = self.parser.max_frame_size
         end = len(data)
         pos = 0
-        while end - pos > 13:
-            length, kind, sender = unpack_head(data, pos)
-            stop = pos + 4 + length
-            if stop > end or length > limit or kind != _RELAY:
-                break
-            value_at = pos + 13 + data[pos + 12]
-            trame = known(data[pos + 9 : value_at])
-            if trame is None or stop - value_at != trame.size:
-                break
-            out.append(make(Message, (sender, trame, trame.unpack_from(data, value_at), relay)))
-            pos = stop
+        try:
+            while end - pos > 13:
+                length, kind, sender = unpack_head(data, pos)
+                stop = pos + 4 + length
+                if stop > end or length > limit or kind != _RELAY:
+                    break
+                value_at = pos + 13 + data[pos + 12]
+                trame = known(data[pos + 9 : value_at])
+                if trame is None or stop - value_at != trame.size:
+                    break
+                out.append(make(Message, (sender, trame, trame.unpack_from(data, value_at), relay)))
+                pos = stop
+        except ProtocolError as err:  # BadValueError: a value its registered class refuses
+            self.fail(err)
         return pos
 
     def _control(self, frame: memoryview, kind: int, now: float) -> None:
