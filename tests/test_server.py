@@ -9,6 +9,7 @@ loop and on uvloop (see conftest.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import ipaddress
@@ -219,6 +220,73 @@ async def test_shutdown_is_not_interrupted_by_cancelling_its_caller() -> None:
             await client.receive(timeout=5)
         assert info.value.reason is DisconnectReason.SERVER_SHUTDOWN
     await asyncio.wait_for(server.wait_closed(), 10)
+
+
+async def test_a_client_failing_to_close_at_shutdown_is_aborted_and_spares_the_others(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug closing one client (RemoteClient._close raising) at shutdown: that connection is
+    aborted, the others still get their GOODBYE, and the server finishes closing."""
+    real_close = RemoteClient._close
+    server = await trame_async.start_server("127.0.0.1", 0)
+    forever = asyncio.create_task(server.serve_forever())
+    try:
+        async with (
+            trame_async.connect("127.0.0.1", server.port) as good,
+            trame_async.connect("127.0.0.1", server.port) as bad,
+        ):
+            bad_id = bad.id
+
+            def close(self: RemoteClient, reason: DisconnectReason, **kwargs: Any) -> None:
+                if self.id == bad_id and reason is DisconnectReason.SERVER_SHUTDOWN:
+                    raise RuntimeError("bug closing a client")
+                real_close(self, reason, **kwargs)
+
+            monkeypatch.setattr(RemoteClient, "_close", close)
+            server.close()
+            await asyncio.wait_for(server.wait_closed(), 10)
+            await asyncio.wait_for(forever, 5)
+            with pytest.raises(ConnectionClosed) as info:
+                await good.receive(timeout=5)
+            assert info.value.reason is DisconnectReason.SERVER_SHUTDOWN
+            with pytest.raises(ConnectionClosed) as info:
+                await bad.receive(timeout=5)
+            assert info.value.reason is DisconnectReason.CONNECTION_LOST
+    finally:
+        forever.cancel()
+        server.close()
+        await server.wait_closed()
+    assert f"closing client {bad_id} at shutdown failed" in caplog.text
+
+
+async def test_a_failing_shutdown_still_closes_the_server_and_its_connections(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bug inside the shutdown itself: the server is closed all the same (serve_forever
+    returns, every connection is aborted) and wait_closed raises the failure."""
+
+    async def broken(self: Server) -> None:
+        raise RuntimeError("bug in the shutdown")
+
+    server = await trame_async.start_server("127.0.0.1", 0)
+    forever = asyncio.create_task(server.serve_forever())
+    try:
+        async with trame_async.connect("127.0.0.1", server.port) as client:
+            monkeypatch.setattr(Server, "_wait_gone", broken)
+            server.close()
+            with pytest.raises(RuntimeError, match="bug in the shutdown"):
+                await asyncio.wait_for(server.wait_closed(), 10)
+            await asyncio.wait_for(forever, 5)
+            assert not server.is_serving()
+            with pytest.raises(ConnectionClosed):
+                await client.receive(timeout=5)
+            await eventually(lambda: not server.stats()["connections"], what="connections gone")
+    finally:
+        forever.cancel()
+        monkeypatch.undo()
+        server.close()
+        with contextlib.suppress(RuntimeError):
+            await server.wait_closed()
 
 
 async def test_frames_sent_just_before_a_clean_close_are_all_relayed() -> None:
@@ -632,7 +700,7 @@ def test_get_host_ip_sends_no_packet_and_closes_its_socket() -> None:
 async def test_tls_and_hello_share_one_handshake_deadline(tmp_path: Path) -> None:
     """A peer that takes most of handshake_timeout for TLS, then sends no HELLO, is closed at
     handshake_timeout after the accept, not after a second full timeout."""
-    timeout = 1.0
+    timeout = 1000 * MS
     tls = make_tls(tmp_path)
     async with trame_async.serve(
         "127.0.0.1", 0, ssl=tls.server_context(), handshake_timeout=timeout

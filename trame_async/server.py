@@ -85,7 +85,8 @@ class ServerConfig:
     """Outbound budget per client: bytes queued in user space (our queue + transport buffer)."""
     slow_consumer_policy: SlowConsumerPolicy = "disconnect"
     """What to do with a client over its budget: cut it, drop its oldest frames, or keep only the
-    latest frame per (sender, trame code)."""
+    latest RELAY frame per (sender, trame code). keep-latest also folds a lagging client's pending
+    RELAYs whenever its transport drains, over the budget or not; DATA replies are never folded."""
     slow_consumer_timeout: float | None = 5.0
     """Cut a client whose transport stays congested (not reading) for this long. Under the drop
     policies, only a client that takes none of its backlog for this long is cut."""
@@ -195,8 +196,9 @@ class RemoteClient(asyncio.Protocol):
         self._publisher = False
         self._unreported = 0
         self._close_timer: asyncio.TimerHandle | None = None
-        # Drop policies: bytes not yet taken by the peer when last looked at (see _on_timer).
-        self._drain_mark = 0
+        # Drop policies: bytes not yet taken by the peer when last looked at in this congestion,
+        # -1 before the first look (see _on_timer).
+        self._drain_mark = -1
 
     def __repr__(self) -> str:
         return (
@@ -297,10 +299,13 @@ class RemoteClient(asyncio.Protocol):
     def pause_writing(self) -> None:
         self._write_paused = True
         self._set_limit()
-        server = self._server
-        if not server._flow_control and self._transport is not None:
-            self._drain_mark = _undelivered(self._transport)
-        server._congested(self, True)
+        # The transport's buffer went past the high-water mark: the one place it grows to a new
+        # peak (writes only move bytes here from the pending list; see peak_queued_bytes).
+        self._note_peak()
+        # Drop policies: no progress baseline yet. The first timer check of this congestion takes
+        # it (_on_timer), so a fan-out burst that pauses many clients costs no syscall here.
+        self._drain_mark = -1
+        self._server._congested(self, True)
 
     def resume_writing(self) -> None:
         self._write_paused = False
@@ -328,18 +333,23 @@ class RemoteClient(asyncio.Protocol):
         self._dirty = False
         out = self._out
         transport = self._transport
-        if not out or transport is None or (self._write_paused and not force):
+        if not out or transport is None:
+            return
+        if self._write_paused and not force:
+            # Congested: what was queued since the last look may be a new peak.
+            self._note_peak()
             return
         if self._unreported:
             out.insert(0, dropped_notice(self._unreported))
             self._unreported = 0
+        # Emptied before the write, which may call pause_writing: it must not count them twice.
+        self._out = []
+        self._out_bytes = 0
         if len(out) == 1:
             transport.write(out[0])
         else:
             # One join and one syscall beat one syscall per frame by far (docs/performance.md).
             transport.write(b"".join(out))
-        self._out = []
-        self._out_bytes = 0
         self._set_limit()
 
     def _flush_slice(self, cap: int) -> None:
@@ -378,15 +388,18 @@ class RemoteClient(asyncio.Protocol):
         that, and the early write lets the transport pause publishers in time. While the transport
         is congested, the limit is what is left of the outbound budget.
         """
-        server = self._server
-        config = server.config
+        config = self._server.config
         transport = self._transport
         buffered = transport.get_write_buffer_size() if transport else 0
-        queued = self._out_bytes + buffered
-        if queued > server.peak_queued_bytes:
-            server.peak_queued_bytes = queued
         left = config.max_queue_bytes - buffered
         self._limit = left if self._write_paused else min(config.write_high_water, left)
+
+    def _note_peak(self) -> None:
+        """Raise ``peak_queued_bytes`` to this client's queue if it is larger."""
+        queued = self.queued_bytes
+        server = self._server
+        if queued > server.peak_queued_bytes:
+            server.peak_queued_bytes = queued
 
     def _write_control(self) -> None:
         core = self._core
@@ -407,8 +420,11 @@ class RemoteClient(asyncio.Protocol):
         if self._write_paused and not self._server._flow_control and self._transport is not None:
             # Drop policies: a congested client that took any of its backlog since last time is
             # lagging, not stuck; only one that takes nothing for slow_consumer_timeout is cut.
+            # The first look of a congestion has no baseline (pause_writing takes none): it counts
+            # as progress, so that a cut still comes at least one timeout after the last read.
+            # Server._congested makes that first look half a timeout in.
             undelivered = _undelivered(self._transport)
-            if undelivered < self._drain_mark:
+            if undelivered < self._drain_mark or self._drain_mark < 0:
                 core.writing_progress(now)
             self._drain_mark = undelivered
         core.handle_timer(now)
@@ -449,8 +465,10 @@ class RemoteClient(asyncio.Protocol):
 def _undelivered(transport: asyncio.Transport) -> int:
     """Return the bytes written to ``transport`` that the peer has not taken yet.
 
-    That is the transport's buffer plus, on Linux, what the kernel holds unacknowledged: the sum
-    goes down as soon as the peer reads, however big the socket buffers are.
+    That is the transport's buffer plus, on Linux, what the kernel holds unsent or unacknowledged
+    (SIOCOUTQ): the sum goes down when the peer's TCP stack acknowledges data, which it can only
+    keep doing while the peer's application reads, however big the socket buffers are. Elsewhere
+    only the transport's buffer is seen; it goes down when the kernel takes more of it.
     """
     size = transport.get_write_buffer_size()
     if _SIOCOUTQ is not None:
@@ -511,6 +529,10 @@ class Server:
         # Only the disconnect policy slows publishers: the drop policies exist to let a lagging
         # client fall behind without slowing anyone.
         self._flow_control = config.slow_consumer_policy == "disconnect"
+        # Drop policies: when a congested client's progress is first looked at (_congested).
+        self._first_look: float | None = None
+        if not self._flow_control and config.slow_consumer_timeout is not None:
+            self._first_look = config.slow_consumer_timeout / 2
         self._batch_relays = config.slow_consumer_policy == "disconnect"
         #: Clients cut as slow consumers since the start.
         self.slow_consumers = 0
@@ -522,9 +544,13 @@ class Server:
         self.deliveries = 0
         #: Bytes of RELAY frames queued for clients since the start.
         self.bytes_relayed = 0
-        #: Most bytes ever queued for one client (pending frames + transport buffer), taken after
-        #: each write and whenever a queue passes its limit (before the policy acts): a queue below
-        #: its limit is below the budget, so every excursion past the budget is seen here.
+        #: Most bytes queued for one client (pending frames + transport buffer), taken whenever a
+        #: queue passes its limit (before the policy acts) and while a client is congested: when
+        #: its transport's buffer passes the high-water mark (a write never grows the sum
+        #: otherwise: it moves pending bytes to the buffer) and once per loop iteration that
+        #: queues more for it. A queue below its limit is below the budget, so every excursion
+        #: past the budget is seen; an uncongested client holds at most about two
+        #: write_high_water, which is not tracked (that would cost a look per write).
         self.peak_queued_bytes = 0
         #: Connections that ended, by reason, since the start (handshake failures included).
         self.disconnects: collections.Counter[DisconnectReason] = collections.Counter()
@@ -638,7 +664,11 @@ class Server:
         self._begin_shutdown(retry_after, None)
 
     async def wait_closed(self) -> None:
-        """Wait until the server is closed and every connection is gone."""
+        """Wait until the server is closed and every connection is gone.
+
+        If the shutdown itself failed (a bug), the server is closed all the same, every
+        connection aborted, and the failure is raised here.
+        """
         if self._shutdown_task is not None:
             await asyncio.shield(self._shutdown_task)
         await self._closed.wait()
@@ -648,7 +678,10 @@ class Server:
     ) -> None:
         """Stop accepting, flush each client, say goodbye, close; abort laggards at the deadline.
 
-        The shutdown runs in its own task: cancelling the caller does not interrupt it.
+        The shutdown runs in its own task: cancelling the caller does not interrupt it. Only the
+        call that starts it chooses ``retry_after`` and ``drain_timeout``: once :meth:`close` (or
+        an earlier ``shutdown``) has begun, the goodbyes are sent and the deadline is set, so
+        this call just waits for that shutdown and its arguments are ignored.
         """
         await asyncio.shield(self._begin_shutdown(retry_after, drain_timeout))
         await self._closed.wait()
@@ -666,38 +699,58 @@ class Server:
         return task
 
     async def _shutdown(self, retry_after: float | None, drain_timeout: float | None) -> None:
-        hint = self.config.retry_after if retry_after is None else retry_after
-        for client in list(self._all):
-            client._close(
-                DisconnectReason.SERVER_SHUTDOWN, retry_after=hint, text="server shutdown"
-            )
-        deadline = self.config.drain_timeout if drain_timeout is None else drain_timeout
-        if self._all:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wait_gone(), deadline)
+        try:
+            hint = self.config.retry_after if retry_after is None else retry_after
+            for client in list(self._all):
+                try:
+                    client._close(
+                        DisconnectReason.SERVER_SHUTDOWN, retry_after=hint, text="server shutdown"
+                    )
+                except Exception:
+                    # One client's failure must not keep the others from their goodbye.
+                    logger.exception("closing client %d at shutdown failed: aborting it", client.id)
+                    if client._transport is not None:
+                        client._transport.abort()
+            deadline = self.config.drain_timeout if drain_timeout is None else drain_timeout
+            if self._all:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wait_gone(), deadline)
+            self._abort_all()
+            if self._all:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wait_gone(), 1.0)
+            if self._server is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._server.wait_closed(), 1.0)
+            self._stop_timers()
+            if self._tasks:
+                await asyncio.wait(set(self._tasks), timeout=self.config.drain_timeout or None)
+                for task in list(self._tasks):
+                    task.cancel()
+                if self._tasks:
+                    # A hook that ignores its cancellation must not hold the shutdown forever.
+                    await asyncio.wait(set(self._tasks), timeout=1.0)
+        finally:
+            # Whatever failed or was cancelled above, the server is closed now: serve_forever and
+            # wait_closed must not wait forever (wait_closed then raises the failure). Set first:
+            # the waiters only run after this block anyway.
+            self._closed.set()
+            self._abort_all()
+            self._stop_timers()
+            logger.info("server closed")
+
+    def _abort_all(self) -> None:
         for client in list(self._all):
             if client._transport is not None:
                 client._transport.abort()
-        if self._all:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wait_gone(), 1.0)
-        if self._server is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+
+    def _stop_timers(self) -> None:
         if self._tick_handle is not None:
             self._tick_handle.cancel()
             self._tick_handle = None
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=self.config.drain_timeout or None)
-            for task in list(self._tasks):
-                task.cancel()
-            if self._tasks:
-                await asyncio.wait(set(self._tasks))
-        self._closed.set()
-        logger.info("server closed")
 
     async def _wait_gone(self) -> None:
         while self._all:
@@ -786,8 +839,9 @@ class Server:
         """A lagging client (drop policies) can take more: hand its transport the next slice.
 
         Only about ``write_high_water`` bytes go to the transport at a time, where no policy can
-        reach them; the rest stays pending, where keep-latest folds it first: a client that lags
-        gets the newest value of each stream, not the backlog.
+        reach them; the rest stays pending. Under keep-latest the pending RELAY frames are folded
+        first, within the budget or not: a client that lags gets the newest frame of each
+        (sender, trame code), not the backlog. DATA replies are never folded.
         """
         if self.config.slow_consumer_policy == "keep-latest" and len(client._out) > 1:
             client._out_bytes, dropped = keep_latest(client._out)
@@ -951,8 +1005,16 @@ class Server:
                 if self._n_congested == 0:
                     self._set_publishers_reading(True)
         core = client._core
-        core.writing_congested(congested, self._loop.time())
-        if not core.closed:
+        now = self._loop.time()
+        core.writing_congested(congested, now)
+        if core.closed:
+            return
+        if congested and self._first_look is not None:
+            # Drop policies: take the progress baseline half a timeout in (RemoteClient._on_timer).
+            # That first look counts as progress, so the stuck are cut 1.5 timeouts in (at most
+            # two, if a reschedule skips it) and a lagging client has a baseline in time.
+            self._reschedule(client, now + self._first_look)
+        else:
             self._reschedule(client)
 
     def _add_publisher(self, client: RemoteClient) -> None:
@@ -976,8 +1038,10 @@ class Server:
 
     # --- timers ---------------------------------------------------------------------------------
 
-    def _reschedule(self, client: RemoteClient) -> None:
+    def _reschedule(self, client: RemoteClient, sooner: float | None = None) -> None:
         when = client._core.next_timer()
+        if sooner is not None and (when is None or sooner < when):
+            when = sooner
         if when is None:
             self._wheel.cancel(client)
             return
