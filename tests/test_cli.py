@@ -20,7 +20,7 @@ from helpers import eventually, log_text, spawn, stop_process, wait_listening
 
 import trame_async
 from trame_async import AuthenticationError, ConnectionClosed, DisconnectReason, ErrorCode
-from trame_async.cli import TOKEN_ENV, _frame_limits, build_parser
+from trame_async.cli import TOKEN_ENV, _config, _frame_limits, build_parser
 
 try:
     import uvloop
@@ -182,8 +182,7 @@ async def test_token_from_the_environment_is_required_and_never_logged(tmp_path:
 
 
 def _limits(argv: list[str]) -> tuple[int, int]:
-    parser = build_parser()
-    return _frame_limits(parser.parse_args(argv), parser)
+    return _frame_limits(build_parser().parse_args(argv))
 
 
 def test_defaults_that_do_not_fit_the_frame_size_are_adjusted_with_a_warning(
@@ -210,8 +209,9 @@ def test_defaults_that_do_not_fit_the_frame_size_are_adjusted_with_a_warning(
 def test_explicit_limits_that_contradict_each_other_are_refused(
     argv: list[str], names: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    parser = build_parser()
     with pytest.raises(SystemExit) as info:
-        _limits(argv)
+        _config(parser.parse_args(argv), parser, None)
     assert info.value.code == 2
     message = capsys.readouterr().err
     assert names in message and "--max-frame-size" in message, message
@@ -241,5 +241,5 @@ def test_invalid_settings_exit_2_with_the_reason_before_listening() -> None:
         check=False,
     )
     assert result.returncode == 2, result
-    assert "max_frame_size must be between 64" in result.stderr, result.stderr
+    assert "--max-frame-size must be between 64" in result.stderr, result.stderr
     assert "listening on" not in result.stdout

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import os
+import re
 import signal
 import ssl
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Final
 
 from . import __version__
 from .netutil import get_host_ip
@@ -28,8 +30,13 @@ TOKEN_ENV = "TRAME_TOKEN"
 logger = logging.getLogger("trame_async.cli")
 
 
+def _is_off(text: str) -> bool:
+    """Whether an option's value disables it: ``off``, ``none`` or ``0``."""
+    return text.lower() in ("none", "off", "0")
+
+
 def _seconds(text: str) -> float | None:
-    if text.lower() in ("none", "off", "0"):
+    if _is_off(text):
         return None
     value = float(text)
     if not value > 0:
@@ -54,7 +61,7 @@ def _size(text: str) -> int:
 
 
 def _size_or_off(text: str) -> int | None:
-    if text.lower() in ("none", "off", "0"):
+    if _is_off(text):
         return None
     return _size(text)
 
@@ -252,11 +259,11 @@ def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
     return ctx
 
 
-def _frame_limits(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[int, int]:
-    """Return ``(max_queue_bytes, handshake_max_frame_size)`` consistent with --max-frame-size.
+def _frame_limits(args: argparse.Namespace) -> tuple[int, int]:
+    """Return ``(max_queue_bytes, handshake_max_frame_size)``, defaults fitted to --max-frame-size.
 
-    A default that does not fit is adjusted, with a warning; a value given that does not fit is
-    an error (exit 2) saying what to change.
+    A default that does not fit is adjusted, with a warning. A value given is returned as is:
+    if it contradicts --max-frame-size, ServerConfig refuses it and :func:`_config` exits 2.
     """
     d = ServerConfig()
     frame = args.max_frame_size
@@ -271,11 +278,6 @@ def _frame_limits(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
                 frame,
             )
             queue = frame
-    elif queue < frame:
-        parser.error(
-            f"--max-queue-bytes {queue} is below --max-frame-size {frame}: one frame must fit "
-            f"in the outbound budget; raise --max-queue-bytes or lower --max-frame-size"
-        )
     early: int | None = getattr(args, "handshake_max_frame_size", None)
     if early is None:
         early = d.handshake_max_frame_size
@@ -286,19 +288,25 @@ def _frame_limits(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
                 frame,
             )
             early = frame
-    elif early > frame:
-        parser.error(
-            f"--handshake-max-frame-size {early} is above --max-frame-size {frame}: the limit "
-            f"before the handshake cannot exceed the one after it; lower it or raise "
-            f"--max-frame-size"
-        )
     return queue, early
+
+
+#: ServerConfig field names in its error messages, each the name of an option here.
+_FIELD_NAME: Final = re.compile(r"\b[a-z]+(?:_[a-z]+)+\b")
+_OPTION_FIELDS: Final = frozenset(f.name for f in dataclasses.fields(ServerConfig))
+
+
+def _option_names(message: str) -> str:
+    """Say ``--max-frame-size`` where a ServerConfig error says ``max_frame_size``."""
+    return _FIELD_NAME.sub(
+        lambda m: "--" + m[0].replace("_", "-") if m[0] in _OPTION_FIELDS else m[0], message
+    )
 
 
 def _config(
     args: argparse.Namespace, parser: argparse.ArgumentParser, token: str | None
 ) -> ServerConfig:
-    max_queue_bytes, handshake_max_frame_size = _frame_limits(args, parser)
+    max_queue_bytes, handshake_max_frame_size = _frame_limits(args)
     try:
         return ServerConfig(
             heartbeat_interval=args.heartbeat_interval,
@@ -318,7 +326,7 @@ def _config(
             retry_after=args.retry_after,
         )
     except ValueError as err:
-        parser.error(str(err))
+        parser.error(_option_names(str(err)))
 
 
 def _loop_name(loop: asyncio.AbstractEventLoop) -> str:
