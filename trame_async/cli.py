@@ -190,7 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=_size,
         default=d.write_high_water,
         metavar="N",
-        help="transport buffer at which a client counts as congested (publishers are paused)",
+        help=(
+            "transport buffer at which a client counts as congested (under the disconnect "
+            "policy, publishers are then paused)"
+        ),
     )
     sec.add_argument(
         "--send-buffer-size",
