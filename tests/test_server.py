@@ -539,16 +539,71 @@ class Checked:
             raise ValueError(f"secret-internal-detail: {self.n} is negative")
 
 
-async def test_failure_while_handling_a_frame_sends_internal_error_and_closes_that_client(
-    caplog: pytest.LogCaptureFixture,
+@pytest.mark.parametrize("hook", ["on_data", "on_multicast"])
+async def test_value_the_servers_class_refuses_is_a_protocol_error_of_that_client_alone(
+    hook: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A registered type that raises in its constructor (an application bug) fails on_data's
-    decode, outside any hook: that client gets INTERNAL_ERROR, the others go on."""
+    """A value decoded for a hook that the server's registered class refuses (here a negative
+    Checked) is the sender's fault: ERROR BAD_VALUE, that connection closed, no traceback logged
+    (a peer must not be able to flood the log), and what it sent before is handled."""
     server_registry = Registry()
     server_registry.register("CHK", "<q", Checked)
     client_registry = Registry()
     client_registry.register("CHK", "<q")
-    data: list[Any] = []
+    seen: list[Any] = []
+    reports: list[tuple[int, DisconnectReason]] = []
+    loop_errors: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: loop_errors.append(context))
+    caplog.set_level(logging.INFO, logger="trame_async")
+    kind = Kind.DATA if hook == "on_data" else Kind.MULTICAST
+    hooks: dict[str, Any] = {hook: lambda client, message: seen.append(message.value) or True}
+    try:
+        async with (
+            trame_async.serve(
+                "127.0.0.1",
+                0,
+                registry=server_registry,
+                on_disconnect=lambda client, reason: reports.append((client.id, reason)),
+                **hooks,
+            ) as server,
+            trame_async.connect("127.0.0.1", server.port, registry=client_registry) as observer,
+            trame_async.connect("127.0.0.1", server.port) as publisher,
+        ):
+            reader, writer = await raw_handshake(server.port)
+            try:
+                # One write: the good frame and the bad one arrive in the same chunk.
+                writer.write(
+                    client_registry.encode("CHK", 1, kind) + client_registry.encode("CHK", -1, kind)
+                )
+                error = await read_until_error(reader)
+                await read_eof(reader)
+            finally:
+                await close_writer(writer)
+            assert error.error_code is ErrorCode.BAD_VALUE
+            assert "secret-internal-detail" not in error.reason  # nothing of the exception
+            assert seen == [Checked(1)]
+            if kind is Kind.MULTICAST:  # the good multicast before the bad one was relayed
+                message = await observer.receive(timeout=5)
+                assert (message.trame, message.value) == ("CHK", 1)
+            await eventually(lambda: reports, what="on_disconnect of the failed client")
+            assert [reason for _, reason in reports] == [DisconnectReason.PROTOCOL_ERROR]
+            # Everyone else is served as before.
+            await publisher.multicast(INT, 7)
+            assert (await observer.receive(timeout=5)).value == 7
+            assert {c.id for c in server.clients} == {observer.id, publisher.id}
+    finally:
+        loop.set_exception_handler(None)
+    assert [r.getMessage() for r in caplog.records if r.exc_info is not None] == []
+    assert loop_errors == [], "the exception did not escape to the event loop"
+
+
+async def test_a_bug_while_handling_a_frame_sends_internal_error_and_closes_that_client(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception that is no protocol error (a bug, injected here into the dispatch of one
+    client's frames) closes that connection alone with ERROR INTERNAL_ERROR and a generic text,
+    logged once with its traceback; the others go on."""
     reports: list[tuple[int, DisconnectReason]] = []
     loop_errors: list[dict[str, Any]] = []
     loop = asyncio.get_running_loop()
@@ -559,27 +614,31 @@ async def test_failure_while_handling_a_frame_sends_internal_error_and_closes_th
             trame_async.serve(
                 "127.0.0.1",
                 0,
-                registry=server_registry,
-                on_data=lambda client, message: data.append(message.value),
                 on_disconnect=lambda client, reason: reports.append((client.id, reason)),
             ) as server,
             trame_async.connect("127.0.0.1", server.port) as observer,
             trame_async.connect("127.0.0.1", server.port) as publisher,
         ):
             reader, writer = await raw_handshake(server.port)
+            victim = max(c.id for c in server.clients)
+            dispatch = server._dispatch
+
+            def buggy(sender: RemoteClient, frames: list[memoryview]) -> None:
+                if sender.id == victim:
+                    raise RuntimeError("secret-internal-detail")
+                dispatch(sender, frames)
+
+            monkeypatch.setattr(server, "_dispatch", buggy)
             try:
-                writer.write(client_registry.encode("CHK", 1, Kind.DATA))  # fine
-                writer.write(client_registry.encode("CHK", -1, Kind.DATA))  # Checked(-1) raises
+                writer.write(trame_async.REGISTRY.encode(INT, 1))
                 error = await read_until_error(reader)
                 await read_eof(reader)
             finally:
                 await close_writer(writer)
             assert error.error_code is ErrorCode.INTERNAL_ERROR
             assert error.reason == "internal error"  # nothing of the exception on the wire
-            assert data == [Checked(1)]
             await eventually(lambda: reports, what="on_disconnect of the failed client")
-            assert [reason for _, reason in reports] == [DisconnectReason.PROTOCOL_ERROR]
-            # Everyone else is served as before.
+            assert reports == [(victim, DisconnectReason.PROTOCOL_ERROR)]
             await publisher.multicast(INT, 7)
             assert (await observer.receive(timeout=5)).value == 7
             assert {c.id for c in server.clients} == {observer.id, publisher.id}

@@ -27,7 +27,7 @@ from typing import Any, Final, Literal, cast
 
 from .codec import REGISTRY, Message, Registry, TrameLike
 from .codes import DisconnectReason, ErrorCode
-from .exceptions import InvalidStateError
+from .exceptions import InvalidStateError, ProtocolError
 from .outbox import drop_oldest, keep_latest
 from .protocol import CoreState, ServerCore, ServerLimits
 from .timers import TimerWheel
@@ -272,9 +272,15 @@ class RemoteClient(asyncio.Protocol):
                 self._server._opened(self)
             elif core.parser.in_frame:
                 self._server._reschedule(self)
+        except ProtocolError as err:
+            # Found while dispatching (a value the server's registered class refuses, decoded
+            # for a hook): the peer's fault, handled as any protocol error, without a traceback.
+            core.fail(err)
+            self._write_control()
+            self._finish()
         except Exception:
-            # A bug (ours, or in a registered value type's constructor): this connection alone
-            # ends, with an ERROR that says nothing of the internals; the log has the traceback.
+            # A bug of ours: this connection alone ends, with an ERROR that says nothing of the
+            # internals; the log has the traceback.
             logger.exception("internal error on data from client %d: closing it", self.id)
             core.refuse(ErrorCode.INTERNAL_ERROR, DisconnectReason.PROTOCOL_ERROR, "internal error")
             self._write_control()
@@ -890,7 +896,13 @@ class Server:
                 continue
             if on_multicast is not None:
                 try:
-                    keep = on_multicast(sender, self.registry.decode_frame(frame, strict=False))
+                    message = self.registry.decode_frame(frame, strict=False)
+                except ProtocolError:
+                    if parts:  # what came before the bad frame is relayed all the same
+                        self.fanout(b"".join(parts), exclude, len(parts) // 2)
+                    raise  # ends the sender's connection (RemoteClient.data_received)
+                try:
+                    keep = on_multicast(sender, message)
                 except Exception:
                     logger.exception("on_multicast hook failed for client %d", sid)
                     keep = False
