@@ -23,8 +23,9 @@ Figures per cell (medians over ``--repeat``):
 - load CPU %: this process's CPU over the same window (near 100 %: the load generator limits);
 - paced mode: latency p50/p99/max from the send time to the receipt (same clock, same process).
 
-Relays (``--relays``): ``trame`` (trame_async server, real trame_async clients), ``trame-raw`` (same
-server, minimal raw clients like the baselines'), ``floor-uvloop`` / ``floor-asyncio`` (minimal
+Relays (``--relays``): ``trame`` (trame_async server, real trame_async clients consuming with
+``async for``), ``trame-cb`` (the same clients handed each message by ``connect(on_message=...)``,
+no task switch per message), ``trame-raw`` (same server, minimal raw clients like the baselines'), ``floor-uvloop`` / ``floor-asyncio`` (minimal
 length-prefixed relay, bench/relays/floor.py), ``ws`` (websockets server with broadcast(), minimal
 raw WebSocket clients). Add ``trame-asyncio`` or ``ws-asyncio`` for those servers on the stock loop.
 
@@ -80,7 +81,7 @@ class Relay:
 
     script: str
     loop: str
-    client: str  # "trame" (real client), "trame-raw", "floor", "ws"
+    client: str  # "trame" (real client), "trame-cb" (real, on_message), "trame-raw", "floor", "ws"
     server_args: tuple[str, ...] = ()
     token: bytes = b""  # what the clients present in their HELLO
 
@@ -91,6 +92,7 @@ _TOKEN_ARGS = ("--token", TOKEN.decode())
 
 RELAYS: dict[str, Relay] = {
     "trame": Relay("trame.py", "uvloop", "trame"),
+    "trame-cb": Relay("trame.py", "uvloop", "trame-cb"),
     "trame-raw": Relay("trame.py", "uvloop", "trame-raw"),
     # The cost of the robustness limits: defaults plus a token, and every limit relaxed.
     "trame-token": Relay("trame.py", "uvloop", "trame", _TOKEN_ARGS, TOKEN),
@@ -103,7 +105,7 @@ RELAYS: dict[str, Relay] = {
     "ws": Relay("ws_broadcast.py", "uvloop", "ws"),
     "ws-asyncio": Relay("ws_broadcast.py", "asyncio", "ws"),
 }
-DEFAULT_RELAYS = ["trame", "trame-raw", "floor-uvloop", "floor-asyncio", "ws"]
+DEFAULT_RELAYS = ["trame", "trame-cb", "trame-raw", "floor-uvloop", "floor-asyncio", "ws"]
 BASELINES = ("floor-uvloop", "floor-asyncio", "ws")
 
 
@@ -419,6 +421,31 @@ class TrameSubscriber:
         await self.client.close()
 
 
+class TrameCallbackSubscriber:
+    """A real ``trame_async`` client handing each message to ``on_message`` (no task per message)."""
+
+    def __init__(self, client: trame_async.Client) -> None:
+        self.client = client
+
+    @staticmethod
+    def callback(tally: Tally) -> Callable[[trame_async.Message], None]:
+        lat = tally.latencies
+
+        def on_message(msg: trame_async.Message) -> None:
+            now = perf_counter()
+            if lat is not None:
+                lat.append(now - msg.value.sent)
+            tally.add(1, now)
+
+        return on_message
+
+    def ended(self) -> bool:
+        return self.client.closed
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
 class TramePublisher:
     """A real ``trame_async`` client multicasting BNC trames."""
 
@@ -435,11 +462,20 @@ class TramePublisher:
 async def open_client(relay: Relay, host: str, port: int, tally: Tally, subscriber: bool) -> Any:
     """Open one client of ``relay``; wait for its handshake (10 s at most)."""
     token = relay.token
-    if relay.client == "trame":
-        client = await trame_async.connect(
-            host, port, timeout=10.0, max_queue=100_000, token=token or None
+    if relay.client in ("trame", "trame-cb"):
+        callback = (
+            TrameCallbackSubscriber.callback(tally)
+            if subscriber and relay.client == "trame-cb"
+            else None
         )
-        return TrameSubscriber(client, tally) if subscriber else TramePublisher(client)
+        client = await trame_async.connect(
+            host, port, timeout=10.0, max_queue=100_000, token=token or None, on_message=callback
+        )
+        if not subscriber:
+            return TramePublisher(client)
+        if callback is not None:
+            return TrameCallbackSubscriber(client)
+        return TrameSubscriber(client, tally)
     cls = _RAW_CLASSES[relay.client]
     loop = asyncio.get_running_loop()
     _, proto = await asyncio.wait_for(

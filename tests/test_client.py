@@ -382,6 +382,79 @@ async def test_connect_refuses_a_byte_budget_below_one_frame() -> None:
         )
 
 
+# --- on_message: messages handed over in the I/O callback ----------------------------------------
+
+
+async def test_on_message_gets_every_message_in_order_and_receive_only_reports_the_end() -> None:
+    got: list[Message] = []
+    done = asyncio.Event()
+
+    def on_message(message: Message) -> None:
+        got.append(message)
+        if sum(1 for m in got if m.value == MARKER) == 2:  # one from each sender: the end
+            done.set()
+
+    async with trame_async.serve("127.0.0.1", 0) as server:
+        listener = await trame_async.connect("127.0.0.1", server.port, on_message=on_message)
+        async with (
+            trame_async.connect("127.0.0.1", server.port) as a,
+            trame_async.connect("127.0.0.1", server.port) as b,
+        ):
+            for i in range(200):
+                await a.multicast(INT, i)
+                await b.multicast(POS, (float(i), 0.0))
+            await a.multicast(INT, MARKER)
+            await b.multicast(INT, MARKER)
+            async with asyncio.timeout(10):
+                await done.wait()
+        by_sender: dict[int, list[Any]] = defaultdict(list)
+        for message in got:
+            by_sender[message.sender].append(message.value)
+        assert by_sender[a.id] == [*range(200), MARKER]
+        assert by_sender[b.id] == [*((float(i), 0.0) for i in range(200)), MARKER]
+        assert len(got) == 402
+        assert listener.queued == 0  # nothing was queued for receive()
+        server.close()
+        # receive() hands out no message: it waits for the end and reports it.
+        with pytest.raises(ConnectionClosed) as info:
+            await listener.receive(timeout=10)
+        assert info.value.reason is DisconnectReason.SERVER_SHUTDOWN
+        await listener.close()
+
+
+async def test_an_exception_in_on_message_is_logged_and_the_next_message_still_comes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    got: list[int] = []
+
+    def on_message(message: Message) -> None:
+        if message.value == 1:
+            raise RuntimeError("application bug")
+        got.append(message.value)
+
+    caplog.set_level(logging.ERROR, logger="trame_async")
+    async with (
+        trame_async.serve("127.0.0.1", 0) as server,
+        trame_async.connect("127.0.0.1", server.port, on_message=on_message) as listener,
+    ):
+        for i in range(3):
+            server.multicast(INT, i)
+        await eventually(lambda: got == [0, 2], what="messages 0 and 2")
+        assert listener.connected
+    failures = [r for r in caplog.records if "on_message" in r.getMessage()]
+    assert len(failures) == 1 and failures[0].exc_info is not None
+
+
+def test_on_message_must_be_a_plain_function() -> None:
+    async def handler(message: Message) -> None:
+        del message
+
+    with pytest.raises(TypeError, match="plain function"):
+        trame_async.connect("127.0.0.1", 1, on_message=handler)
+    with pytest.raises(TypeError, match="plain function"):
+        trame_async.connect("127.0.0.1", 1, on_message="not callable")  # type: ignore[arg-type]
+
+
 # --- a failed first connect ---------------------------------------------------------------------
 
 

@@ -317,6 +317,8 @@ class Client:
         self._hook_tasks: set[asyncio.Future[Any]] = set()
         self.on_disconnect: Callable[[ConnectionClosed], Any] | None = None
         self.on_reconnect: Callable[[Client], Any] | None = None
+        #: Called with each message in the I/O callback instead of queueing it (see connect()).
+        self.on_message: Callable[[Message], Any] | None = None
 
     def __repr__(self) -> str:
         return f"<Client id={self.id} server={self.host}:{self.port} closed={self.closed}>"
@@ -565,6 +567,15 @@ class Client:
 
     def _deliver(self, messages: list[Message], size: int) -> None:
         """Queue the messages of one read of ``size`` bytes; apply the policy if over a bound."""
+        callback = self.on_message
+        if callback is not None:
+            # Straight to the application, in order, with no queue and no task switch.
+            for message in messages:
+                try:
+                    callback(message)
+                except Exception:
+                    logger.exception("on_message callback failed on %r", message[:2])
+            return
         queue = self._queue
         chunks = self._chunks
         if queue:
@@ -914,6 +925,12 @@ class connect:
         on_disconnect: Called with the :class:`~trame_async.ConnectionClosed` error each time the
             connection is lost while reconnecting is on (function or coroutine function).
         on_reconnect: Called with the client after each successful reconnect.
+        on_message: A plain function called with each :class:`~trame_async.Message` as soon as
+            it is decoded, in order, inside the I/O callback: the lowest latency, with no queue
+            and no task switch per message. It must be quick and must not block; an exception
+            it raises is logged and the next message still comes. Messages then do not go to
+            :meth:`Client.receive`, which only reports the end of the connection. For
+            asynchronous handling, use ``async for`` instead.
 
     Raises:
         ConnectError: the connection could not be opened (refused, timed out), TLS failed (the
@@ -944,7 +961,15 @@ class connect:
         reconnect: bool | Backoff = False,
         on_disconnect: Callable[[ConnectionClosed], Any] | None = None,
         on_reconnect: Callable[[Client], Any] | None = None,
+        on_message: Callable[[Message], Any] | None = None,
     ) -> None:
+        if on_message is not None and (
+            inspect.iscoroutinefunction(on_message) or not callable(on_message)
+        ):
+            raise TypeError(
+                "on_message must be a plain function (it runs inside the I/O callback); "
+                "for asynchronous handling, iterate with 'async for message in client'"
+            )
         self._client = Client(
             host,
             port,
@@ -958,6 +983,7 @@ class connect:
             self._client._reconnect = reconnect if isinstance(reconnect, Backoff) else Backoff()
         self._client.on_disconnect = on_disconnect
         self._client.on_reconnect = on_reconnect
+        self._client.on_message = on_message
         self._kwargs: dict[str, Any] = {
             "local_addr": local_addr,
             "ssl": ssl,
