@@ -82,6 +82,14 @@ def test_readme_links_the_documentation() -> None:
     text = readme()
     for doc in ("docs/tutorial.md", "docs/api.md", "docs/protocol.md", "docs/performance.md"):
         assert f"]({doc}" in text, doc
+        assert (ROOT / doc).is_file(), doc
+
+
+def test_performance_doc_shows_its_plots() -> None:
+    text = (ROOT / "docs" / "performance.md").read_text()
+    for image in ("perf-fanout.png", "perf-latency.png"):
+        assert f"]({image})" in text, image
+        assert (ROOT / "docs" / image).stat().st_size > 10_000, image
 
 
 def test_readme_python_blocks_compile() -> None:
