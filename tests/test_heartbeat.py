@@ -504,6 +504,54 @@ def test_server_core_measures_rtt_from_the_pong_of_its_ping() -> None:
     assert core.rtt == pytest.approx(0.125)
 
 
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        pytest.param(lambda p: [p], id="lone"),  # the fast path: one read, one PONG
+        pytest.param(lambda p: [p[:4], p[4:]], id="split"),
+        pytest.param(lambda p: [p[:1], p[1:]], id="split-early"),
+        pytest.param(lambda p: [ping(5) + p], id="behind-a-ping"),
+        pytest.param(
+            lambda p: [
+                INT.pack_frame(Kind.MULTICAST, 5)[:-9],
+                INT.pack_frame(Kind.MULTICAST, 5)[-9:] + p,
+            ],
+            id="behind-a-frame-tail",
+        ),
+    ],
+)
+def test_server_core_takes_a_pong_however_it_is_read(chunks: Any) -> None:
+    core = open_server_core(0.0)
+    core.handle_timer(1.0)
+    assert pings(core) == [1]
+    for chunk in chunks(pong(1)):
+        core.receive_data(chunk, 1.25)
+    assert core.rtt == pytest.approx(0.25)
+    assert not core.closed and core.error_code is None
+    take(core)  # a pong to the ping, if one was sent
+    # The PONG was liveness: the deadline counts from the next ping.
+    core.handle_timer(2.0)
+    assert pings(core) == [2]
+    core.handle_timer(3.5)
+    assert not core.closed
+
+
+def test_server_core_a_nine_byte_read_inside_a_frame_is_no_pong() -> None:
+    core = open_server_core(0.0)
+    frame = INT.pack_frame(Kind.MULTICAST, 5)
+    assert len(frame[10:]) == 9
+    assert core.receive_data(frame[:10], 0.5) == []
+    (got,) = core.receive_data(frame[10:], 0.5)  # 9 bytes that end a MULTICAST
+    assert bytes(got) == frame[4:]
+
+
+def test_server_core_a_nine_byte_read_that_is_no_pong_takes_the_full_path() -> None:
+    core = open_server_core(0.0)
+    bad = bytes.fromhex("00000005") + bytes((0x7F,)) + bytes(4)  # 9 bytes, unknown kind
+    core.receive_data(bad, 0.5)
+    assert core.closed and core.close_reason is DisconnectReason.PROTOCOL_ERROR
+
+
 def test_client_core_probes_rtt_every_rtt_interval() -> None:
     core = open_client_core(10.0, interval=10.0, timeout=10.0, rtt_interval=5.0)
     # The first probe goes out at once, then every rtt_interval.

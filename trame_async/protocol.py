@@ -62,6 +62,8 @@ _DATA: Final = int(Kind.DATA)
 _RELAY: Final = int(Kind.RELAY)
 _PING: Final = int(Kind.PING)
 _PONG: Final = int(Kind.PONG)
+#: A whole PONG frame: length 5, kind, ping id u32 BE.
+_PONG_FRAME: Final = struct.Struct(">IBI")
 _INF: Final = float("inf")
 #: length[4] + kind[1] + magic[4]: what identifies a HELLO.
 _PREAMBLE: Final = 9
@@ -276,6 +278,14 @@ class ServerCore(_Core):
         """
         if self.state is CoreState.CLOSED:
             return []
+        if len(data) == 9 and self.state is CoreState.OPEN and not self.parser.in_frame:
+            # A lone PONG is an idle client's one read per heartbeat: no parser pass for it.
+            length, kind, ping_id = _PONG_FRAME.unpack(data)
+            if length == 5 and kind == _PONG:
+                self._awaiting = None
+                self._frame_started = None
+                self._pong(ping_id, now)
+                return []
         if self._preamble is not None:
             # Hold the first bytes until kind and magic are in: a stray HTTP request or TLS hello
             # is then refused as such, however it is split, rather than as an oversized frame.
@@ -369,10 +379,7 @@ class ServerCore(_Core):
         if kind == _PING:
             self.outgoing.append(pong(parse_ping_id(body, "PING")))
         elif kind == _PONG:
-            ping_id = parse_ping_id(body, "PONG")
-            if self._rtt_ping is not None and self._rtt_ping[0] == ping_id:
-                self.rtt = max(0.0, now - self._rtt_ping[1])  # coarse clocks (uvloop: 1 ms)
-                self._rtt_ping = None
+            self._pong(parse_ping_id(body, "PONG"), now)
         elif kind == Kind.HELLO:
             if self.state is not CoreState.HANDSHAKE:
                 raise UnexpectedFrameError("HELLO", "after the handshake")
@@ -385,6 +392,11 @@ class ServerCore(_Core):
             raise UnexpectedFrameError(Kind(kind).name, "from a client")
         else:
             raise UnknownKindError(kind)
+
+    def _pong(self, ping_id: int, now: float) -> None:
+        if self._rtt_ping is not None and self._rtt_ping[0] == ping_id:
+            self.rtt = max(0.0, now - self._rtt_ping[1])  # coarse clocks (uvloop: 1 ms)
+            self._rtt_ping = None
 
     def _hello(self, hello: Hello, now: float) -> None:
         if hello.version != PROTOCOL_VERSION:
