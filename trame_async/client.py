@@ -426,14 +426,19 @@ class Client:
                 return self._pop()
             if self._error is not None:
                 raise self._error
-            waiter = self._waiter
-            if waiter is None or waiter.done():
-                waiter = self._waiter = asyncio.get_running_loop().create_future()
+            waiter = self._arm_waiter()
             if timeout is None:
                 await waiter
             else:
                 async with asyncio.timeout(timeout):
                     await asyncio.shield(waiter)
+
+    def _arm_waiter(self) -> asyncio.Future[None]:
+        """Return the future the next delivery (or the end) resolves, made anew once used."""
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+        return waiter
 
     def __aiter__(self) -> Client:
         return self
@@ -443,10 +448,7 @@ class Client:
         queue = self._queue
         if not queue and self._error is None:
             # Wait here rather than in receive(): no second coroutine per message at low rates.
-            waiter = self._waiter
-            if waiter is None or waiter.done():
-                waiter = self._waiter = asyncio.get_running_loop().create_future()
-            await waiter
+            await self._arm_waiter()
         if queue and not self._read_paused:
             return queue.popleft()  # the common case at high rates, without a second coroutine
         try:
