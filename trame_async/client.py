@@ -33,7 +33,7 @@ from .exceptions import (
     InvalidStateError,
     TrameError,
 )
-from .protocol import ClientCore, CoreState
+from .protocol import _CLOSED, _OPEN, ClientCore
 from .wire import DEFAULT_MAX_FRAME_SIZE, LENGTH_SIZE, Kind
 
 __all__ = ["DEFAULT_MAX_QUEUE_BYTES", "Backoff", "Client", "QueuePolicy", "connect"]
@@ -131,7 +131,7 @@ class _ClientProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         core = self.core
-        was_open = core.state is CoreState.OPEN
+        was_open = core.state is _OPEN
         if not was_open and len(self.head) < _HEAD_SIZE:
             self.head += data[: _HEAD_SIZE - len(self.head)]
         messages = core.receive_data(data, self.loop.time())
@@ -143,9 +143,9 @@ class _ClientProtocol(asyncio.Protocol):
             self._unqueued = buffered
         else:
             self._unqueued = core.parser.buffered
-        if core.closed:
+        if core.state is _CLOSED:
             self._end()
-        elif not was_open and core.state is CoreState.OPEN:
+        elif not was_open and core.state is _OPEN:
             if not self.handshake.done():
                 self.handshake.set_result(None)
                 self.opened = True
@@ -248,7 +248,7 @@ class _ClientProtocol(asyncio.Protocol):
 
     def send(self, frame: bytes) -> None:
         core = self.core
-        if core.state is not CoreState.OPEN or self.transport is None:
+        if core.state is not _OPEN or self.transport is None:
             raise self._client._closed_error(core, None)
         self._pending.append(frame)
         self._pending_bytes += len(frame)
@@ -304,6 +304,7 @@ class Client:
         self._delivered = 0
         self._chunk_bytes = 0
         self._waiter: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._read_paused = False
         self._error: ConnectionClosed | None = None
         self._closing = False
@@ -437,7 +438,11 @@ class Client:
         """Return the future the next delivery (or the end) resolves, made anew once used."""
         waiter = self._waiter
         if waiter is None or waiter.done():
-            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            loop = self._loop
+            if loop is None:
+                # Kept: get_running_loop() per message showed in profiles (a getpid() each call).
+                loop = self._loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
         return waiter
 
     def __aiter__(self) -> Client:
@@ -462,7 +467,7 @@ class Client:
     def connected(self) -> bool:
         """Whether the connection is open now (false while a reconnect is under way)."""
         proto = self._proto
-        return proto is not None and proto.core.state is CoreState.OPEN and self._down is None
+        return proto is not None and proto.core.state is _OPEN and self._down is None
 
     async def wait_connected(self, timeout: float | None = None) -> None:
         """Wait until the connection is open (after a reconnect); raise if it ended for good."""
@@ -514,7 +519,7 @@ class Client:
 
     def _open_proto(self) -> _ClientProtocol:
         proto = self._proto
-        if proto is None or self._error is not None or proto.core.state is not CoreState.OPEN:
+        if proto is None or self._error is not None or proto.core.state is not _OPEN:
             if self._error is not None:
                 raise self._error
             if self._down is not None:

@@ -29,7 +29,7 @@ from .codec import REGISTRY, Message, Registry, TrameLike
 from .codes import DisconnectReason, ErrorCode
 from .exceptions import InvalidStateError, ProtocolError
 from .outbox import drop_oldest, keep_latest
-from .protocol import CoreState, ServerCore, ServerLimits
+from .protocol import _OPEN, ServerCore, ServerLimits
 from .timers import TimerWheel
 from .wire import DEFAULT_MAX_FRAME_SIZE, HANDSHAKE_MAX_FRAME_SIZE, Kind, dropped_notice
 
@@ -189,7 +189,7 @@ class RemoteClient(asyncio.Protocol):
         self._out: list[bytes] = []
         self._out_bytes = 0
         # Queue size at which to act: write early, or apply the slow-consumer policy (_set_limit).
-        self._limit = server.config.write_high_water
+        self._limit = server._free_limit
         self._dirty = False
         self._write_paused = False
         self._was_open = False
@@ -220,7 +220,7 @@ class RemoteClient(asyncio.Protocol):
     @property
     def is_open(self) -> bool:
         """Whether the handshake is done and the connection not closed."""
-        return self._core.state is CoreState.OPEN
+        return self._core.state is _OPEN
 
     @property
     def queued_bytes(self) -> int:
@@ -257,13 +257,13 @@ class RemoteClient(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         core = self._core
         try:
-            was_open = core.state is CoreState.OPEN
+            was_open = core.state is _OPEN
             frames = core.receive_data(data, self._server._loop.time())
             if core.outgoing:
                 self._write_control()
             if frames:
                 self._server._dispatch(self, frames)
-            if core.state is not CoreState.OPEN:
+            if core.state is not _OPEN:
                 if core.closed:
                     self._finish()
                 elif core.parser.in_frame:
@@ -351,12 +351,12 @@ class RemoteClient(asyncio.Protocol):
         # Emptied before the write, which may call pause_writing: it must not count them twice.
         self._out = []
         self._out_bytes = 0
-        if len(out) == 1:
-            transport.write(out[0])
-        else:
-            # One join and one syscall beat one syscall per frame by far (docs/performance.md).
-            transport.write(b"".join(out))
-        self._set_limit()
+        # One join and one syscall beat one syscall per frame by far (docs/performance.md).
+        transport.write(out[0] if len(out) == 1 else b"".join(out))
+        if self._write_paused or transport.get_write_buffer_size():
+            self._set_limit()
+        else:  # all taken by the kernel: the usual case, and the one limit that needs no lookups
+            self._limit = self._server._free_limit
 
     def _flush_slice(self, cap: int) -> None:
         """Write the oldest pending frames, about ``cap`` bytes a time, until the transport pauses.
@@ -525,6 +525,8 @@ class Server:
         self._all: set[RemoteClient] = set()
         self._open: dict[int, RemoteClient] = {}
         self._dirty: list[RemoteClient] = []
+        # A client's queue limit while its transport holds nothing (RemoteClient._set_limit).
+        self._free_limit = min(config.write_high_water, config.max_queue_bytes)
         self._flush_handle: asyncio.Handle | None = None
         self._wheel: TimerWheel[RemoteClient] = TimerWheel(_resolution(config))
         self._tick_handle: asyncio.TimerHandle | None = None

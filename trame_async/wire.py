@@ -73,6 +73,9 @@ _HELLO: Final = struct.Struct(">4sBBH")
 _WELCOME: Final = struct.Struct(">4sBBIIII")
 #: PING / PONG: ping_id u32
 _PING_ID: Final = struct.Struct(">I")
+# A whole PING or PONG (length, kind, id) in one pack: each idle client sends and gets one a
+# heartbeat.
+_PING_FRAME: Final = struct.Struct(">IBI").pack
 #: ERROR: code u16 | reason_len u8 | reason[reason_len]
 _ERROR: Final = struct.Struct(">HB")
 #: GOODBYE: reason u16 | retry_after_ms u32 | text_len u8 | text[text_len]
@@ -113,6 +116,8 @@ class Kind(enum.IntEnum):
 
 
 _KINDS: Final = frozenset(int(k) for k in Kind)
+_PING: Final = int(Kind.PING)
+_PONG: Final = int(Kind.PONG)
 
 
 def check_kind(kind: int) -> Kind:
@@ -236,12 +241,12 @@ def _from_ms(ms: int) -> float | None:
 
 def ping(ping_id: int) -> bytes:
     """Return a PING frame."""
-    return HEADER.pack(5, Kind.PING) + _PING_ID.pack(ping_id)
+    return _PING_FRAME(5, _PING, ping_id)
 
 
 def pong(ping_id: int) -> bytes:
     """Return a PONG frame echoing ``ping_id``."""
-    return HEADER.pack(5, Kind.PONG) + _PING_ID.pack(ping_id)
+    return _PING_FRAME(5, _PONG, ping_id)
 
 
 #: DROPPED: count u32
