@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every run behind docs/performance.md, in order (about 25 minutes on 2 cores).
+# Every run behind docs/performance.md but its two long latency runs, in order (about 15 minutes on
+# 2 cores).
 #
 #   bash bench/reproduce.sh OUTDIR
 #
