@@ -27,6 +27,7 @@ __all__ = [
     "CLIENT_SCRIPT",
     "MS",
     "TLS_CLIENT_SCRIPT",
+    "Reading",
     "TlsFiles",
     "eventually",
     "make_tls",
@@ -38,6 +39,18 @@ __all__ = [
     "stop_process",
     "wait_listening",
 ]
+
+
+@dataclass(frozen=True)
+class Reading:
+    """A value type with a rule of its own, for the tests of refused values: never negative."""
+
+    value: int
+
+    def __post_init__(self) -> None:
+        if self.value < 0:
+            raise ValueError(f"negative reading {self.value}")
+
 
 #: A client in its own process: connect to the port in argv[1], print the id, read forever.
 CLIENT_SCRIPT = """\

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import MS, eventually, receive_n
+from helpers import MS, Reading, eventually, receive_n
 
 import trame_async
 from trame_async import (
@@ -500,17 +499,6 @@ async def test_a_failed_first_connect_leaves_no_reconnect_task(server: str) -> N
 
 
 # --- a value that the client's class refuses ---------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Reading:
-    """A value type with a rule of its own: a reading is never negative."""
-
-    value: int
-
-    def __post_init__(self) -> None:
-        if self.value < 0:
-            raise ValueError(f"negative reading {self.value}")
 
 
 def reading_registries() -> tuple[Registry, Registry]:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import pytest
+from helpers import Reading
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -1297,17 +1298,6 @@ def test_decode_frame_and_check_body_take_any_bytes_like(wrap: Any) -> None:
 
 
 # --- values that the receiver's class refuses ---------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Reading:
-    """A dataclass with a rule of its own: a reading is never negative."""
-
-    value: int
-
-    def __post_init__(self) -> None:
-        if self.value < 0:
-            raise ValueError(f"negative reading {self.value}")
 
 
 class Span:
