@@ -509,10 +509,44 @@ def reading_registries() -> tuple[Registry, Registry]:
     return plain, strict
 
 
-@pytest.mark.parametrize("kind", [Kind.RELAY, Kind.DATA], ids=["relay", "data"])
-async def test_a_value_the_clients_class_refuses_fails_the_connection_cleanly(
-    kind: Kind, caplog: pytest.LogCaptureFixture
+async def test_a_multicast_value_the_clients_class_refuses_drops_that_message_alone(
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    # The server relays the value unchecked (its registry has no class for it): the fault is the
+    # sender's, so the subscriber drops that one message and stays connected, rather than let
+    # one publisher cut every subscriber.
+    plain, strict = reading_registries()
+    lost: list[DisconnectReason] = []
+    caplog.set_level(logging.INFO, logger="trame_async")
+    async with (
+        trame_async.serve(
+            "127.0.0.1", 0, registry=plain, on_disconnect=lambda c, r: lost.append(r)
+        ) as server,
+        trame_async.connect("127.0.0.1", server.port, registry=strict) as client,
+    ):
+        for value in (1, 2, -1, 3, -4, 5):  # one loop iteration: one write, one read
+            server.multicast("RDG", value)
+        got = [(await client.receive(timeout=5)).value for _ in range(4)]
+        assert got == [Reading(1), Reading(2), Reading(3), Reading(5)]
+        assert client.refused == 2
+        assert client.connected and client.close_reason is None
+        server.multicast("RDG", 6)  # and the connection still carries what comes next
+        assert (await client.receive(timeout=5)).value == Reading(6)
+    assert lost == [DisconnectReason.GOODBYE]  # the client's own close, nothing else
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    # One line for the read that brought both (then at the 4th, 8th... refusal), no traceback.
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    text = warnings[0].getMessage()
+    assert "dropped a multicast from client 0" in text and "2 dropped so far" in text
+    assert "refused by Reading: ValueError: negative reading -4" in text
+    assert [r for r in caplog.records if r.exc_info is not None] == []
+
+
+async def test_a_data_value_the_clients_class_refuses_fails_the_connection_cleanly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A DATA frame is the server's own value: a value it sends that the client's class refuses
+    # is the server's error, handled as any other (ERROR BAD_VALUE, this connection closed).
     plain, strict = reading_registries()
     lost: list[DisconnectReason] = []
     loop_errors: list[dict[str, Any]] = []
@@ -529,10 +563,7 @@ async def test_a_value_the_clients_class_refuses_fails_the_connection_cleanly(
             (remote,) = server.clients
             # One loop iteration: the server writes the four frames together.
             for value in (1, 2, -1, 3):
-                if kind is Kind.RELAY:
-                    server.multicast("RDG", value)
-                else:
-                    remote.send("RDG", value)
+                remote.send("RDG", value)
             got = [(await client.receive(timeout=5)).value for _ in range(2)]
             assert got == [Reading(1), Reading(2)]
             with pytest.raises(ConnectionClosed) as info:
@@ -550,15 +581,15 @@ async def test_a_value_the_clients_class_refuses_fails_the_connection_cleanly(
     assert [r for r in caplog.records if r.exc_info is not None] == []
 
 
-def test_client_core_delivers_the_messages_before_a_refused_value() -> None:
+def test_client_core_drops_a_refused_relay_and_fails_on_a_refused_data_value() -> None:
     plain, strict = reading_registries()
     relays = [plain.encode("RDG", v, Kind.RELAY) for v in (1, 2, -1, 3)]
     datas = [plain.encode("RDG", v, Kind.DATA) for v in (1, 2, -1, 3)]
     partial = relays[0][:3]  # the start of a frame: the parser takes the chunk, not the scan
-    for chunks in (
-        [b"".join(relays)],
-        [b"".join(datas)],
-        [partial, relays[0][3:] + b"".join(relays[1:])],
+    for chunks, is_relay in (
+        ([b"".join(relays)], True),
+        ([partial, relays[0][3:] + b"".join(relays[1:])], True),
+        ([b"".join(datas)], False),
     ):
         core = ClientCore(0.0, registry=strict)
         core.receive_data(Welcome(PROTOCOL_VERSION, 0, 3, None, None, 1 << 20).encode(), 0.0)
@@ -566,7 +597,13 @@ def test_client_core_delivers_the_messages_before_a_refused_value() -> None:
         out: list[Message] = []
         for chunk in chunks:
             out += core.receive_data(chunk, 1.0)
+        if is_relay:
+            assert [m.value for m in out] == [Reading(1), Reading(2), Reading(3)]
+            assert core.refused == 1 and not core.closed and take(core) == []
+            assert core.last_refused is not None and core.last_refused[0] == 0
+            continue
         assert [m.value for m in out] == [Reading(1), Reading(2)]
+        assert core.refused == 0
         assert core.closed and core.close_reason is DisconnectReason.PROTOCOL_ERROR
         ((kind, body),) = take(core)
         assert kind == Kind.ERROR and ErrorFrame.parse(body).error_code is ErrorCode.BAD_VALUE

@@ -121,6 +121,7 @@ class _ClientProtocol(asyncio.Protocol):
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._flush_handle: asyncio.Handle | None = None
+        self._refused_seen = 0  # core.refused when last logged
 
     # --- asyncio.Protocol -------------------------------------------------------------------------
 
@@ -137,6 +138,8 @@ class _ClientProtocol(asyncio.Protocol):
         messages = core.receive_data(data, self.loop.time())
         if core.outgoing:
             self._write_outgoing()
+        if core.refused != self._refused_seen:
+            self._log_refused()
         if messages:
             buffered = core.parser.buffered
             self._client._deliver(messages, self._unqueued + len(data) - buffered)
@@ -160,6 +163,7 @@ class _ClientProtocol(asyncio.Protocol):
             self._flush_handle.cancel()
             self._flush_handle = None
         self._pending = []
+        self._pending_bytes = 0
         core = self.core
         core.connection_lost()
         if self._timer is not None:
@@ -186,6 +190,20 @@ class _ClientProtocol(asyncio.Protocol):
             self._drain.set_result(None)
 
     # --- internals ------------------------------------------------------------------------------
+
+    def _log_refused(self) -> None:
+        """Log dropped multicasts whose value was refused: the 1st, 2nd, 4th, 8th... of them."""
+        count = self.core.refused
+        logged, self._refused_seen = self._refused_seen, count
+        if count.bit_length() > logged.bit_length() and self.core.last_refused is not None:
+            sender, err = self.core.last_refused
+            logger.warning(
+                "dropped a multicast from client %d: %s (%d dropped so far on this connection; "
+                "register the type on the server too to refuse such values at their sender)",
+                sender,
+                err,
+                count,
+            )
 
     def _write_outgoing(self) -> None:
         core = self.core
@@ -343,6 +361,16 @@ class Client:
         Counts over the current connection only; a reconnect starts again from 0.
         """
         return self._proto.core.missed if self._proto is not None else 0
+
+    @property
+    def refused(self) -> int:
+        """Multicasts dropped here because their registered value type refused the value.
+
+        Such a value (its class's constructor or ``__post_init__`` raised) is the sender's
+        error; the server relays it unless it registers the type too. Counts over the current
+        connection only.
+        """
+        return self._proto.core.refused if self._proto is not None else 0
 
     @property
     def queued(self) -> int:

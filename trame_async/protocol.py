@@ -29,6 +29,7 @@ from typing import Final
 from .codec import REGISTRY, Message, Registry
 from .codes import DisconnectReason, ErrorCode
 from .exceptions import (
+    BadValueError,
     HandshakeError,
     ProtocolError,
     TrameError,
@@ -568,7 +569,9 @@ class ClientCore(_Core):
         "_rtt_interval",
         "_silence_limit",
         "client_id",
+        "last_refused",
         "missed",
+        "refused",
         "registry",
         "rtt",
         "welcome",
@@ -596,6 +599,10 @@ class ClientCore(_Core):
         self.rtt: float | None = None
         #: Frames the server dropped for this client (its slow-consumer policy), as it told us.
         self.missed = 0
+        #: Multicasts dropped here because their value type refused the value (BadValueError).
+        self.refused = 0
+        #: (sender id, error) of the last of them.
+        self.last_refused: tuple[int, BadValueError] | None = None
         self._last_rx = now
         self._silence_limit = _INF
         self._rtt_interval = rtt_interval
@@ -640,6 +647,12 @@ class ClientCore(_Core):
                     break
                 try:
                     msg = decode(frame, strict=False)
+                except BadValueError as err:
+                    if kind == _DATA:  # the server's own value: its error, as any other
+                        self.fail(err)
+                        break
+                    self._refuse(SENDER.unpack_from(frame, 1)[0], err)
+                    continue
                 except ProtocolError as err:
                     self.fail(err)
                     break
@@ -661,7 +674,7 @@ class ClientCore(_Core):
         The hot path of a receiving client: no memoryview per frame, one dict lookup checks code
         and format. Returns where it stopped; the parser takes the rest (other kinds, unknown
         codes, a partial frame, or anything odd, which it then checks in full). A value that its
-        type refuses fails the connection; the messages before it stay in ``out``.
+        type refuses drops that message alone (:meth:`_refuse`).
         """
         known = self.registry._by_head.get
         unpack_head = _RELAY_HEAD_UNPACK
@@ -670,21 +683,33 @@ class ClientCore(_Core):
         limit = self.parser.max_frame_size
         end = len(data)
         pos = 0
-        try:
-            while end - pos > 13:
-                length, kind, sender = unpack_head(data, pos)
-                stop = pos + 4 + length
-                if stop > end or length > limit or kind != _RELAY:
-                    break
-                value_at = pos + 13 + data[pos + 12]
-                trame = known(data[pos + 9 : value_at])
-                if trame is None or stop - value_at != trame.size:
-                    break
-                out.append(make(Message, (sender, trame, trame.unpack_from(data, value_at), relay)))
-                pos = stop
-        except ProtocolError as err:  # BadValueError: a value its registered class refuses
-            self.fail(err)
+        while end - pos > 13:
+            length, kind, sender = unpack_head(data, pos)
+            stop = pos + 4 + length
+            if stop > end or length > limit or kind != _RELAY:
+                break
+            value_at = pos + 13 + data[pos + 12]
+            trame = known(data[pos + 9 : value_at])
+            if trame is None or stop - value_at != trame.size:
+                break
+            try:
+                value = trame.unpack_from(data, value_at)
+            except BadValueError as err:  # a value its registered class refuses
+                self._refuse(sender, err)
+            else:
+                out.append(make(Message, (sender, trame, value, relay)))
+            pos = stop
         return pos
+
+    def _refuse(self, sender: int, err: BadValueError) -> None:
+        """Drop a relayed multicast whose value its registered type refuses, and count it.
+
+        The server relays what it does not decode, so the fault is the sender's, not the
+        server's: failing this connection would let one publisher cut every subscriber. The
+        adapter reports :attr:`refused`.
+        """
+        self.refused += 1
+        self.last_refused = (sender, err)
 
     def _control(self, frame: memoryview, kind: int, now: float) -> None:
         body = frame[1:]
