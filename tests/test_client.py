@@ -703,3 +703,47 @@ def test_client_core_without_server_heartbeat_needs_no_keepalive() -> None:
     assert core.next_timer() is None
     core.reading_paused(False, 2.0)
     assert core.next_timer() is None
+
+
+# --- the client's own frame limit ---------------------------------------------------------------
+
+
+async def test_the_clients_max_frame_size_holds_whatever_the_server_announces() -> None:
+    # The server accepts (and relays) frames four times larger than this client agreed to take:
+    # its WELCOME must not raise the client's limit. The client ends that connection alone.
+    async with (
+        trame_async.serve("127.0.0.1", 0, max_frame_size=20_000) as server,
+        trame_async.connect("127.0.0.1", server.port, max_frame_size=5000) as small,
+        trame_async.connect("127.0.0.1", server.port, echo=True) as publisher,
+    ):
+        assert small.server_settings is not None
+        assert small.server_settings.max_frame_size == 20_000
+        await publisher.multicast(BYT, b"x" * 4000)
+        assert (await small.receive(timeout=5)).value == b"x" * 4000
+        await publisher.multicast(BYT, b"x" * 12_000)
+        with pytest.raises(ConnectionClosed) as info:
+            await small.receive(timeout=5)
+        assert info.value.reason is DisconnectReason.PROTOCOL_ERROR
+        assert info.value.peer_error_code is ErrorCode.FRAME_TOO_LARGE
+        # The publisher (default limit, 1 MiB) got both of its own frames.
+        got = [(await publisher.receive(timeout=5)).value for _ in range(2)]
+        assert [len(v) for v in got] == [4000, 12_000]
+
+
+async def test_one_frame_within_max_frame_size_always_fits_the_byte_budget() -> None:
+    # max_queue_bytes may equal max_frame_size: one such frame, counted with its header bytes,
+    # still fits an empty queue, under every policy, the disconnect one included.
+    async with (
+        trame_async.serve("127.0.0.1", 0) as server,
+        trame_async.connect(
+            "127.0.0.1",
+            server.port,
+            max_frame_size=1000,
+            max_queue_bytes=1000,
+            queue_policy="disconnect",
+        ) as client,
+    ):
+        value = b"y" * (1000 - 12)  # code, format "<988s" and value: 1000 bytes of body
+        server.multicast(BYT, value)
+        assert (await client.receive(timeout=5)).value == value
+        assert client.connected and client.dropped == 0

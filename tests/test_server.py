@@ -778,3 +778,10 @@ async def test_tls_and_hello_share_one_handshake_deadline(tmp_path: Path) -> Non
     assert error.error_code is ErrorCode.HANDSHAKE_TIMEOUT
     assert tls_done < timeout, f"the TLS handshake itself took {tls_done:.3f} s"
     assert timeout - 50 * MS <= closed_after <= timeout + 500 * MS, closed_after
+
+
+def test_server_config_max_frame_size_leaves_room_for_the_relay_header() -> None:
+    # A MULTICAST of max_frame_size is relayed 4 bytes larger: its length must fit the u32 field.
+    trame_async.ServerConfig(max_frame_size=0xFFFF_FFFF - 4, max_queue_bytes=1 << 33)
+    with pytest.raises(ValueError, match="a relayed frame is 4 bytes larger"):
+        trame_async.ServerConfig(max_frame_size=0xFFFF_FFFF - 3, max_queue_bytes=1 << 33)

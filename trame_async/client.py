@@ -598,7 +598,12 @@ class Client:
         return self._chunk_bytes - size * (consumed - first) // (end - first)
 
     def _over(self) -> bool:
-        return len(self._queue) > self.max_queue or self._queued_bytes() > self.max_queue_bytes
+        # One message always fits, whatever its size on the wire (frame header included): the
+        # byte budget bounds a backlog, as the policies' "the newest always stays" does.
+        queue = self._queue
+        return len(queue) > self.max_queue or (
+            len(queue) > 1 and self._queued_bytes() > self.max_queue_bytes
+        )
 
     def _deliver(self, messages: list[Message], size: int) -> None:
         """Queue the messages of one read of ``size`` bytes; apply the policy if over a bound."""

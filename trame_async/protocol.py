@@ -744,10 +744,8 @@ class ClientCore(_Core):
             )
         self.welcome = welcome
         self.client_id = welcome.client_id
-        # Whatever the server accepts it relays to us, 4 bytes larger.
-        self.parser.max_frame_size = max(
-            self.parser.max_frame_size, min(welcome.max_frame_size + RELAY_OVERHEAD, 0xFFFF_FFFF)
-        )
+        # The parser keeps this side's own limit (+ RELAY_OVERHEAD, set at __init__): a server
+        # announcing a larger one must not make the client buffer more than it agreed to.
         self.state = _OPEN
         interval, timeout = welcome.heartbeat_interval, welcome.heartbeat_timeout
         if interval is not None and timeout is not None:

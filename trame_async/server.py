@@ -31,7 +31,14 @@ from .exceptions import InvalidStateError, ProtocolError
 from .outbox import drop_oldest, keep_latest
 from .protocol import _OPEN, ServerCore, ServerLimits
 from .timers import TimerWheel
-from .wire import DEFAULT_MAX_FRAME_SIZE, HANDSHAKE_MAX_FRAME_SIZE, Kind, dropped_notice
+from .wire import (
+    DEFAULT_MAX_FRAME_SIZE,
+    HANDSHAKE_MAX_FRAME_SIZE,
+    MAX_LENGTH,
+    RELAY_OVERHEAD,
+    Kind,
+    dropped_notice,
+)
 
 __all__ = ["RemoteClient", "Server", "ServerConfig", "serve", "start_server"]
 
@@ -105,9 +112,11 @@ class ServerConfig:
         _positive("handshake_timeout", self.handshake_timeout)
         _positive("frame_timeout", self.frame_timeout)
         _positive("slow_consumer_timeout", self.slow_consumer_timeout)
-        if not 64 <= self.max_frame_size <= 0xFFFF_FFFF:
+        # A MULTICAST is relayed RELAY_OVERHEAD bytes larger: its length must still fit the u32.
+        if not 64 <= self.max_frame_size <= MAX_LENGTH - RELAY_OVERHEAD:
             raise ValueError(
-                f"max_frame_size must be between 64 and 4294967295 bytes, not {self.max_frame_size}"
+                f"max_frame_size must be between 64 and {MAX_LENGTH - RELAY_OVERHEAD} bytes "
+                f"(a relayed frame is {RELAY_OVERHEAD} bytes larger), not {self.max_frame_size}"
             )
         if not 64 <= self.handshake_max_frame_size <= self.max_frame_size:
             raise ValueError("handshake_max_frame_size must be between 64 and max_frame_size")
