@@ -316,6 +316,7 @@ async def test_on_multicast_filter_drops_the_frames_it_refuses() -> None:
     calls: list[tuple[int, Any]] = []
 
     def only_even(remote: RemoteClient, message: Message) -> bool:
+        assert message.sender == remote.id and message.kind is Kind.MULTICAST
         calls.append((remote.id, message.value))
         return message.trame != INT or message.value == MARKER or message.value % 2 == 0
 

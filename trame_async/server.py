@@ -362,8 +362,9 @@ class RemoteClient(asyncio.Protocol):
         self._out_bytes = 0
         # One join and one syscall beat one syscall per frame by far (docs/performance.md).
         transport.write(out[0] if len(out) == 1 else b"".join(out))
-        if self._write_paused or transport.get_write_buffer_size():
-            self._set_limit()
+        buffered = transport.get_write_buffer_size()
+        if self._write_paused or buffered:
+            self._set_limit(buffered)
         else:  # all taken by the kernel: the usual case, and the one limit that needs no lookups
             self._limit = self._server._free_limit
 
@@ -395,7 +396,7 @@ class RemoteClient(asyncio.Protocol):
             transport.write(b"".join(head))  # may pause writing: the loop ends there
         self._set_limit()
 
-    def _set_limit(self) -> None:
+    def _set_limit(self, buffered: int | None = None) -> None:
         """Set the queue size at which the server must act on this client.
 
         While the transport takes data, past the high-water mark the queue is written at once
@@ -404,8 +405,9 @@ class RemoteClient(asyncio.Protocol):
         is congested, the limit is what is left of the outbound budget.
         """
         config = self._server.config
-        transport = self._transport
-        buffered = transport.get_write_buffer_size() if transport else 0
+        if buffered is None:
+            transport = self._transport
+            buffered = transport.get_write_buffer_size() if transport else 0
         left = config.max_queue_bytes - buffered
         self._limit = left if self._write_paused else min(config.write_high_water, left)
 
@@ -432,13 +434,16 @@ class RemoteClient(asyncio.Protocol):
 
     def _on_timer(self, now: float) -> None:
         core = self._core
-        if self._write_paused and not self._server._flow_control and self._transport is not None:
+        transport = self._transport
+        # _first_look is None when no progress check is due (disconnect policy, or no timeout):
+        # then the ioctl behind _undelivered is not worth making.
+        if self._write_paused and self._server._first_look is not None and transport is not None:
             # Drop policies: a congested client that took any of its backlog since last time is
             # lagging, not stuck; only one that takes nothing for slow_consumer_timeout is cut.
             # The first look of a congestion has no baseline (pause_writing takes none): it counts
             # as progress, so that a cut still comes at least one timeout after the last read.
             # Server._congested makes that first look half a timeout in.
-            undelivered = _undelivered(self._transport)
+            undelivered = _undelivered(transport)
             if undelivered < self._drain_mark or self._drain_mark < 0:
                 core.writing_progress(now)
             self._drain_mark = undelivered
@@ -913,7 +918,8 @@ class Server:
                         self.fanout(b"".join(parts), exclude, len(parts) // 2)
                     raise  # ends the sender's connection (RemoteClient.data_received)
                 try:
-                    keep = on_multicast(sender, message)
+                    # As for on_data: the message names its sender (a MULTICAST carries none).
+                    keep = on_multicast(sender, message._replace(sender=sid))
                 except Exception:
                     logger.exception("on_multicast hook failed for client %d", sid)
                     keep = False
