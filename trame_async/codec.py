@@ -810,15 +810,13 @@ class Registry:
         Registered codes are checked against their type (format, size, UTF-8 text); unknown codes
         against their own format. Used by the server before relaying.
         """
+        buf = _hashable(buf)  # its slices are dict keys below
         end = len(buf)
         if end - start >= 4:
             fmt_end = start + 4 + buf[start + 3]
-            try:
-                if self.sizes.get(buf[start:fmt_end]) == end - fmt_end:
-                    return
-            except (TypeError, ValueError):  # a bytearray's or writable view's slices do not hash
-                return self.check_body(bytes(buf), start)
-        self._decode_body(_hashable(buf), start, False)
+            if self.sizes.get(buf[start:fmt_end]) == end - fmt_end:
+                return
+        self._decode_body(buf, start, False)
 
     def decode_frame(
         self, frame: bytes | bytearray | memoryview, *, strict: bool = True

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import enum
 import hmac
-import struct
 from dataclasses import dataclass
 from typing import Final
 
@@ -37,9 +36,12 @@ from .exceptions import (
     UnknownKindError,
 )
 from .wire import (
+    _PING,
+    _PONG,
     DEFAULT_MAX_FRAME_SIZE,
     FLAG_ECHO,
     HANDSHAKE_MAX_FRAME_SIZE,
+    HEADER_U32,
     MAGIC,
     PROTOCOL_VERSION,
     RELAY_OVERHEAD,
@@ -61,17 +63,12 @@ __all__ = ["ClientCore", "CoreState", "ServerCore", "ServerLimits"]
 _MULTICAST: Final = int(Kind.MULTICAST)
 _DATA: Final = int(Kind.DATA)
 _RELAY: Final = int(Kind.RELAY)
-_PING: Final = int(Kind.PING)
-_PONG: Final = int(Kind.PONG)
 _KIND_RELAY: Final = Kind.RELAY
-#: A whole PONG frame: length 5, kind, ping id u32 BE.
-_PONG_FRAME: Final = struct.Struct(">IBI")
 _INF: Final = float("inf")
 #: length[4] + kind[1] + magic[4]: what identifies a HELLO.
 _PREAMBLE: Final = 9
 _SENDER_UNPACK: Final = SENDER.unpack_from
-#: length u32 | kind u8 | sender u32: the start of a RELAY frame.
-_RELAY_HEAD_UNPACK: Final = struct.Struct(">IBI").unpack_from
+_HEAD_U32_UNPACK: Final = HEADER_U32.unpack_from
 # tuple.__new__ skips the Python-level __new__ of the NamedTuple: half the cost per message.
 _new_message: Final = tuple.__new__
 
@@ -289,7 +286,7 @@ class ServerCore(_Core):
             return []
         if len(data) == 9 and self.state is _OPEN and not self.parser.in_frame:
             # A lone PONG is an idle client's one read per heartbeat: no parser pass for it.
-            length, kind, ping_id = _PONG_FRAME.unpack(data)
+            length, kind, ping_id = _HEAD_U32_UNPACK(data)
             if length == 5 and kind == _PONG:
                 self._awaiting = None
                 self._frame_started = None
@@ -677,7 +674,7 @@ class ClientCore(_Core):
         type refuses drops that message alone (:meth:`_refuse`).
         """
         known = self.registry._by_head.get
-        unpack_head = _RELAY_HEAD_UNPACK
+        unpack_head = _HEAD_U32_UNPACK
         make = _new_message
         relay = _KIND_RELAY
         limit = self.parser.max_frame_size

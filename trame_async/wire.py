@@ -73,9 +73,10 @@ _HELLO: Final = struct.Struct(">4sBBH")
 _WELCOME: Final = struct.Struct(">4sBBIIII")
 #: PING / PONG: ping_id u32
 _PING_ID: Final = struct.Struct(">I")
-# A whole PING or PONG (length, kind, id) in one pack: each idle client sends and gets one a
-# heartbeat.
-_PING_FRAME: Final = struct.Struct(">IBI").pack
+#: length u32 | kind u8 | u32: the head of a PING/PONG (the ping id: the whole frame) and of a
+#: RELAY (the sender id), packed or unpacked in one call on the hot paths.
+HEADER_U32: Final = struct.Struct(">IBI")
+_PING_FRAME: Final = HEADER_U32.pack
 #: ERROR: code u16 | reason_len u8 | reason[reason_len]
 _ERROR: Final = struct.Struct(">HB")
 #: GOODBYE: reason u16 | retry_after_ms u32 | text_len u8 | text[text_len]
