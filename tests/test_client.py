@@ -453,6 +453,33 @@ def test_on_message_must_be_a_plain_function() -> None:
     with pytest.raises(TypeError, match="plain function"):
         trame_async.connect("127.0.0.1", 1, on_message="not callable")  # type: ignore[arg-type]
 
+    class AsyncCallable:
+        async def __call__(self, message: Message) -> None:
+            del message
+
+    with pytest.raises(TypeError, match="plain function"):
+        trame_async.connect("127.0.0.1", 1, on_message=AsyncCallable())
+
+
+async def test_on_message_set_on_a_connected_client_is_checked_and_used() -> None:
+    got: list[int] = []
+    async with (
+        trame_async.serve("127.0.0.1", 0) as server,
+        trame_async.connect("127.0.0.1", server.port) as client,
+    ):
+
+        async def handler(message: Message) -> None:
+            del message
+
+        with pytest.raises(TypeError, match="plain function"):
+            client.on_message = handler
+        assert client.on_message is None
+        server.multicast(INT, 1)
+        assert (await client.receive(timeout=5)).value == 1  # still queued
+        client.on_message = lambda message: got.append(message.value)
+        server.multicast(INT, 2)
+        await eventually(lambda: got == [2], what="the callback got the message")
+
 
 # --- a failed first connect ---------------------------------------------------------------------
 

@@ -336,8 +336,21 @@ class Client:
         self._hook_tasks: set[asyncio.Future[Any]] = set()
         self.on_disconnect: Callable[[ConnectionClosed], Any] | None = None
         self.on_reconnect: Callable[[Client], Any] | None = None
-        #: Called with each message in the I/O callback instead of queueing it (see connect()).
-        self.on_message: Callable[[Message], Any] | None = None
+        self._on_message: Callable[[Message], Any] | None = None
+
+    @property
+    def on_message(self) -> Callable[[Message], Any] | None:
+        """Called with each message in the I/O callback instead of queueing it (see connect()).
+
+        Settable at any time; a coroutine function (or an object with an ``async __call__``)
+        is refused with ``TypeError``.
+        """
+        return self._on_message
+
+    @on_message.setter
+    def on_message(self, callback: Callable[[Message], Any] | None) -> None:
+        _check_on_message(callback)
+        self._on_message = callback
 
     def __repr__(self) -> str:
         return f"<Client id={self.id} server={self.host}:{self.port} closed={self.closed}>"
@@ -607,7 +620,7 @@ class Client:
 
     def _deliver(self, messages: list[Message], size: int) -> None:
         """Queue the messages of one read of ``size`` bytes; apply the policy if over a bound."""
-        callback = self.on_message
+        callback = self._on_message
         if callback is not None:
             # Straight to the application, in order, with no queue and no task switch.
             for message in messages:
@@ -929,6 +942,21 @@ def _tls_failure(err: _ssl.SSLError) -> tuple[str, str]:
     )
 
 
+def _check_on_message(callback: Any) -> None:
+    """Refuse an ``on_message`` that is not a plain callable (it runs in the I/O callback)."""
+    if callback is None:
+        return
+    if (
+        not callable(callback)
+        or inspect.iscoroutinefunction(callback)
+        or inspect.iscoroutinefunction(getattr(callback, "__call__", None))  # noqa: B004
+    ):
+        raise TypeError(
+            "on_message must be a plain function (it runs inside the I/O callback); "
+            "for asynchronous handling, iterate with 'async for message in client'"
+        )
+
+
 async def _abort(proto: _ClientProtocol) -> None:
     if proto.transport is not None:
         proto.transport.abort()
@@ -1003,13 +1031,7 @@ class connect:
         on_reconnect: Callable[[Client], Any] | None = None,
         on_message: Callable[[Message], Any] | None = None,
     ) -> None:
-        if on_message is not None and (
-            inspect.iscoroutinefunction(on_message) or not callable(on_message)
-        ):
-            raise TypeError(
-                "on_message must be a plain function (it runs inside the I/O callback); "
-                "for asynchronous handling, iterate with 'async for message in client'"
-            )
+        _check_on_message(on_message)  # before any connection is made
         self._client = Client(
             host,
             port,
