@@ -316,7 +316,7 @@ async def test_hung_client_with_unsent_backlog_is_still_cut_at_the_heartbeat_dea
             assert transport is not None
             for _ in range(2000):
                 server.multicast(BYT, chunk)
-                await eventually(lambda: not remote._out, 1.0, what="flush")
+                await eventually(lambda: not remote.outbox.frames, 1.0, what="flush")
                 if transport.get_write_buffer_size() > 0:
                     break
             assert 0 < transport.get_write_buffer_size() < server.config.write_high_water

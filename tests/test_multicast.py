@@ -143,7 +143,7 @@ async def test_a_multicast_is_encoded_once_and_the_same_bytes_queued_for_every_r
         def spy(relay_frame: bytes, exclude: RemoteClient | None = None, frames: int = 1) -> None:
             real_fanout(relay_frame, exclude, frames)
             # Still inside the callback, before the end-of-iteration flush writes the queues.
-            queued = {rid: list(r._out) for rid, r in remotes.items()}
+            queued = {rid: list(r.outbox.frames) for rid, r in remotes.items()}
             fanned.append((relay_frame, queued, len(asyncio.all_tasks())))
 
         server.fanout = spy  # type: ignore[method-assign]
@@ -175,7 +175,7 @@ async def test_a_multicast_is_encoded_once_and_the_same_bytes_queued_for_every_r
         assert all(q == [relay] and q[0] is relay for q in queued.values())
         assert tasks_during == tasks_before
         await asyncio.gather(*(expect_marker(c) for c in clients))
-        assert all(r._out == [] for r in remotes.values())  # written out, nothing held back
+        assert all(not r.outbox.frames for r in remotes.values())  # written out, nothing held back
         assert len(asyncio.all_tasks()) == tasks_before
 
 

@@ -109,7 +109,6 @@ class ServerLimits:
     handshake_max_frame_size: int = HANDSHAKE_MAX_FRAME_SIZE
     handshake_timeout: float | None = 10.0
     frame_timeout: float | None = 30.0
-    slow_consumer_timeout: float | None = 5.0
     token: bytes | None = None
 
 
@@ -227,7 +226,6 @@ class ServerCore(_Core):
 
     __slots__ = (
         "_awaiting",
-        "_congested_at",
         "_interval",
         "_next_ping",
         "_opened_at",
@@ -273,7 +271,6 @@ class ServerCore(_Core):
         self._read_paused = False
         self._write_congested = False
         self._paused_at: float | None = None
-        self._congested_at: float | None = None
 
     def receive_data(self, data: bytes, now: float) -> list[memoryview]:
         """Feed bytes from the client; return its valid MULTICAST and DATA frames.
@@ -452,8 +449,6 @@ class ServerCore(_Core):
                 when = min(when, self._awaiting + self._timeout)
         if self._frame_started is not None and limits.frame_timeout is not None:
             when = min(when, self._frame_started + limits.frame_timeout)
-        if self._congested_at is not None and limits.slow_consumer_timeout is not None:
-            when = min(when, self._congested_at + limits.slow_consumer_timeout)
         return None if when == _INF else when
 
     def handle_timer(self, now: float) -> None:
@@ -480,17 +475,6 @@ class ServerCore(_Core):
                 ErrorCode.FRAME_TIMEOUT,
                 DisconnectReason.FRAME_TIMEOUT,
                 f"frame not completed within {limits.frame_timeout:g} s",
-            )
-            return
-        if (
-            self._congested_at is not None
-            and limits.slow_consumer_timeout is not None
-            and now >= self._congested_at + limits.slow_consumer_timeout
-        ):
-            self.refuse(
-                ErrorCode.SLOW_CONSUMER,
-                DisconnectReason.SLOW_CONSUMER,
-                f"not reading for more than {limits.slow_consumer_timeout:g} s",
             )
             return
         if self.state is not _OPEN:
@@ -525,21 +509,11 @@ class ServerCore(_Core):
     def writing_congested(self, congested: bool, now: float) -> None:
         """Tell the core that the client's transport is (or is no longer) above its high water.
 
-        The slow-consumer clock (``slow_consumer_timeout``) starts at ``now``.
+        A congested client may not get to read our pings: its silence then proves nothing (its
+        outbox's progress checks judge it instead).
         """
         self._write_congested = congested
-        self._congested_at = now if congested else None
         self._update_pause(now)
-
-    def writing_progress(self, now: float) -> None:
-        """Tell the core that a congested client took some of its backlog: restart the clock.
-
-        Under the drop policies a lagging client costs no one anything (its budget bounds its
-        memory, publishers are not slowed), so the adapter reports progress and only a client
-        that reads nothing at all for ``slow_consumer_timeout`` is cut.
-        """
-        if self._congested_at is not None:
-            self._congested_at = now
 
     def _update_pause(self, now: float) -> None:
         if self._read_paused or self._write_congested:

@@ -28,7 +28,7 @@ from typing import Any, Final, Literal, cast
 from .codec import REGISTRY, Message, Registry, TrameLike
 from .codes import DisconnectReason, ErrorCode
 from .exceptions import InvalidStateError, ProtocolError
-from .outbox import drop_oldest, keep_latest
+from .outbox import CUT, WRITE, Ledger, Outbox, OutboxLimits
 from .protocol import _OPEN, ServerCore, ServerLimits
 from .timers import TimerWheel
 from .wire import (
@@ -37,13 +37,14 @@ from .wire import (
     MAX_LENGTH,
     RELAY_OVERHEAD,
     Kind,
-    dropped_notice,
 )
 
 __all__ = ["RemoteClient", "Server", "ServerConfig", "serve", "start_server"]
 
 logger = logging.getLogger("trame_async.server")
 
+#: HELLO length field without the token: kind[1] magic[4] version[1] flags[1] token_len[2].
+_HELLO_BASE: Final = 9
 #: length u32 | kind u8 | sender u32: the part of a RELAY frame the server writes itself.
 _RELAY_HEAD: Final = struct.Struct(">IBI")
 _RELAY: Final = int(Kind.RELAY)
@@ -59,6 +60,7 @@ else:  # pragma: no cover - elsewhere only the transport's buffer is seen
     _SIOCOUTQ = None
 
 SlowConsumerPolicy = Literal["disconnect", "drop-oldest", "keep-latest"]
+FlowControl = Literal["off", "pace"]
 ConnectHook = Callable[["RemoteClient"], "Awaitable[None] | None"]
 DisconnectHook = Callable[["RemoteClient", DisconnectReason], "Awaitable[None] | None"]
 DataHook = Callable[["RemoteClient", Message], "Awaitable[None] | None"]
@@ -85,18 +87,40 @@ class ServerConfig:
     frame_timeout: float | None = 30.0
     """Close a connection that started a frame and did not finish it within this long."""
     max_clients: int | None = None
-    """Refuse connections beyond this many (an ERROR frame, then close)."""
+    """Refuse clients beyond this many connected ones (counted at their HELLO; an ERROR frame,
+    then close). Connections still in their handshake are bounded apart (max_handshaking), so
+    that sockets without a token cannot lock out the clients that hold one."""
+    max_handshaking: int | None = 1024
+    """Refuse connections beyond this many still in their handshake (TLS or HELLO)."""
     token: str | bytes | None = field(default=None, repr=False)
     """Shared secret every client must present in its HELLO; never logged."""
     max_queue_bytes: int = 4 << 20
     """Outbound budget per client: bytes queued in user space (our queue + transport buffer)."""
     slow_consumer_policy: SlowConsumerPolicy = "disconnect"
     """What to do with a client over its budget: cut it, drop its oldest frames, or keep only the
-    latest RELAY frame per (sender, trame code). keep-latest also folds a lagging client's pending
-    RELAYs whenever its transport drains, over the budget or not; DATA replies are never folded."""
+    latest RELAY frame per (sender, trame code). keep-latest folds a congested client's pending
+    RELAYs as they arrive, over the budget or not; DATA replies are never folded."""
     slow_consumer_timeout: float | None = 5.0
-    """Cut a client whose transport stays congested (not reading) for this long. Under the drop
-    policies, only a client that takes none of its backlog for this long is cut."""
+    """Cut a congested client that takes less than slow_consumer_min_rate for this long (checked
+    every quarter of it, so the cut comes within 1.25 times this)."""
+    slow_consumer_min_rate: int = 1024
+    """Bytes per second a congested client must take to count as draining."""
+    keep_latest_streams: int = 4096
+    """keep-latest: most distinct (sender, trame code) streams kept for one congested client."""
+    flow_control: FlowControl = "off"
+    """"off": one client's congestion never slows anyone else. "pace" (opt-in, disconnect policy
+    only): publishers wait while any reader is congested, so the group moves at the pace of its
+    slowest reader; a congested reader that takes less than pace_min_rate over a
+    max_publisher_pause window is cut."""
+    pace_min_rate: int = 16 << 10
+    """Pace mode: bytes per second a congested reader must take for publishers to wait for it."""
+    max_publisher_pause: float = 0.1
+    """Longest pause of the publishers for one congestion (pace mode) or one pass of the
+    server-wide budget; at most 1 s."""
+    max_total_queue_bytes: int | None = 256 << 20
+    """Server-wide budget: bytes pending in all outboxes (taken as at least twice
+    max_queue_bytes, so that one client alone never reaches it). Past it publishers are paused;
+    if still over after max_publisher_pause, the largest backlogs are shed by the policy."""
     write_high_water: int = 64 << 10
     """Transport buffer size at which a client counts as congested (pause_writing)."""
     send_buffer_size: int | None = 128 << 10
@@ -134,6 +158,63 @@ class ServerConfig:
             )
         if self.drain_timeout < 0:
             raise ValueError("drain_timeout must be >= 0")
+        if self.max_handshaking is not None and self.max_handshaking < 1:
+            raise ValueError("max_handshaking must be at least 1 (or None for no limit)")
+        if self.slow_consumer_min_rate < 0 or self.pace_min_rate < 0:
+            raise ValueError("slow_consumer_min_rate and pace_min_rate must be >= 0 bytes/s")
+        if self.keep_latest_streams < 1:
+            raise ValueError("keep_latest_streams must be at least 1")
+        if self.flow_control not in ("off", "pace"):
+            raise ValueError(f"flow_control must be 'off' or 'pace', not {self.flow_control!r}")
+        if self.flow_control == "pace" and self.slow_consumer_policy != "disconnect":
+            raise ValueError(
+                "flow_control='pace' needs slow_consumer_policy='disconnect': the drop policies "
+                "exist to let a reader fall behind without slowing anyone"
+            )
+        if not 0 < self.max_publisher_pause <= 1.0:
+            raise ValueError(
+                f"max_publisher_pause must be more than 0 and at most 1 s, not "
+                f"{self.max_publisher_pause}: it bounds how long one client can stall the others"
+            )
+        if self.max_total_queue_bytes is not None and self.max_total_queue_bytes < 1:
+            raise ValueError("max_total_queue_bytes must be at least 1 (or None for no limit)")
+        token = self.token.encode("utf-8") if isinstance(self.token, str) else self.token
+        if token is not None:
+            hello = _HELLO_BASE + len(token)
+            if len(token) > 0xFFFF or hello > self.handshake_max_frame_size:
+                raise ValueError(
+                    f"a token of {len(token)} bytes makes a HELLO of {hello} bytes, more than "
+                    f"handshake_max_frame_size={self.handshake_max_frame_size} (option "
+                    f"--handshake-max-frame-size) allows: no client could ever connect. Use a "
+                    f"shorter token (--token, TRAME_TOKEN) or raise that limit"
+                )
+
+    def outbox_limits(self) -> OutboxLimits:
+        """Return the settings of every client's outbox."""
+        if self.flow_control == "pace":
+            # Publishers wait for a congested reader one window at a time, while it drains at
+            # pace_min_rate; the baseline is taken at once since the window is short.
+            window = self.max_publisher_pause
+            return OutboxLimits(
+                policy=self.slow_consumer_policy,
+                max_bytes=self.max_queue_bytes,
+                write_high_water=self.write_high_water,
+                stall_timeout=window,
+                min_rate=self.pace_min_rate,
+                max_streams=self.keep_latest_streams,
+                check_interval=window,
+                probe_at_pause=True,
+            )
+        timeout = self.slow_consumer_timeout
+        return OutboxLimits(
+            policy=self.slow_consumer_policy,
+            max_bytes=self.max_queue_bytes,
+            write_high_water=self.write_high_water,
+            stall_timeout=timeout,
+            min_rate=self.slow_consumer_min_rate,
+            max_streams=self.keep_latest_streams,
+            check_interval=timeout / 4 if timeout is not None else 1.0,
+        )
 
     def limits(self) -> ServerLimits:
         """Return the per-connection limits for the sans-I/O core."""
@@ -145,7 +226,6 @@ class ServerConfig:
             handshake_max_frame_size=self.handshake_max_frame_size,
             handshake_timeout=self.handshake_timeout,
             frame_timeout=self.frame_timeout,
-            slow_consumer_timeout=self.slow_consumer_timeout,
             token=token,
         )
 
@@ -159,30 +239,30 @@ class RemoteClient(asyncio.Protocol):
     """One client connection as the server sees it.
 
     Attributes:
-        id: Client id assigned by the server (1, 2, ...; 0 is the server itself).
+        id: Client id assigned by the server (1, 2, ...; 0 is the server itself). Ids of live
+            connections are unique; after 2**32 - 1 connections they wrap, skipping live ones.
         address: The peer's ``(host, port, ...)`` as the socket reports it.
         connected_since: Wall-clock time (``time.time()``) of the accept.
-        dropped: Frames dropped for this client by the slow-consumer policy.
+        outbox: What waits to be written to this client, its budget and policy
+            (:class:`~trame_async.outbox.Outbox`).
     """
 
     __slots__ = (
         "_close_timer",
         "_core",
         "_dirty",
-        "_drain_mark",
-        "_limit",
-        "_out",
-        "_out_bytes",
+        "_held",
+        "_hook_task",
+        "_in_handshake",
+        "_paused_by",
         "_publisher",
         "_server",
         "_transport",
-        "_unreported",
         "_was_open",
-        "_write_paused",
         "address",
         "connected_since",
-        "dropped",
         "id",
+        "outbox",
     )
 
     def __init__(self, server: Server, client_id: int) -> None:
@@ -190,24 +270,21 @@ class RemoteClient(asyncio.Protocol):
         self.id = client_id
         self.address: Any = None
         self.connected_since = time.time()
-        self.dropped = 0
         self._transport: asyncio.Transport | None = None
         # Built at the accept (before any TLS handshake): handshake_timeout counts from here.
         self._core = ServerCore(client_id, server._limits, server._loop.time(), server.registry)
-        # Frames waiting for this loop iteration's write, or for a congested transport to drain.
-        self._out: list[bytes] = []
-        self._out_bytes = 0
-        # Queue size at which to act: write early, or apply the slow-consumer policy (_set_limit).
-        self._limit = server._free_limit
+        self.outbox = Outbox(server._outbox_limits, server._ledger)
         self._dirty = False
-        self._write_paused = False
         self._was_open = False
+        self._in_handshake = False
         self._publisher = False
-        self._unreported = 0
         self._close_timer: asyncio.TimerHandle | None = None
-        # Drop policies: bytes not yet taken by the peer when last looked at in this congestion,
-        # -1 before the first look (see _on_timer).
-        self._drain_mark = -1
+        # Frames received but not yet dispatched because a hook of this client is running: hooks
+        # run one at a time per client, in order, and its reading waits meanwhile.
+        self._held: list[memoryview] | None = None
+        self._hook_task: asyncio.Task[None] | None = None
+        # Why reading from this client is paused (_BY_HOOK | _BY_FLOW); 0 when it is not.
+        self._paused_by = 0
 
     def __repr__(self) -> str:
         return (
@@ -232,11 +309,16 @@ class RemoteClient(asyncio.Protocol):
         return self._core.state is _OPEN
 
     @property
+    def dropped(self) -> int:
+        """Frames dropped for this client by the slow-consumer policy."""
+        return self.outbox.dropped
+
+    @property
     def queued_bytes(self) -> int:
         """Bytes queued for this client in user space (pending frames + transport buffer)."""
         transport = self._transport
         buffered = transport.get_write_buffer_size() if transport is not None else 0
-        return self._out_bytes + buffered
+        return self.outbox.size + buffered
 
     def send(self, trame: TrameLike, value: Any) -> None:
         """Send a DATA frame to this client alone (it arrives with sender 0, kind DATA)."""
@@ -270,30 +352,23 @@ class RemoteClient(asyncio.Protocol):
             frames = core.receive_data(data, self._server._loop.time())
             if core.outgoing:
                 self._write_control()
-            if frames:
+            if not was_open and core.state is _OPEN:
+                # on_connect runs before anything that came with the HELLO is dispatched: a
+                # client it refuses gets nothing relayed, and an async one holds the rest.
+                self._server._opened(self, frames)
+            elif self._held is not None:
+                self._held.extend(frames)  # a hook runs: these wait behind it, in order
+            elif frames:
                 self._server._dispatch(self, frames)
             if core.state is not _OPEN:
                 if core.closed:
                     self._finish()
                 elif core.parser.in_frame:
                     self._server._reschedule(self)
-            elif not was_open:
-                self._server._opened(self)
             elif core.parser.in_frame:
                 self._server._reschedule(self)
-        except ProtocolError as err:
-            # Found while dispatching (a value the server's registered class refuses, decoded
-            # for a hook): the peer's fault, handled as any protocol error, without a traceback.
-            core.fail(err)
-            self._write_control()
-            self._finish()
-        except Exception:
-            # A bug of ours: this connection alone ends, with an ERROR that says nothing of the
-            # internals; the log has the traceback.
-            logger.exception("internal error on data from client %d: closing it", self.id)
-            core.refuse(ErrorCode.INTERNAL_ERROR, DisconnectReason.PROTOCOL_ERROR, "internal error")
-            self._write_control()
-            self._finish()
+        except Exception as err:
+            self._failed(err)
 
     def eof_received(self) -> bool | None:
         return None  # let the transport close; connection_lost reports it
@@ -302,114 +377,89 @@ class RemoteClient(asyncio.Protocol):
         if self._close_timer is not None:
             self._close_timer.cancel()
             self._close_timer = None
-        if self._write_paused:
-            self._write_paused = False
+        if self.outbox.congested:
+            self.outbox.resume()
             self._server._congested(self, False)
+        self._held = None
         reason = self._core.connection_lost()
         self._server._lost(self, reason, exc)
         self._transport = None
-        self._out = []
-        self._out_bytes = 0
+        self.outbox.clear()
 
     def pause_writing(self) -> None:
-        self._write_paused = True
-        self._set_limit()
+        server = self._server
+        transport = self._transport
+        undelivered = None
+        if self.outbox.limits.probe_at_pause and transport is not None:
+            # With the short windows of the pace mode the baseline is taken at once; otherwise at
+            # the first check, so that a fan-out burst that pauses many clients costs no syscall.
+            undelivered = _undelivered(transport)
+        self.outbox.pause(server._loop.time(), undelivered)
         # The transport's buffer went past the high-water mark: the one place it grows to a new
-        # peak (writes only move bytes here from the pending list; see peak_queued_bytes).
+        # peak (writes only move bytes here from the outbox; see peak_queued_bytes).
         self._note_peak()
-        # Drop policies: no progress baseline yet. The first timer check of this congestion takes
-        # it (_on_timer), so a fan-out burst that pauses many clients costs no syscall here.
-        self._drain_mark = -1
-        self._server._congested(self, True)
+        server._congested(self, True)
 
     def resume_writing(self) -> None:
-        self._write_paused = False
-        server = self._server
-        server._congested(self, False)
-        if self._out:
-            if server._flow_control:
+        outbox = self.outbox
+        outbox.resume()
+        self._server._congested(self, False)
+        if outbox.size:
+            if outbox.limits.policy == "disconnect":
                 self._flush()
             else:
-                server._catch_up(self)
+                self._write_slices()
 
     # --- internals ------------------------------------------------------------------------------
 
+    def _failed(self, err: Exception) -> None:
+        core = self._core
+        if isinstance(err, ProtocolError):
+            # Found while dispatching (a value the server's registered class refuses, decoded
+            # for a hook): the peer's fault, handled as any protocol error, without a traceback.
+            core.fail(err)
+        else:
+            # A bug of ours: this connection alone ends, with an ERROR that says nothing of the
+            # internals; the log has the traceback.
+            logger.error("internal error on data from client %d: closing it", self.id, exc_info=err)
+            core.refuse(ErrorCode.INTERNAL_ERROR, DisconnectReason.PROTOCOL_ERROR, "internal error")
+        self._write_control()
+        self._finish()
+
     def _queue(self, frame: bytes) -> None:
-        self._out.append(frame)
-        self._out_bytes += len(frame)
-        if not self._dirty:
+        if self.outbox.push(frame):
+            self._server._overflow(self)
+        if not self._dirty and self.outbox.size:
             self._dirty = True
             self._server._mark_dirty(self)
-        if self._out_bytes > self._limit:
-            self._server._overflow(self)
 
-    def _flush(self, force: bool = False) -> None:
-        """Write the pending frames in one call (unless the transport is congested)."""
+    def _flush(self) -> None:
+        """Write what is pending in one call (unless the transport is congested)."""
         self._dirty = False
-        out = self._out
+        outbox = self.outbox
         transport = self._transport
-        if not out or transport is None:
+        if not outbox.size or transport is None:
             return
-        if self._write_paused and not force:
-            # Congested: what was queued since the last look may be a new peak.
+        if outbox.congested:
+            # What was queued since the last look may be a new peak.
             self._note_peak()
             return
-        if self._unreported:
-            out.insert(0, dropped_notice(self._unreported))
-            self._unreported = 0
-        # Emptied before the write, which may call pause_writing: it must not count them twice.
-        self._out = []
-        self._out_bytes = 0
         # One join and one syscall beat one syscall per frame by far (docs/performance.md).
-        transport.write(out[0] if len(out) == 1 else b"".join(out))
-        buffered = transport.get_write_buffer_size()
-        if self._write_paused or buffered:
-            self._set_limit(buffered)
-        else:  # all taken by the kernel: the usual case, and the one limit that needs no lookups
-            self._limit = self._server._free_limit
+        transport.write(outbox.take())  # may call pause_writing
+        outbox.wrote(transport.get_write_buffer_size())
 
-    def _flush_slice(self, cap: int) -> None:
-        """Write the oldest pending frames, about ``cap`` bytes a time, until the transport pauses.
-
-        What is not written stays pending, where the slow-consumer policy can still drop it.
-        """
-        out = self._out
+    def _write_slices(self) -> None:
+        """Write the oldest pending frames, about ``write_high_water`` bytes a time, until the
+        transport pauses: what it does not take stays in the outbox, where the policy can act."""
+        outbox = self.outbox
         transport = self._transport
-        for _ in range(len(out)):  # every round writes at least one frame
-            if not out or transport is None or self._write_paused:
+        cap = outbox.limits.write_high_water
+        for _ in range(len(outbox) + 1):  # every round writes at least one frame
+            if not outbox.size or transport is None or outbox.congested:
                 break
-            if self._out_bytes <= cap:
-                self._flush()
-                return
-            taken = cut = 0
-            for frame in out:
-                taken += len(frame)
-                cut += 1
-                if taken >= cap:
-                    break
-            head = out[:cut]
-            del out[:cut]
-            self._out_bytes -= taken
-            if self._unreported:
-                head.insert(0, dropped_notice(self._unreported))
-                self._unreported = 0
-            transport.write(b"".join(head))  # may pause writing: the loop ends there
-        self._set_limit()
-
-    def _set_limit(self, buffered: int | None = None) -> None:
-        """Set the queue size at which the server must act on this client.
-
-        While the transport takes data, past the high-water mark the queue is written at once
-        instead of at the end of the loop iteration: uvloop may deliver megabytes of reads before
-        that, and the early write lets the transport pause publishers in time. While the transport
-        is congested, the limit is what is left of the outbound budget.
-        """
-        config = self._server.config
-        if buffered is None:
-            transport = self._transport
-            buffered = transport.get_write_buffer_size() if transport else 0
-        left = config.max_queue_bytes - buffered
-        self._limit = left if self._write_paused else min(config.write_high_water, left)
+            transport.write(outbox.take(cap))
+        if transport is not None:
+            outbox.wrote(transport.get_write_buffer_size())
 
     def _note_peak(self) -> None:
         """Raise ``peak_queued_bytes`` to this client's queue if it is larger."""
@@ -427,26 +477,21 @@ class RemoteClient(asyncio.Protocol):
                     core.outgoing.clear()  # the peer is not reading: it would never get there
                     return
                 # ERROR/GOODBYE go after every frame already queued for this client.
-                self._flush(force=True)
+                if self.outbox.size:
+                    transport.write(self.outbox.take())
             for frame in core.outgoing:
                 transport.write(frame)
         core.outgoing.clear()
 
     def _on_timer(self, now: float) -> None:
         core = self._core
+        outbox = self.outbox
         transport = self._transport
-        # _first_look is None when no progress check is due (disconnect policy, or no timeout):
-        # then the ioctl behind _undelivered is not worth making.
-        if self._write_paused and self._server._first_look is not None and transport is not None:
-            # Drop policies: a congested client that took any of its backlog since last time is
-            # lagging, not stuck; only one that takes nothing for slow_consumer_timeout is cut.
-            # The first look of a congestion has no baseline (pause_writing takes none): it counts
-            # as progress, so that a cut still comes at least one timeout after the last read.
-            # Server._congested makes that first look half a timeout in.
-            undelivered = _undelivered(transport)
-            if undelivered < self._drain_mark or self._drain_mark < 0:
-                core.writing_progress(now)
-            self._drain_mark = undelivered
+        if now >= outbox.next_check and transport is not None:
+            # A congested client must keep taking its backlog at the minimum rate.
+            if outbox.check(now, _undelivered(transport)):
+                self._server._cut(self, outbox.cut_detail)
+                return
         core.handle_timer(now)
         if core.outgoing:
             self._write_control()
@@ -454,6 +499,46 @@ class RemoteClient(asyncio.Protocol):
             self._finish()
         else:
             self._server._reschedule(self)
+
+    def _set_paused(self, why: int, paused: bool) -> None:
+        """Pause or resume reading from this client for one reason (_BY_HOOK, _BY_FLOW)."""
+        was = self._paused_by
+        now_by = was | why if paused else was & ~why
+        self._paused_by = now_by
+        transport = self._transport
+        if bool(was) == bool(now_by) or transport is None or transport.is_closing():
+            return
+        if now_by:
+            transport.pause_reading()
+        else:
+            transport.resume_reading()
+        self._core.reading_paused(bool(now_by), self._server._loop.time())
+
+    def _run_hook(self, name: str, awaitable: Awaitable[Any], held: list[memoryview]) -> None:
+        """Run an async hook of this client; what it sent meanwhile waits (reading paused)."""
+        server = self._server
+        task = server._loop.create_task(_guard(name, awaitable))
+        server._tasks.add(task)
+        self._hook_task = task
+        self._held = held
+        self._set_paused(_BY_HOOK, True)
+        task.add_done_callback(self._hook_done)
+
+    def _hook_done(self, task: asyncio.Task[None]) -> None:
+        self._server._tasks.discard(task)
+        self._hook_task = None
+        held = self._held
+        self._held = None
+        if self._core.state is not _OPEN:
+            return  # refused or gone meanwhile: nothing of it is dispatched
+        try:
+            if held:
+                self._server._dispatch(self, held)
+        except Exception as err:
+            self._failed(err)
+            return
+        if self._held is None:  # no other async hook started on the way
+            self._set_paused(_BY_HOOK, False)
 
     def _close(
         self, reason: DisconnectReason, *, retry_after: float | None = None, text: str = ""
@@ -468,6 +553,7 @@ class RemoteClient(asyncio.Protocol):
     def _finish(self) -> None:
         """The core is closed: close the transport, at once if the peer cannot or will not read."""
         self._server._closing(self)
+        self._held = None
         transport = self._transport
         if transport is None or self._close_timer is not None:
             return
@@ -480,6 +566,10 @@ class RemoteClient(asyncio.Protocol):
         self._close_timer = self._server._loop.call_later(
             self._server.config.drain_timeout, transport.abort
         )
+
+
+_BY_HOOK: Final = 1
+_BY_FLOW: Final = 2
 
 
 def _undelivered(transport: asyncio.Transport) -> int:
@@ -499,6 +589,10 @@ def _undelivered(transport: asyncio.Transport) -> int:
                 size += int.from_bytes(raw, sys.byteorder, signed=True)
     return size
 
+
+_INF: Final = float("inf")
+#: How long a shutdown waits, past its drain deadline, for aborted connections and cancelled hooks.
+_GRACE: Final = 1.0
 
 #: Reasons after which the peer is not reading: nothing queued for it would ever get through.
 _ABORT_REASONS: Final = frozenset(
@@ -532,15 +626,17 @@ class Server:
         self.on_data = on_data
         self.on_multicast = on_multicast
         self._limits = config.limits()
+        self._outbox_limits = config.outbox_limits()
+        self._ledger = Ledger()
         self._loop = asyncio.get_running_loop()
         self._server: asyncio.Server | None = None
         self._next_id = 0
-        # Every connection (handshaking, open or closing) and the open ones by id.
-        self._all: set[RemoteClient] = set()
+        # Every connection (handshaking, open or closing) by id, the open ones, and how many are
+        # still in their handshake (max_handshaking bounds those apart from max_clients).
+        self._all: dict[int, RemoteClient] = {}
         self._open: dict[int, RemoteClient] = {}
+        self._handshaking = 0
         self._dirty: list[RemoteClient] = []
-        # A client's queue limit while its transport holds nothing (RemoteClient._set_limit).
-        self._free_limit = min(config.write_high_water, config.max_queue_bytes)
         self._flush_handle: asyncio.Handle | None = None
         self._wheel: TimerWheel[RemoteClient] = TimerWheel(_resolution(config))
         self._tick_handle: asyncio.TimerHandle | None = None
@@ -548,18 +644,24 @@ class Server:
         self._tasks: set[asyncio.Task[None]] = set()
         self._publishers: set[RemoteClient] = set()
         self._n_congested = 0
-        # Only the disconnect policy slows publishers: the drop policies exist to let a lagging
-        # client fall behind without slowing anyone.
-        self._flow_control = config.slow_consumer_policy == "disconnect"
-        # Drop policies: when a congested client's progress is first looked at (_congested).
-        self._first_look: float | None = None
-        if not self._flow_control and config.slow_consumer_timeout is not None:
-            self._first_look = config.slow_consumer_timeout / 2
+        # Publishers wait for congested readers only in the opt-in pace mode; by default one
+        # client's congestion is its policy's business alone.
+        self._pace = config.flow_control == "pace"
+        self._publishers_paused = False
+        # Server-wide budget: when the outboxes together pass it, publishers are paused, for at
+        # most max_publisher_pause; then the largest outboxes are shed (_check_total).
+        total = config.max_total_queue_bytes
+        self._total_limit = (1 << 62) if total is None else max(total, 2 * config.max_queue_bytes)
+        self._total_low = self._total_limit // 2
+        self._over_total = False
+        self._total_handle: asyncio.TimerHandle | None = None
+        #: Times the server-wide budget was passed (publishers paused) since the start.
+        self.budget_pauses = 0
+        #: Clients shed (cut, or emptied under the drop policies) for the server-wide budget.
+        self.budget_sheds = 0
         self._batch_relays = config.slow_consumer_policy == "disconnect"
         #: Clients cut as slow consumers since the start.
         self.slow_consumers = 0
-        #: Frames dropped by the drop-oldest/keep-latest policies since the start.
-        self.dropped_frames = 0
         #: MULTICAST and DATA frames received from clients since the start.
         self.frames_in = 0
         #: RELAY frames queued for clients (one per frame per recipient) since the start.
@@ -642,6 +744,11 @@ class Server:
         """The connected clients (handshake done), in connection order."""
         return list(self._open.values())
 
+    @property
+    def dropped_frames(self) -> int:
+        """Frames dropped by the drop-oldest/keep-latest policies since the start."""
+        return self._ledger.dropped
+
     def stats(self) -> dict[str, Any]:
         """Return the server's counters and gauges as a JSON-ready dict.
 
@@ -651,14 +758,19 @@ class Server:
         return {
             "clients": len(self._open),
             "connections": len(self._all),
+            "handshaking": self._handshaking,
             "frames_in": self.frames_in,
             "deliveries": self.deliveries,
             "bytes_relayed": self.bytes_relayed,
             "slow_consumers": self.slow_consumers,
-            "dropped_frames": self.dropped_frames,
+            "dropped_frames": self._ledger.dropped,
             "peak_queued_bytes": self.peak_queued_bytes,
             "congested_clients": self._n_congested,
-            "queued_bytes": sum(c.queued_bytes for c in self._all),
+            "pending_bytes": self._ledger.pending,
+            "queued_bytes": sum(c.queued_bytes for c in self._all.values()),
+            "publishers_paused": self._publishers_paused,
+            "budget_pauses": self.budget_pauses,
+            "budget_sheds": self.budget_sheds,
             "disconnects": {str(r): n for r, n in self.disconnects.items()},
         }
 
@@ -721,9 +833,13 @@ class Server:
         return task
 
     async def _shutdown(self, retry_after: float | None, drain_timeout: float | None) -> None:
+        # One deadline for the drain and the hooks together; past it every connection is aborted
+        # and every hook task cancelled, and _GRACE more bounds the wait for them to go.
+        deadline = self.config.drain_timeout if drain_timeout is None else drain_timeout
+        end = self._loop.time() + deadline
         try:
             hint = self.config.retry_after if retry_after is None else retry_after
-            for client in list(self._all):
+            for client in list(self._all.values()):
                 try:
                     client._close(
                         DisconnectReason.SERVER_SHUTDOWN, retry_after=hint, text="server shutdown"
@@ -733,25 +849,31 @@ class Server:
                     logger.exception("closing client %d at shutdown failed: aborting it", client.id)
                     if client._transport is not None:
                         client._transport.abort()
-            deadline = self.config.drain_timeout if drain_timeout is None else drain_timeout
             if self._all:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wait_gone(), deadline)
+                    await asyncio.wait_for(self._wait_gone(), max(0.0, end - self._loop.time()))
             self._abort_all()
             if self._all:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wait_gone(), 1.0)
+                    await asyncio.wait_for(self._wait_gone(), _GRACE)
             if self._server is not None:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._server.wait_closed(), 1.0)
+                    await asyncio.wait_for(self._server.wait_closed(), _GRACE)
             self._stop_timers()
             if self._tasks:
-                await asyncio.wait(set(self._tasks), timeout=self.config.drain_timeout or None)
+                left = end - self._loop.time()
+                if left > 0:
+                    await asyncio.wait(set(self._tasks), timeout=left)
                 for task in list(self._tasks):
                     task.cancel()
                 if self._tasks:
                     # A hook that ignores its cancellation must not hold the shutdown forever.
-                    await asyncio.wait(set(self._tasks), timeout=1.0)
+                    await asyncio.wait(set(self._tasks), timeout=_GRACE)
+                if self._tasks:
+                    logger.warning(
+                        "%d hook task(s) ignored cancellation at shutdown: left running",
+                        len(self._tasks),
+                    )
         finally:
             # Whatever failed or was cancelled above, the server is closed now: serve_forever and
             # wait_closed must not wait forever (wait_closed then raises the failure). Set first:
@@ -762,17 +884,15 @@ class Server:
             logger.info("server closed")
 
     def _abort_all(self) -> None:
-        for client in list(self._all):
+        for client in list(self._all.values()):
             if client._transport is not None:
                 client._transport.abort()
 
     def _stop_timers(self) -> None:
-        if self._tick_handle is not None:
-            self._tick_handle.cancel()
-            self._tick_handle = None
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush_handle = None
+        for handle in (self._tick_handle, self._flush_handle, self._total_handle):
+            if handle is not None:
+                handle.cancel()
+        self._tick_handle = self._flush_handle = self._total_handle = None
 
     async def _wait_gone(self) -> None:
         while self._all:
@@ -811,79 +931,52 @@ class Server:
         for client in open_clients.values():
             if client is exclude:
                 continue
-            client._out.append(relay_frame)
-            client._out_bytes += n
+            # Outbox.push inline: one attribute access per recipient instead of a call.
+            outbox = client.outbox
+            outbox.frames.append(relay_frame)
+            outbox.size += n
             if not client._dirty:
                 client._dirty = True
                 dirty.append(client)
-            if client._out_bytes > client._limit:
+            if outbox.size > outbox.limit:
                 if over is None:
                     over = []
                 over.append(client)
+        ledger = self._ledger
+        ledger.pending += n * recipients
         if dirty and self._flush_handle is None:
             self._flush_handle = self._loop.call_soon(self._flush_all)
         if over is not None:
             for client in over:
                 self._overflow(client)
+        if ledger.pending > self._total_limit and not self._over_total:
+            self._total_passed()
 
     def _overflow(self, client: RemoteClient) -> None:
-        """Act on a client whose queue passed its limit: write it early, or apply the policy."""
+        """Act on a client whose outbox passed its limit: write it early, or apply the policy."""
         transport = client._transport
         if transport is None:
             return
-        buffered = transport.get_write_buffer_size()
-        queued = client._out_bytes + buffered
+        outbox = client.outbox
+        outbox.buffered = transport.get_write_buffer_size()
+        queued = outbox.size + outbox.buffered
         if queued > self.peak_queued_bytes:
             self.peak_queued_bytes = queued
-        left = self.config.max_queue_bytes - buffered
-        if client._out_bytes <= left:
-            if not client._write_paused:
-                client._flush()  # may pause writing, and through it the publishers
-            else:
-                client._limit = left
-            return
-        policy = self.config.slow_consumer_policy
-        if policy == "disconnect":
-            self._cut(client, f"more than {self.config.max_queue_bytes} bytes queued")
-            return
-        out = client._out
-        size = client._out_bytes
-        dropped = 0
-        if policy == "keep-latest":
-            size, dropped = keep_latest(out)
-        if size > left:
-            size, more = drop_oldest(out, size, max(left, 0))
-            dropped += more
-        client._out_bytes = size
-        self._count_drops(client, dropped)
-
-    def _catch_up(self, client: RemoteClient) -> None:
-        """A lagging client (drop policies) can take more: hand its transport the next slice.
-
-        Only about ``write_high_water`` bytes go to the transport at a time, where no policy can
-        reach them; the rest stays pending. Under keep-latest the pending RELAY frames are folded
-        first, within the budget or not: a client that lags gets the newest frame of each
-        (sender, trame code), not the backlog. DATA replies are never folded.
-        """
-        if self.config.slow_consumer_policy == "keep-latest" and len(client._out) > 1:
-            client._out_bytes, dropped = keep_latest(client._out)
-            self._count_drops(client, dropped)
-        client._flush_slice(self.config.write_high_water)
-
-    def _count_drops(self, client: RemoteClient, dropped: int) -> None:
-        client.dropped += dropped
-        client._unreported += dropped
-        self.dropped_frames += dropped
+        action = outbox.overflow()
+        if action == WRITE:
+            client._flush()  # may pause writing
+        elif action == CUT:
+            self._cut(client, outbox.cut_detail)
 
     def _cut(self, client: RemoteClient, detail: str) -> None:
         """Disconnect a slow consumer at once; what is queued for it is discarded."""
         core = client._core
         if core.closed:
             return
+        logger.warning("client %d is a slow consumer, cutting it: %s", client.id, detail)
         core.refuse(ErrorCode.SLOW_CONSUMER, DisconnectReason.SLOW_CONSUMER, detail)
         core.outgoing.clear()  # it would sit behind the backlog that caused the cut
-        client._out = []
-        client._out_bytes = 0
+        client.outbox.clear()
         client._finish()
 
     def _dispatch(self, sender: RemoteClient, frames: list[memoryview]) -> None:
@@ -893,6 +986,10 @@ class Server:
         ``bytes`` object holding their RELAY frames back to back: each recipient then costs one
         list append per chunk instead of one per frame. The drop policies count and trim whole
         frames, so they get one object per frame.
+
+        An asynchronous ``on_data`` holds the frames after its DATA until it has returned: hooks
+        run one at a time per client, in order, while that client's reading waits. A hook that
+        disconnects the sender stops the relaying of whatever it sent after.
         """
         if not sender._publisher:
             self._add_publisher(sender)
@@ -901,14 +998,18 @@ class Server:
         exclude = None if sender._core.echo else sender
         pack_head = _RELAY_HEAD.pack
         sid = sender.id
+        core = sender._core
         batch = self._batch_relays
         parts: list[bytes | memoryview] = []
-        for frame in frames:
+        for i, frame in enumerate(frames):
             if frame[0] == _DATA:
                 if parts:  # relays before this DATA go out first, in order
                     self.fanout(b"".join(parts), exclude, len(parts) // 2)
                     parts = []
-                self._handle_data(sender, frame)
+                if self._handle_data(sender, frame, frames, i + 1):
+                    return  # an async hook runs; the rest waits for it
+                if core.state is not _OPEN:
+                    return  # the hook disconnected it
                 continue
             if on_multicast is not None:
                 try:
@@ -923,6 +1024,8 @@ class Server:
                 except Exception:
                     logger.exception("on_multicast hook failed for client %d", sid)
                     keep = False
+                if core.state is not _OPEN:
+                    break  # the hook disconnected it: nothing more of it is relayed
                 if not keep:
                     continue
             if batch:
@@ -933,13 +1036,24 @@ class Server:
         if parts:
             self.fanout(b"".join(parts), exclude, len(parts) // 2)
 
-    def _handle_data(self, sender: RemoteClient, frame: memoryview) -> None:
+    def _handle_data(
+        self, sender: RemoteClient, frame: memoryview, frames: list[memoryview], rest: int
+    ) -> bool:
+        """Call ``on_data``; true when it is asynchronous and ``frames[rest:]`` now wait for it."""
         hook = self.on_data
         if hook is None:
-            return
+            return False
         message = self.registry.decode_frame(frame, strict=False)
         message = message._replace(sender=sender.id)
-        self._call_hook("on_data", hook, sender, message)
+        try:
+            result = hook(sender, message)
+        except Exception:
+            logger.exception("on_data hook failed for client %d", sender.id)
+            return False
+        if inspect.isawaitable(result):
+            sender._run_hook("on_data", result, frames[rest:])
+            return True
+        return False
 
     def _mark_dirty(self, client: RemoteClient) -> None:
         self._dirty.append(client)
@@ -952,40 +1066,121 @@ class Server:
         self._dirty = []
         for client in dirty:
             client._flush()
+        if self._over_total and self._ledger.pending <= self._total_low:
+            self._total_ok()
+
+    # --- server-wide budget ---------------------------------------------------------------------
+
+    def _total_passed(self) -> None:
+        """The outboxes together passed max_total_queue_bytes: pause publishers, briefly."""
+        self._over_total = True
+        self.budget_pauses += 1
+        self._update_publishers()
+        self._total_handle = self._loop.call_later(
+            self.config.max_publisher_pause, self._check_total
+        )
+
+    def _check_total(self) -> None:
+        """The pause is over: shed the largest outboxes if still over, and let publishers go."""
+        self._total_handle = None
+        ledger = self._ledger
+        if ledger.pending > self._total_low:
+            policy = self.config.slow_consumer_policy
+            for client in sorted(self._all.values(), key=lambda c: -c.outbox.size):
+                if ledger.pending <= self._total_low or not client.outbox.size:
+                    break
+                self.budget_sheds += 1
+                detail = (
+                    f"server-wide budget max_total_queue_bytes={self.config.max_total_queue_bytes} "
+                    f"passed; this client had the largest backlog, {client.outbox.size} bytes"
+                )
+                if policy == "disconnect":
+                    self._cut(client, detail)
+                else:
+                    logger.warning("client %d: dropping its backlog: %s", client.id, detail)
+                    client.outbox.shed()
+        self._total_ok()
+
+    def _total_ok(self) -> None:
+        self._over_total = False
+        if self._total_handle is not None:
+            self._total_handle.cancel()
+            self._total_handle = None
+        self._update_publishers()
 
     # --- connections ----------------------------------------------------------------------------
 
     def _make_protocol(self) -> RemoteClient:
-        self._next_id += 1
-        return RemoteClient(self, self._next_id)
+        # Ids travel as u32 and 0 is the server: wrap, never giving a live connection's id.
+        all_ = self._all
+        client_id = self._next_id
+        for _ in range(len(all_) + 1):
+            client_id = client_id % 0xFFFF_FFFF + 1
+            if client_id not in all_:
+                break
+        self._next_id = client_id
+        client = RemoteClient(self, client_id)
+        all_[client_id] = client  # reserved from here: a later accept cannot take it
+        return client
 
     def _accepted(self, client: RemoteClient) -> None:
-        self._all.add(client)
+        self._handshaking += 1
+        client._in_handshake = True
         core = client._core
         if self._closing_flag:
             core.refuse(ErrorCode.SHUTTING_DOWN, DisconnectReason.SERVER_SHUTDOWN)
             client._write_control()
             client._finish()
             return
-        max_clients = self.config.max_clients
-        if max_clients is not None and len(self._all) > max_clients:
+        limit = self.config.max_handshaking
+        if limit is not None and self._handshaking > limit:
             core.refuse(
                 ErrorCode.TOO_MANY_CLIENTS,
                 DisconnectReason.TOO_MANY_CLIENTS,
-                f"server is at max_clients={max_clients}",
+                f"server is at max_handshaking={limit} connections in their handshake",
             )
             client._write_control()
             client._finish()
             return
         self._reschedule(client)
 
-    def _opened(self, client: RemoteClient) -> None:
+    def _opened(self, client: RemoteClient, frames: list[memoryview]) -> None:
+        """A client completed its HELLO: count it, run ``on_connect``, then its first frames."""
+        if client._in_handshake:
+            client._in_handshake = False
+            self._handshaking -= 1
+        max_clients = self.config.max_clients
+        if max_clients is not None and len(self._open) >= max_clients:
+            core = client._core
+            core.refuse(
+                ErrorCode.TOO_MANY_CLIENTS,
+                DisconnectReason.TOO_MANY_CLIENTS,
+                f"server is at max_clients={max_clients}",
+            )
+            core.outgoing[:] = core.outgoing[-1:]  # the refusal, not the WELCOME
+            client._write_control()
+            return
         client._was_open = True
         self._open[client.id] = client
         self._reschedule(client)
         logger.info("client %d connected from %s", client.id, _format_address(client.address))
-        if self.on_connect is not None:
-            self._call_hook("on_connect", self.on_connect, client)
+        hook = self.on_connect
+        if hook is not None:
+            try:
+                result = hook(client)
+            except Exception:
+                logger.exception(
+                    "on_connect hook failed for client %d: disconnecting it", client.id
+                )
+                client.disconnect("refused by the server")
+                return
+            if inspect.isawaitable(result):
+                client._run_hook("on_connect", result, frames)
+                return
+            if client._core.state is not _OPEN:
+                return  # refused by the hook: nothing it sent is dispatched
+        if frames:
+            self._dispatch(client, frames)
 
     def _closing(self, client: RemoteClient) -> None:
         """The client's core closed: stop sending it multicasts and timers."""
@@ -999,7 +1194,10 @@ class Server:
         self.disconnects[reason] += 1
         self._open.pop(client.id, None)
         self._wheel.cancel(client)
-        self._all.discard(client)
+        self._all.pop(client.id, None)
+        if client._in_handshake:
+            client._in_handshake = False
+            self._handshaking -= 1
         self._publishers.discard(client)
         self._gone.set()
         core = client._core
@@ -1022,53 +1220,37 @@ class Server:
 
     def _congested(self, client: RemoteClient, congested: bool) -> None:
         """A client's transport went above (or back below) its high-water mark."""
-        if self._flow_control:
-            # Inbound flow control: while any recipient is congested, stop reading from
-            # publishers, so a fast publisher is slowed instead of overrunning a subscriber.
-            if congested:
-                self._n_congested += 1
-                if self._n_congested == 1:
-                    self._set_publishers_reading(False)
-            else:
-                self._n_congested -= 1
-                if self._n_congested == 0:
-                    self._set_publishers_reading(True)
+        self._n_congested += 1 if congested else -1
+        if self._pace:
+            # Pace mode: publishers wait while any reader is congested; a reader that drains
+            # under pace_min_rate for max_publisher_pause is cut (Outbox.check).
+            self._update_publishers()
         core = client._core
-        now = self._loop.time()
-        core.writing_congested(congested, now)
-        if core.closed:
-            return
-        if congested and self._first_look is not None:
-            # Drop policies: take the progress baseline half a timeout in (RemoteClient._on_timer).
-            # That first look counts as progress, so the stuck are cut 1.5 timeouts in (at most
-            # two, if a reschedule skips it) and a lagging client has a baseline in time.
-            self._reschedule(client, now + self._first_look)
-        else:
+        core.writing_congested(congested, self._loop.time())
+        if not core.closed:
             self._reschedule(client)
 
     def _add_publisher(self, client: RemoteClient) -> None:
         client._publisher = True
         self._publishers.add(client)
-        if self._n_congested and client._transport is not None:
-            client._transport.pause_reading()
-            client._core.reading_paused(True, self._loop.time())
+        if self._publishers_paused:
+            client._set_paused(_BY_FLOW, True)
 
-    def _set_publishers_reading(self, reading: bool) -> None:
-        now = self._loop.time()
+    def _update_publishers(self) -> None:
+        paused = self._over_total or (self._pace and self._n_congested > 0)
+        if paused == self._publishers_paused:
+            return
+        self._publishers_paused = paused
         for client in self._publishers:
-            transport = client._transport
-            if transport is None or transport.is_closing():
-                continue
-            if reading:
-                transport.resume_reading()
-            else:
-                transport.pause_reading()
-            client._core.reading_paused(not reading, now)
+            client._set_paused(_BY_FLOW, paused)
 
     # --- timers ---------------------------------------------------------------------------------
 
     def _reschedule(self, client: RemoteClient, sooner: float | None = None) -> None:
         when = client._core.next_timer()
+        check = client.outbox.next_check
+        if check != _INF and (when is None or check < when):
+            when = check
         if sooner is not None and (when is None or sooner < when):
             when = sooner
         if when is None:
@@ -1086,7 +1268,7 @@ class Server:
             self._tick_handle.cancel()
             self._tick_handle = None
         if when is None:
-            self._tick_at = float("inf")
+            self._tick_at = _INF
             return
         self._tick_at = when
         self._tick_handle = self._loop.call_at(when, self._tick)
@@ -1094,9 +1276,15 @@ class Server:
     def _tick(self) -> None:
         self._tick_handle = None
         now = max(self._loop.time(), self._tick_at)
-        self._tick_at = float("inf")
+        self._tick_at = _INF
         for client in self._wheel.pop_due(now):
-            client._on_timer(now)
+            try:
+                client._on_timer(now)
+            except Exception:
+                # A bug of ours in one client's timer must not drop the others of this slot.
+                logger.exception("timer of client %d failed: aborting it", client.id)
+                if client._transport is not None:
+                    client._transport.abort()
         self._arm()
 
     # --- hooks ----------------------------------------------------------------------------------
