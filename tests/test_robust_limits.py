@@ -54,7 +54,6 @@ from trame_async import (
     Registry,
     RemoteClient,
     Trame,
-    outbox,
 )
 from trame_async.wire import HEADER, MAGIC, ErrorFrame
 
@@ -719,12 +718,16 @@ async def test_subscriber_that_never_reads_is_cut_and_bounded() -> None:
             assert set(cut) == {slow_id}, f"only the laggard is cut: {cut}"
             detection = cut_at - started
             congested_for = cut_at - (sampler.first_nonzero or started)
-            # The kernel buffers fill within milliseconds at this rate; then the timeout runs.
-            assert SLOW_TIMEOUT - EARLY <= detection <= SLOW_TIMEOUT + 2 * LATE, detection
+            # Publishers are not paused for it: its budget fills within the kernel buffers' time
+            # at this rate and it is cut then, or at the latest by the progress checks.
+            assert detection <= 1.25 * SLOW_TIMEOUT + 2 * LATE, detection
+            assert server.stats()["budget_pauses"] == 0
             frame = len(PADDED_REGISTRY.encode(SEQ_1K, 0)) + 4
             # The server's own peak, taken at every write and every budget decision.
             peak = server.stats()["peak_queued_bytes"]
-            assert sampler.max <= peak <= max_queue + frame, (sampler.max, peak)
+            # Over the budget by at most what one read of the publisher relays as one object (the
+            # disconnect policy batches a chunk's multicasts): the loops read 256 KiB at most.
+            assert sampler.max <= peak <= max_queue + max(frame, 256 << 10), (sampler.max, peak)
             for i, g in enumerate(got):
                 assert_gap_free(g, sent, f"subscriber {i}")
             report(
@@ -961,51 +964,6 @@ async def test_keep_latest_delivers_each_senders_latest_value() -> None:
         stalled.close()
         server.close()
         await server.wait_closed()
-
-
-def relay_of(sender: int, frame: bytes) -> bytes:
-    """Turn a frame encoded as a RELAY from the server (sender 0) into one from ``sender``."""
-    assert frame[4] == Kind.RELAY
-    return frame[:5] + sender.to_bytes(4, "big") + frame[9:]
-
-
-def test_keep_latest_never_folds_data_replies() -> None:
-    """DATA frames (RemoteClient.send) are replies to this client alone: all kept, in order, even
-    with one trame code and one length (the bytes a RELAY's stream key is read from)."""
-    replies = [REGISTRY.encode(STR, f"reply {i}", Kind.DATA) for i in range(5)]
-    relays = [REGISTRY.encode(STR, f"x{i}", Kind.RELAY) for i in range(3)]
-    frames = [replies[0], relays[0], replies[1], replies[2], relays[1], replies[3], relays[2]]
-    frames.append(replies[4])
-    size, dropped = outbox.keep_latest(frames)
-    assert frames == [replies[0], replies[1], replies[2], replies[3], relays[2], replies[4]]
-    assert dropped == 2
-    assert size == sum(map(len, frames))
-
-
-def test_keep_latest_folds_variable_length_relays_of_one_stream() -> None:
-    """A stream is (sender, trame code): '<5s' and '<6s' STR frames of one sender fold together;
-    another sender, or another code, is another stream."""
-    texts = ["short", "longer", "a much longer text", "tiny"]
-    a = [relay_of(7, REGISTRY.encode(STR, t, Kind.RELAY)) for t in texts]
-    b = [relay_of(8, REGISTRY.encode(STR, t, Kind.RELAY)) for t in texts[:2]]
-    n = relay_of(7, REGISTRY.encode(INT, 1, Kind.RELAY))
-    assert len({len(f) for f in a}) == len(a), "every length differs"
-    frames = [a[0], b[0], a[1], n, a[2], b[1], a[3]]
-    size, dropped = outbox.keep_latest(frames)
-    assert frames == [n, b[1], a[3]]
-    assert (size, dropped) == (sum(map(len, frames)), 4)
-
-
-def test_keep_latest_keeps_a_multi_frame_fanout_whole() -> None:
-    """Server.fanout(frames=k) from a backplane may hold several streams in one bytes object: it
-    is never folded (nor does it fold a single frame of its first stream)."""
-    one = REGISTRY.encode(STR, "one", Kind.RELAY)
-    two = REGISTRY.encode(INT, 2, Kind.RELAY)
-    blob = one + two
-    newer = REGISTRY.encode(STR, "newer", Kind.RELAY)
-    frames = [blob, newer, blob]
-    assert outbox.keep_latest(frames) == (sum(map(len, frames)), 0)
-    assert frames == [blob, newer, blob]
 
 
 @pytest.mark.slow
@@ -1341,11 +1299,13 @@ asyncio.run(main())
 @pytest.mark.slow
 @pytest.mark.asyncio(loop_factories=["asyncio"])  # the reader runs in its own process anyway
 async def test_fast_publisher_is_slowed_to_a_slow_readers_pace_without_loss() -> None:
+    """The opt-in pace mode: publishers wait for a congested reader that keeps draining."""
     disconnects: list[tuple[int, DisconnectReason]] = []
     server = await trame_async.start_server(
         "127.0.0.1",
         0,
         slow_consumer_policy="disconnect",
+        flow_control="pace",
         slow_consumer_timeout=2.0,
         send_buffer_size=64 << 10,
         on_disconnect=lambda c, r: disconnects.append((c.id, r)),
