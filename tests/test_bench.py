@@ -49,6 +49,8 @@ def test_fanout_flood_and_paced_every_relay(tmp_path: Path) -> None:
         out=tmp_path / "flood.json",
     )
     assert len(flood["cells"]) == 10
+    # Zero loss must not rest on the server pausing publishers: the publisher window is on.
+    assert flood["lead"], flood["lead"]
     for cell in flood["cells"]:
         assert cell["loss"] == 0, cell
         assert cell["subscribers_cut"] == 0, cell
@@ -89,3 +91,4 @@ def test_idle_bench_trame_and_floor(tmp_path: Path) -> None:
     for run in runs.values():
         assert run["connected"] == 200 and run["lost"] == 0, run
         assert run["pings_per_client_per_s"] > 0, run
+
