@@ -1,14 +1,15 @@
-"""Run every benchmark and print their tables: codec, fan-out (flood and paced), limits, idle.
+"""Run every benchmark and print their tables: codec, fan-out, limits, idle, isolation.
 
 Quick by default (a few minutes): fan-out at S = 1, 10, 100 with 1 repeat, the cost of the limits at
-S = 100 (default limits, with a token, every limit relaxed), idle with 2,000 clients. ``--full``
-runs fan-out at S = 1, 10, 100, 1000 and idle with 10,000 clients. Other options:
+S = 100 (default limits, with a token, every limit relaxed), idle with 2,000 clients, isolation (one
+bad client among 20 healthy subscribers, 3 s per run). ``--full`` runs fan-out at S = 1, 10, 100,
+1000, idle with 10,000 clients and isolation runs of 10 s. Other options:
 
     python bench/run_all.py [--full] [--repeat 3] [--json FILE] [--plot [PNG]] [--skip idle ...]
 
 ``--json FILE`` writes one file holding every figure: ``{"codec": ..., "fanout": ...,
-"fanout_paced": ..., "limits": ..., "idle": ...}``. The noxfile's ``bench`` session runs this
-script. docs/performance.md lists the commands behind its figures.
+"fanout_paced": ..., "limits": ..., "idle": ..., "isolation": ...}``. The noxfile's ``bench``
+session runs this script. docs/performance.md lists the commands behind its figures.
 """
 
 from __future__ import annotations
@@ -47,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--duration", default="3", help="fan-out: seconds of sending per cell")
     p.add_argument(
-        "--skip", nargs="+", default=[], choices=("codec", "fanout", "paced", "limits", "idle")
+        "--skip",
+        nargs="+",
+        default=[],
+        choices=("codec", "fanout", "paced", "limits", "idle", "isolation"),
     )
     args = p.parse_args(argv)
     subscribers = ["1", "10", "100", "1000"] if args.full else ["1", "10", "100"]
@@ -83,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
             1800,
         ),
         "idle": ("idle.py", ["-N", "10000" if args.full else "2000"], 900),
+        "isolation": (
+            "isolation.py",
+            ["--duration", "10", "--b-duration", "5"] if args.full else [],
+            900,
+        ),
     }
     if args.plot:
         plans["fanout"][1].extend(["--plot", args.plot])

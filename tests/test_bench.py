@@ -49,6 +49,8 @@ def test_fanout_flood_and_paced_every_relay(tmp_path: Path) -> None:
         out=tmp_path / "flood.json",
     )
     assert len(flood["cells"]) == 10
+    # Zero loss must not rest on the server pausing publishers: the publisher window is on.
+    assert flood["lead"], flood["lead"]
     for cell in flood["cells"]:
         assert cell["loss"] == 0, cell
         assert cell["subscribers_cut"] == 0, cell
@@ -89,3 +91,33 @@ def test_idle_bench_trame_and_floor(tmp_path: Path) -> None:
     for run in runs.values():
         assert run["connected"] == 200 and run["lost"] == 0, run
         assert run["pings_per_client_per_s"] > 0, run
+
+
+@pytest.mark.slow
+def test_isolation_bench_every_policy_and_bad_client(tmp_path: Path) -> None:
+    data = run_script(
+        "isolation.py",
+        *("--subscribers", "3", "--rate", "200", "--duration", "0.4", "--payload", "1024"),
+        *("--slow-timeout", "0.2", "--drain", "3", "--settle", "0.05"),
+        *("--b-subscribers", "2", "--codes", "300", "--b-lead", "100", "--b-duration", "0.2"),
+        out=tmp_path / "isolation.json",
+    )
+    runs = {(r["policy"], r["scenario"]): r for r in data["latency"]}
+    assert set(runs) == {
+        (policy, scenario)
+        for policy in ("disconnect", "drop-oldest", "keep-latest")
+        for scenario in ("baseline", "stuck", "trickle")
+    }
+    for (_, scenario), run in runs.items():
+        # Healthy subscribers get every frame, late or not; the bad client is accounted for.
+        assert run["lost"] == 0 and run["healthy_cut"] == 0, run
+        assert run["latency_ms"]["samples"] == 3 * run["frames"], run
+        assert run["p99_vs_baseline"] is not None, run
+        assert run["server_exit"] == 0, run
+        assert ("bad" in run) == (scenario != "baseline"), run
+    runs_b = {(r["policy"], r["stuck"]): r for r in data["throughput"]}
+    assert set(runs_b) == {(p, s) for p in ("keep-latest", "drop-oldest") for s in (False, True)}
+    for run in runs_b.values():
+        assert run["lost"] == 0 and run["subscribers_cut"] == 0, run
+        assert run["frames"] > 0 and run["server_exit"] == 0, run
+    assert {e["policy"] for e in data["throughput_ratios"]} == {"keep-latest", "drop-oldest"}
