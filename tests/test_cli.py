@@ -243,3 +243,32 @@ def test_invalid_settings_exit_2_with_the_reason_before_listening() -> None:
     assert result.returncode == 2, result
     assert "--max-frame-size must be between 64" in result.stderr, result.stderr
     assert "listening on" not in result.stdout
+
+
+def test_a_token_longer_than_the_handshake_limit_exits_2_naming_both_options() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "trame_async", "--port", "0", "--handshake-max-frame-size", "128"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env={**os.environ, "TRAME_TOKEN": "t" * 200},
+    )
+    assert result.returncode == 2, result
+    assert "--handshake-max-frame-size" in result.stderr and "--token" in result.stderr
+    assert "listening on" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "field", "value"),
+    [
+        (["--flow-control", "pace"], "flow_control", "pace"),
+        (["--max-handshaking", "off"], "max_handshaking", None),
+        (["--max-total-queue-bytes", "1G"], "max_total_queue_bytes", 1 << 30),
+        (["--slow-consumer-min-rate", "4k"], "slow_consumer_min_rate", 4096),
+        (["--max-publisher-pause", "0.05"], "max_publisher_pause", 0.05),
+    ],
+)
+def test_isolation_options_reach_the_config(argv: list[str], field: str, value: object) -> None:
+    parser = build_parser()
+    assert getattr(_config(parser.parse_args(argv), parser, None), field) == value

@@ -66,6 +66,22 @@ def _size_or_off(text: str) -> int | None:
     return _size(text)
 
 
+def _rate(text: str) -> int:
+    return 0 if text.strip() == "0" else _size(text)
+
+
+def _count_or_off(text: str) -> int | None:
+    if _is_off(text):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r} (or 'off')") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1 (or 'off')")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of ``trame-serve`` (every option documented)."""
     d = ServerConfig()
@@ -170,9 +186,60 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.slow_consumer_timeout,
         metavar="S",
         help=(
-            "cut a client that stays congested (not reading) this long; under the drop "
-            "policies, one that takes nothing of its backlog this long"
+            "cut a congested client that takes less than --slow-consumer-min-rate of its "
+            "backlog this long (checked every quarter of it)"
         ),
+    )
+    sec.add_argument(
+        "--slow-consumer-min-rate",
+        type=_rate,
+        default=d.slow_consumer_min_rate,
+        metavar="N",
+        help="bytes per second a congested client must take to count as draining (1k: 1 KiB/s)",
+    )
+    sec.add_argument(
+        "--keep-latest-streams",
+        type=int,
+        default=d.keep_latest_streams,
+        metavar="N",
+        help="keep-latest: most (sender, trame) streams kept for one congested client",
+    )
+    sec.add_argument(
+        "--flow-control",
+        choices=("off", "pace"),
+        default=d.flow_control,
+        help=(
+            "'off': one client's congestion never slows anyone; 'pace' (disconnect policy "
+            "only): publishers wait for congested readers that drain at --pace-min-rate"
+        ),
+    )
+    sec.add_argument(
+        "--pace-min-rate",
+        type=_rate,
+        default=d.pace_min_rate,
+        metavar="N",
+        help="pace mode: bytes per second a congested reader must take for publishers to wait",
+    )
+    sec.add_argument(
+        "--max-publisher-pause",
+        type=float,
+        default=d.max_publisher_pause,
+        metavar="S",
+        help="longest publisher pause for one congestion (pace) or server-wide budget pass",
+    )
+    sec.add_argument(
+        "--max-total-queue-bytes",
+        type=_size_or_off,
+        default=d.max_total_queue_bytes,
+        metavar="N",
+        help="server-wide budget of bytes pending for all clients ('off': none)",
+    )
+    sec.add_argument(
+        "--max-handshaking",
+        type=_count_or_off,
+        default=d.max_handshaking,
+        metavar="N",
+        help="connections allowed in their handshake at once, apart from --max-clients",
     )
     sec.add_argument(
         "--handshake-max-frame-size",
@@ -190,10 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_size,
         default=d.write_high_water,
         metavar="N",
-        help=(
-            "transport buffer at which a client counts as congested (under the disconnect "
-            "policy, publishers are then paused)"
-        ),
+        help="transport buffer at which a client counts as congested",
     )
     sec.add_argument(
         "--send-buffer-size",
@@ -327,6 +391,13 @@ def _config(
             write_high_water=args.write_high_water,
             send_buffer_size=args.send_buffer_size,
             retry_after=args.retry_after,
+            slow_consumer_min_rate=args.slow_consumer_min_rate,
+            keep_latest_streams=args.keep_latest_streams,
+            flow_control=args.flow_control,
+            pace_min_rate=args.pace_min_rate,
+            max_publisher_pause=args.max_publisher_pause,
+            max_total_queue_bytes=args.max_total_queue_bytes,
+            max_handshaking=args.max_handshaking,
         )
     except ValueError as err:
         parser.error(_option_names(str(err)))
