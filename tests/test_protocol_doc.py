@@ -271,3 +271,19 @@ def test_sender_value_rules_of_the_formats_section(
     for value in bad:
         with pytest.raises(trame_async.ValueMismatchError):
             reg.encode(trame, value)
+
+
+def test_one_order_of_checks_decides_every_refusal() -> None:
+    # One rule, stated once: every other place refers to it rather than giving its own.
+    assert TEXT.count("### Order of checks") == 1
+    steps = re.findall(r"^(\d)\. \*\*", _section("### Order of checks"), re.MULTILINE)
+    assert steps == ["1", "2", "3", "4", "5"]
+    assert "The server checks the magic first" not in TEXT
+    # ERROR and GOODBYE are never answered: the kind table, their sections and the rule agree.
+    rows = {
+        row.split("|")[1].strip(" `"): row
+        for row in TEXT.splitlines()
+        if row.startswith("| `ERROR`") or row.startswith("| `GOODBYE`")
+    }
+    assert all("never answered" in rows[kind] for kind in ("ERROR", "GOODBYE"))
+    assert "an ERROR reason or a GOODBYE text             | `INVALID_TEXT`" not in TEXT

@@ -23,7 +23,7 @@ from __future__ import annotations
 import enum
 import hmac
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeVar
 
 from .codec import REGISTRY, Message, Registry
 from .codes import DisconnectReason, ErrorCode
@@ -205,21 +205,25 @@ class _Core:
             self._frame_started = None
 
     def _peer_error(self, body: memoryview) -> None:
-        err = ErrorFrame.parse(body)
+        # Never answered, whatever its body: the peer has closed, and an ERROR in reply to an
+        # ERROR could bounce between two implementations. A broken body changes the report only.
+        err, broken = _salvage(ErrorFrame, body)
         code = err.error_code
         self.error_code = code
         reason = DisconnectReason.ERROR_RECEIVED
         if code is not None:
             reason = _REASON_FOR_ERROR.get(code, reason)
-        self._close(reason, f"peer sent error {code.name if code else err.code}: {err.reason}")
+        self._close(
+            reason, f"peer sent error {code.name if code else err.code}: {err.reason}{broken}"
+        )
 
     def _peer_goodbye(self, body: memoryview) -> None:
-        bye = Goodbye.parse(body)
+        bye, broken = _salvage(Goodbye, body)  # never answered either
         self.retry_after = bye.retry_after
         reason = bye.disconnect_reason
         if reason is not DisconnectReason.SERVER_SHUTDOWN:
             reason = DisconnectReason.GOODBYE
-        self._close(reason, bye.text)
+        self._close(reason, bye.text + broken)
 
 
 class ServerCore(_Core):
@@ -297,11 +301,11 @@ class ServerCore(_Core):
             # is then refused as such, however it is split, rather than as an oversized frame.
             data = self._preamble + data
             try:
-                self._check_preamble(data)
+                ready = self._check_preamble(data)
             except ProtocolError as err:
                 self.fail(err)
                 return []
-            if len(data) < _PREAMBLE:
+            if not ready:
                 self._preamble = data
                 return []
             self._preamble = None
@@ -358,20 +362,35 @@ class ServerCore(_Core):
         return out
 
     def _peer_error(self, body: memoryview) -> None:
-        # A client's ERROR is its own: it cannot make the server report a slow consumer.
-        err = ErrorFrame.parse(body)
+        # A client's ERROR is its own: it cannot make the server report a slow consumer. Never
+        # answered, even broken (see _Core._peer_error).
+        err, broken = _salvage(ErrorFrame, body)
         self.error_code = err.error_code
-        self._close(DisconnectReason.ERROR_RECEIVED, f"client sent error {err.code}: {err.reason}")
+        self._close(
+            DisconnectReason.ERROR_RECEIVED, f"client sent error {err.code}: {err.reason}{broken}"
+        )
 
     def _peer_goodbye(self, body: memoryview) -> None:
-        # Whatever reason a client gives, for the server it said goodbye.
-        self._close(DisconnectReason.GOODBYE, Goodbye.parse(body).text)
+        # Whatever reason a client gives, for the server it said goodbye; never answered.
+        bye, broken = _salvage(Goodbye, body)
+        self._close(DisconnectReason.GOODBYE, bye.text + broken)
 
-    def _check_preamble(self, data: bytes) -> None:
-        # A stray HTTP request or TLS hello must be told apart from an oversized HELLO.
-        if len(data) > 4 and data[4] != Kind.HELLO:
-            if data[4] in _KIND_VALUES:
-                raise UnexpectedFrameError(Kind(data[4]).name, "before HELLO")
+    def _check_preamble(self, data: bytes) -> bool:
+        """Judge the first bytes of a connection; return whether the parser may take them.
+
+        The order of checks of docs/protocol.md for the first frame: the kind byte before the
+        length, so that a stray HTTP request or TLS hello is told apart from an oversized HELLO;
+        then, for a HELLO, the magic. An ERROR or GOODBYE goes to the parser at once (the
+        shortest ERROR is 8 bytes: waiting for a 9th would stall it until the handshake timeout).
+        """
+        if len(data) <= 4:
+            return False
+        kind = data[4]
+        if kind != _HELLO:
+            if kind == _ERROR or kind == _GOODBYE:
+                return True
+            if kind in _KIND_VALUES:
+                raise UnexpectedFrameError(Kind(kind).name, "before HELLO")
             raise HandshakeError("first frame is not a HELLO: the peer is not a trame_async client")
         head = data[5:9]
         if head != MAGIC[: len(head)]:
@@ -379,6 +398,7 @@ class ServerCore(_Core):
                 f"first frame does not start with magic {MAGIC!r}: the peer is not a "
                 f"trame_async client"
             )
+        return len(data) >= _PREAMBLE
 
     def _control(self, frame: memoryview, kind: int, now: float) -> None:
         body = frame[1:]
@@ -551,6 +571,25 @@ class ServerCore(_Core):
 
 
 _KIND_VALUES: Final = frozenset(int(k) for k in Kind)
+_HELLO: Final = int(Kind.HELLO)
+_ERROR: Final = int(Kind.ERROR)
+_GOODBYE: Final = int(Kind.GOODBYE)
+#: What a server may send before WELCOME: WELCOME itself, or the ERROR or GOODBYE that ends it.
+_BEFORE_WELCOME: Final = frozenset((int(Kind.WELCOME), _ERROR, _GOODBYE))
+
+
+_F = TypeVar("_F", ErrorFrame, Goodbye)
+
+
+def _salvage(parse: type[_F], body: memoryview) -> tuple[_F, str]:
+    """Parse an ERROR or GOODBYE body, or salvage what it holds; never raise.
+
+    Returns the frame and, when it was broken, a note for the close detail.
+    """
+    try:
+        return parse.parse(body), ""
+    except ProtocolError as err:
+        return parse.salvage(body), f" (malformed: {err})"
 
 
 class ClientCore(_Core):
@@ -710,6 +749,11 @@ class ClientCore(_Core):
 
     def _control(self, frame: memoryview, kind: int, now: float) -> None:
         body = frame[1:]
+        if self.state is _HANDSHAKE and kind not in _BEFORE_WELCOME:
+            # The order of checks of docs/protocol.md: the kind decides before the body.
+            if kind in _KIND_VALUES:
+                raise UnexpectedFrameError(Kind(kind).name, "before WELCOME")
+            raise UnknownKindError(kind)
         if kind == _PING:
             self.outgoing.append(pong(parse_ping_id(body, "PING")))
         elif kind == _PONG:

@@ -1,0 +1,267 @@
+"""The rules of docs/protocol.md that a client written from the document alone relies on.
+
+Each test names the rule it checks. The cores are driven with plain bytes and a fake clock; a few
+rules are also checked end to end over real sockets on 127.0.0.1, where what matters is what
+reaches the wire (nothing at all, for an ERROR or a GOODBYE).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from helpers import close_writer, read_eof, read_frame, read_until_error
+from hypothesis import given
+from hypothesis import strategies as st
+
+import trame_async
+from trame_async import INT, DisconnectReason, ErrorCode, Kind
+from trame_async.protocol import ClientCore, CoreState, ServerCore, ServerLimits
+from trame_async.wire import (
+    PROTOCOL_VERSION,
+    SENDER,
+    ErrorFrame,
+    FrameParser,
+    Goodbye,
+    Hello,
+    Welcome,
+    dropped_notice,
+    frame,
+    ping,
+    pong,
+)
+
+_KINDS = frozenset(int(k) for k in Kind)
+
+
+def _errors(outgoing: list[bytes]) -> list[ErrorCode | None]:
+    """Return the codes of the ERROR frames in ``outgoing`` (other frames are skipped)."""
+    frames = FrameParser().feed(b"".join(outgoing))
+    return [ErrorFrame.parse(f[1:]).error_code for f in frames if f[0] == Kind.ERROR]
+
+
+def _kinds(outgoing: list[bytes]) -> list[int]:
+    return [f[0] for f in FrameParser().feed(b"".join(outgoing))]
+
+
+def _server(**limits: object) -> ServerCore:
+    return ServerCore(7, ServerLimits(**limits), 0.0)  # type: ignore[arg-type]
+
+
+def _open_server(**limits: object) -> ServerCore:
+    core = _server(**limits)
+    core.receive_data(Hello(PROTOCOL_VERSION, 0, b"").encode(), 0.0)
+    assert core.state is CoreState.OPEN
+    core.outgoing.clear()
+    return core
+
+
+def _open_client() -> ClientCore:
+    core = ClientCore(0.0)
+    core.receive_data(Welcome(PROTOCOL_VERSION, 0, 3, None, None, 1 << 20).encode(), 0.0)
+    assert core.state is CoreState.OPEN
+    core.outgoing.clear()
+    return core
+
+
+# --- ERROR and GOODBYE are never answered, in any state, whatever their body -------------------
+
+#: ERROR and GOODBYE frames a receiver must close on without answering: well formed, and broken
+#: in each way the document lists (truncated, trailing bytes, invalid UTF-8).
+CLOSING_FRAMES = [
+    pytest.param(ErrorFrame(ErrorCode.INTERNAL_ERROR, "bye").encode(), id="error"),
+    pytest.param(ErrorFrame(999, "").encode(), id="error-unknown-code"),
+    pytest.param(frame(Kind.ERROR, b""), id="error-empty-body"),
+    pytest.param(frame(Kind.ERROR, b"\x00\x05\x09abc"), id="error-truncated-reason"),
+    pytest.param(frame(Kind.ERROR, b"\x00\x05\x00trailing"), id="error-trailing-bytes"),
+    pytest.param(frame(Kind.ERROR, b"\x00\x05\x02\xff\xfe"), id="error-invalid-utf8"),
+    pytest.param(Goodbye(DisconnectReason.GOODBYE, None, "").encode(), id="goodbye"),
+    pytest.param(frame(Kind.GOODBYE, b"\x00"), id="goodbye-truncated"),
+    pytest.param(frame(Kind.GOODBYE, bytes(7) + b"xx"), id="goodbye-trailing-bytes"),
+    pytest.param(frame(Kind.GOODBYE, b"\x00\x01" + bytes(4) + b"\x01\xc3"), id="goodbye-bad-utf8"),
+]
+
+
+@pytest.mark.parametrize("closing", CLOSING_FRAMES)
+@pytest.mark.parametrize("state", ["first frame", "open"])
+def test_server_closes_on_error_or_goodbye_without_answering(closing: bytes, state: str) -> None:
+    # "A receiver of an ERROR or a GOODBYE never answers it": before HELLO (the ERROR row of the
+    # kind table: "any time, even before the handshake") as after it.
+    core = _server() if state == "first frame" else _open_server()
+    assert core.receive_data(closing, 1.0) == []
+    assert core.closed
+    assert core.outgoing == []
+    expected = (
+        DisconnectReason.ERROR_RECEIVED if closing[4] == Kind.ERROR else DisconnectReason.GOODBYE
+    )
+    assert core.close_reason is expected
+
+
+@pytest.mark.parametrize("closing", CLOSING_FRAMES)
+@pytest.mark.parametrize("state", ["before welcome", "open"])
+def test_client_closes_on_error_or_goodbye_without_answering(closing: bytes, state: str) -> None:
+    core = ClientCore(0.0) if state == "before welcome" else _open_client()
+    core.outgoing.clear()  # the HELLO
+    assert core.receive_data(closing, 1.0) == []
+    assert core.closed
+    assert core.outgoing == []
+
+
+def test_shortest_error_as_first_frame_is_not_held_for_a_ninth_byte() -> None:
+    # An ERROR with no reason is 8 bytes; a server waiting for the 9-byte HELLO preamble would
+    # keep it until the handshake timeout, then answer HANDSHAKE_TIMEOUT.
+    core = _server()
+    short = ErrorFrame(ErrorCode.SHUTTING_DOWN, "").encode()
+    assert len(short) == 8
+    for byte in short:
+        core.receive_data(bytes([byte]), 0.5)
+    assert core.closed and core.outgoing == []
+    assert core.error_code is ErrorCode.SHUTTING_DOWN
+
+
+@given(body=st.binary(max_size=300), chunk=st.integers(1, 20))
+def test_any_error_or_goodbye_body_is_never_answered(body: bytes, chunk: int) -> None:
+    for kind in (Kind.ERROR, Kind.GOODBYE):
+        data = frame(kind, body)
+        for core in (_server(), _open_server()):
+            for at in range(0, len(data), chunk):
+                core.receive_data(data[at : at + chunk], 1.0)
+            assert core.closed and core.outgoing == []
+
+
+# --- one order of checks for the first frame, over every kind value ---------------------------
+
+
+def _first_frame(kind: int) -> bytes:
+    """A frame of ``kind`` with a well-formed body of its kind (any body for unknown kinds)."""
+    bodies = {
+        Kind.HELLO: Hello(PROTOCOL_VERSION, 0, b"").encode(),
+        Kind.WELCOME: Welcome(PROTOCOL_VERSION, 0, 1, None, None, 4096).encode(),
+        Kind.PING: ping(1),
+        Kind.PONG: pong(1),
+        Kind.MULTICAST: trame_async.REGISTRY.encode(INT, 1),
+        Kind.RELAY: trame_async.REGISTRY.encode(INT, 1, Kind.RELAY),
+        Kind.DATA: trame_async.REGISTRY.encode(INT, 1, Kind.DATA),
+        Kind.DROPPED: dropped_notice(1),
+        Kind.ERROR: ErrorFrame(ErrorCode.INTERNAL_ERROR, "x").encode(),
+        Kind.GOODBYE: Goodbye(DisconnectReason.GOODBYE, None, "").encode(),
+    }
+    if kind in _KINDS:
+        return bodies[Kind(kind)]
+    return frame(kind, b"TRAM\x01\x00\x00\x00")  # looks like a HELLO but for its kind
+
+
+def _expected_before_hello(kind: int) -> ErrorCode | str:
+    # docs/protocol.md, "Order of checks", the server's first frame: the kind byte decides.
+    if kind == Kind.HELLO:
+        return "WELCOME"
+    if kind in (Kind.ERROR, Kind.GOODBYE):
+        return "nothing"
+    if kind in _KINDS:
+        return ErrorCode.UNEXPECTED_FRAME
+    return ErrorCode.BAD_HANDSHAKE
+
+
+@pytest.mark.parametrize("kind", range(256), ids=lambda k: f"{k:#04x}")
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "byte-by-byte"])
+def test_every_kind_value_as_the_servers_first_frame(kind: int, split: bool) -> None:
+    core = _server()
+    data = _first_frame(kind)
+    chunks = [data[i : i + 1] for i in range(len(data))] if split else [data]
+    for chunk in chunks:
+        core.receive_data(chunk, 0.0)
+        if core.closed:
+            break
+    expected = _expected_before_hello(kind)
+    if expected == "WELCOME":
+        assert _kinds(core.outgoing) == [Kind.WELCOME] and not core.closed
+    elif expected == "nothing":
+        assert core.closed and core.outgoing == []
+    else:
+        assert core.closed and _errors(core.outgoing) == [expected]
+
+
+@pytest.mark.parametrize("kind", range(256), ids=lambda k: f"{k:#04x}")
+def test_every_kind_value_as_the_clients_first_frame(kind: int) -> None:
+    # Before WELCOME a server may send only WELCOME, or the ERROR or GOODBYE that ends it.
+    core = ClientCore(0.0)
+    core.outgoing.clear()
+    core.receive_data(_first_frame(kind), 0.0)
+    if kind == Kind.WELCOME:
+        assert not core.closed and core.outgoing == []
+    elif kind in (Kind.ERROR, Kind.GOODBYE):
+        assert core.closed and core.outgoing == []
+    elif kind in _KINDS:
+        assert _errors(core.outgoing) == [ErrorCode.UNEXPECTED_FRAME]
+    else:
+        assert _errors(core.outgoing) == [ErrorCode.UNKNOWN_KIND]
+
+
+def test_first_frame_kind_is_judged_before_its_length() -> None:
+    # A stray request whose first 4 bytes read as a huge length: the kind byte decides first.
+    core = _server()
+    core.receive_data(b"\xff\xff\xff\xff\x7f", 0.0)
+    assert _errors(core.outgoing) == [ErrorCode.BAD_HANDSHAKE]
+    # The length is judged next: an ERROR too long for the handshake limit is a framing error,
+    # found before its body is read.
+    core = _server()
+    core.receive_data(b"\x00\x01\x00\x00\x20", 0.0)
+    assert _errors(core.outgoing) == [ErrorCode.FRAME_TOO_LARGE]
+
+
+def test_relayed_frames_in_a_clients_state_after_welcome() -> None:
+    # After WELCOME the general rule applies: an unknown kind is UNKNOWN_KIND.
+    core = _open_client()
+    core.receive_data(frame(0x7F, b""), 0.0)
+    assert _errors(core.outgoing) == [ErrorCode.UNKNOWN_KIND]
+    core = _open_client()
+    core.receive_data(frame(Kind.RELAY, SENDER.pack(1) + INT.head + INT.pack(5)), 0.0)
+    assert not core.closed
+
+
+# --- over real sockets ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "closing",
+    [
+        pytest.param(ErrorFrame(ErrorCode.INTERNAL_ERROR, "").encode(), id="error"),
+        pytest.param(frame(Kind.ERROR, b"\x00\x05\x02\xff\xfe"), id="error-invalid-utf8"),
+        pytest.param(frame(Kind.GOODBYE, b"\x00"), id="goodbye-truncated"),
+    ],
+)
+async def test_server_sends_nothing_in_reply_to_a_first_frame_error_or_goodbye(
+    closing: bytes,
+) -> None:
+    reports: list[DisconnectReason] = []
+    async with trame_async.serve(
+        "127.0.0.1", 0, on_disconnect=lambda _r, why: reports.append(why)
+    ) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            writer.write(closing)
+            await read_eof(reader)  # no ERROR frame: no byte at all before the close
+        finally:
+            await close_writer(writer)
+        assert server.clients == []
+
+
+async def test_goodbye_before_hello_is_not_unexpected_frame_but_ping_is() -> None:
+    async with trame_async.serve("127.0.0.1", 0) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            writer.write(ping(1))
+            kind, body = await asyncio.wait_for(read_frame(reader), 5)
+            assert (kind, ErrorFrame.parse(body).error_code) == (
+                Kind.ERROR,
+                ErrorCode.UNEXPECTED_FRAME,
+            )
+            await read_eof(reader)
+        finally:
+            await close_writer(writer)
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            writer.write(frame(0x7F, b"TRAM"))
+            assert (await read_until_error(reader)).error_code is ErrorCode.BAD_HANDSHAKE
+        finally:
+            await close_writer(writer)
