@@ -287,3 +287,22 @@ def test_one_order_of_checks_decides_every_refusal() -> None:
     }
     assert all("never answered" in rows[kind] for kind in ("ERROR", "GOODBYE"))
     assert "an ERROR reason or a GOODBYE text             | `INVALID_TEXT`" not in TEXT
+
+
+def test_receiver_rules_of_the_formats_section() -> None:
+    text = _section("### Formats")
+    assert "receivers MUST refuse it anywhere in a format with\n  `BAD_FORMAT`" in text
+    assert "A receiver MUST treat a format starting with `!` as the same" in text
+    assert "A receiver MUST refuse, with `BAD_VALUE`, a `?` byte other than 0 or 1" in text
+    reg = trame_async.Registry(builtins=False)
+    reg.register("TMP", ">hB")
+
+    def body(fmt: bytes, value: bytes) -> bytes:
+        return b"\x10TMP" + bytes((len(fmt),)) + fmt + value
+
+    with pytest.raises(trame_async.BadFormatError):
+        reg.decode_frame(body(b">h B", b"\0\0\0"))
+    assert reg.decode_frame(body(b"!hB", b"\0\1\2")).value == (1, 2)
+    for fmt, value in ((b"<?", b"\x02"), (b"<3p", b"\x03ab")):
+        with pytest.raises(trame_async.BadValueError):
+            reg.decode_frame(b"\x10UNK" + bytes((len(fmt),)) + fmt + value, strict=False)

@@ -8,9 +8,10 @@ reaches the wire (nothing at all, for an ERROR or a GOODBYE).
 from __future__ import annotations
 
 import asyncio
+import struct
 
 import pytest
-from helpers import close_writer, read_eof, read_frame, read_until_error
+from helpers import Reading, close_writer, raw_handshake, read_eof, read_frame, read_until_error
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -265,3 +266,154 @@ async def test_goodbye_before_hello_is_not_unexpected_frame_but_ping_is() -> Non
             assert (await read_until_error(reader)).error_code is ErrorCode.BAD_HANDSHAKE
         finally:
             await close_writer(writer)
+
+
+# --- the server relays only what a conforming receiver accepts -------------------------------
+
+
+def _data_frame(code: bytes, fmt: bytes, value: bytes, kind: int = Kind.MULTICAST) -> bytes:
+    return frame(kind, code + bytes((len(fmt),)) + fmt + value)
+
+
+#: (MULTICAST the server must refuse at its sender, the code it answers). Each one a struct-based
+#: receiver would read, but a conforming one refuses: relaying it would make one client cut (or
+#: mislead) every strict one.
+REFUSED_AT_SENDER = [
+    # "Whitespace MUST NOT be sent": struct ignores it between items.
+    pytest.param(_data_frame(b"ABC", b"<h h", bytes(4)), ErrorCode.BAD_FORMAT, id="space"),
+    pytest.param(_data_frame(b"ABC", b"<h\nh", bytes(4)), ErrorCode.BAD_FORMAT, id="newline"),
+    pytest.param(_data_frame(b"POS", b"<d d", bytes(16)), ErrorCode.BAD_FORMAT, id="space-known"),
+    # "?" is the byte 0 or 1: a registered BOL, and a '?' of a code the server does not know.
+    pytest.param(_data_frame(b"BOL", b"<?", b"\x02"), ErrorCode.BAD_VALUE, id="bool-2"),
+    pytest.param(_data_frame(b"ABC", b"<h2?", bytes(3) + b"\xff"), ErrorCode.BAD_VALUE, id="bool"),
+    # A 'p' length byte above min(count - 1, 255).
+    pytest.param(_data_frame(b"ABC", b"<4p", b"\x04abc"), ErrorCode.BAD_VALUE, id="pascal"),
+    pytest.param(_data_frame(b"ABC", b"<q1p", bytes(8) + b"\x01"), ErrorCode.BAD_VALUE, id="1p"),
+]
+
+
+@pytest.mark.parametrize(("bad", "code"), REFUSED_AT_SENDER)
+@pytest.mark.parametrize("kind", [Kind.MULTICAST, Kind.DATA])
+def test_server_core_refuses_what_a_conforming_receiver_refuses(
+    bad: bytes, code: ErrorCode, kind: Kind
+) -> None:
+    core = _open_server()
+    good = trame_async.REGISTRY.encode(INT, 1)
+    bad = bad[:4] + bytes((kind,)) + bad[5:]
+    # Twice: the second time the format is known to the codec's caches, and still refused.
+    for _ in range(2):
+        core = _open_server()
+        out = core.receive_data(good + bad + good, 1.0)
+        assert [bytes(f) for f in out] == [good[4:]]
+        assert _errors(core.outgoing) == [code]
+
+
+def test_pascal_string_length_rule_for_decoders() -> None:
+    # "p": the length byte is at most min(count - 1, 255); above it the value is refused, not cut.
+    reg = trame_async.Registry(builtins=False)
+    name = reg.register("NAM", "<4p")
+    assert reg.decode(_data_frame(b"NAM", b"<4p", b"\x03abc"))[1] == b"abc"
+    assert reg.decode(_data_frame(b"NAM", b"<4p", b"\x00xyz"))[1] == b""  # padding ignored
+    for length in (4, 5, 255):
+        with pytest.raises(trame_async.BadValueError, match="'p' length at most 3"):
+            reg.decode(_data_frame(b"NAM", b"<4p", bytes([length]) + b"abc"))
+    with pytest.raises(trame_async.BadValueError):  # an unregistered code: the same rule
+        reg.decode_frame(_data_frame(b"XYZ", b"<4p", b"\x09abc")[4:], strict=False)
+    assert name.can_refuse
+
+
+def test_value_the_servers_class_refuses_is_refused_without_a_hook() -> None:
+    # BAD_VALUE at the sender even when no on_multicast hook decodes the value.
+    reg = trame_async.Registry()
+    reg.register("RDG", "<q", Reading)
+    core = ServerCore(7, ServerLimits(), 0.0, registry=reg)
+    core.receive_data(Hello(PROTOCOL_VERSION, 0, b"").encode(), 0.0)
+    core.outgoing.clear()
+    good, bad = _data_frame(b"RDG", b"<q", INT.pack(3)), _data_frame(b"RDG", b"<q", INT.pack(-3))
+    assert [bytes(f) for f in core.receive_data(good, 1.0)] == [good[4:]]
+    assert core.receive_data(bad, 1.0) == []
+    assert _errors(core.outgoing) == [ErrorCode.BAD_VALUE]
+
+
+def test_plain_numeric_formats_stay_on_the_size_check_fast_path() -> None:
+    # Only types that can refuse a value of the right size are decoded by the relay check.
+    reg = trame_async.Registry()
+    reg.register("RDG", "<q", Reading)
+    reg.register("NTP", "<hh")
+    for code, fmt in ((b"INT", b"<q"), (b"POS", b"<dd"), (b"NTP", b"<hh")):
+        assert reg.sizes[code + bytes((len(fmt),)) + fmt] == struct_size(fmt)
+    for code, fmt in ((b"BOL", b"<?"), (b"RDG", b"<q")):
+        assert code + bytes((len(fmt),)) + fmt not in reg.sizes
+    # Unknown codes: learnt once, unless a value may be refused or the format spells "!".
+    for fmt, fast in (
+        (b"<i", True),
+        (b">i", True),
+        (b"<?", False),
+        (b"<2p", False),
+        (b"!i", False),
+    ):
+        body = _data_frame(b"UNK", fmt, bytes(struct_size(fmt)))[4:]
+        reg.check_body(body, 1)
+        assert (body[1 : 5 + len(fmt)] in reg.sizes) is fast, fmt
+
+
+def struct_size(fmt: bytes) -> int:
+    return struct.calcsize(fmt.decode())
+
+
+# --- "!" is ">" ---------------------------------------------------------------------------------
+
+
+def test_bang_is_big_endian_for_the_codec() -> None:
+    reg = trame_async.Registry(builtins=False)
+    temp = reg.register("TMP", "!hB")
+    assert temp.fmt == ">hB"  # one spelling, so every peer registers the same format
+    assert reg.encode(temp, (-40, 3)) == _data_frame(b"TMP", b">hB", b"\xff\xd8\x03")
+    # A frame spelling it "!" is the registered type all the same (not VALUE_SIZE_MISMATCH).
+    assert reg.decode(_data_frame(b"TMP", b"!hB", b"\xff\xd8\x03")) == (temp, (-40, 3))
+    assert reg.decode_frame(_data_frame(b"XYZ", b"!h", b"\x00\x05")[4:], strict=False).value == 5
+    assert (
+        reg.decode_frame(_data_frame(b"XYZ", b"!h", b"\x00\x05")[4:], strict=False).trame.fmt
+        == ">h"
+    )
+
+
+@pytest.mark.parametrize("kind", [Kind.MULTICAST, Kind.DATA])
+def test_server_core_hands_on_a_bang_format_as_big_endian(kind: Kind) -> None:
+    core = _open_server()
+    data = _data_frame(b"XYZ", b"!hB", b"\xff\xd8\x03", kind)
+    for _ in range(2):  # the second time from the codec's caches
+        (out,) = core.receive_data(data, 1.0)
+        assert bytes(out) == _data_frame(b"XYZ", b">hB", b"\xff\xd8\x03", kind)[4:]
+    assert not core.closed
+
+
+# --- over real sockets: the sender alone is cut, the others receive only good frames ---------
+
+
+async def test_refused_multicasts_reach_no_one_and_cut_their_sender_alone() -> None:
+    reg = trame_async.Registry()
+    reg.register("TMP", ">h")
+    async with (
+        trame_async.serve("127.0.0.1", 0) as server,
+        trame_async.connect("127.0.0.1", server.port, registry=reg) as strict,
+    ):
+        for bad, code in [(p.values[0], p.values[1]) for p in REFUSED_AT_SENDER]:
+            reader, writer = await raw_handshake(server.port)
+            try:
+                writer.write(bad)
+                assert (await read_until_error(reader)).error_code is code
+                await read_eof(reader)
+            finally:
+                await close_writer(writer)
+        # A "!h" of a code the server does not know reaches a client that registered ">h".
+        reader, writer = await raw_handshake(server.port)
+        try:
+            writer.write(_data_frame(b"TMP", b"!h", b"\x01\x02"))
+            message = await strict.receive(timeout=5)
+        finally:
+            await close_writer(writer)
+        assert (message.trame, message.value) == ("TMP", 0x0102)
+        # Nothing refused was relayed before it, and the strict client is still connected.
+        server.multicast(INT, 9)
+        assert (await strict.receive(timeout=5)).value == 9

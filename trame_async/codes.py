@@ -54,7 +54,9 @@ class ErrorCode(enum.IntEnum):
     INTERNAL_ERROR = 18
     """The peer failed while handling a frame; details are in its own log, never on the wire."""
     BAD_VALUE = 19
-    """A well-formed value that the receiver's value type refuses (its constructor raised)."""
+    """A well-formed value that the receiver's value type refuses (its constructor raised), or that
+    breaks the value rules of its format (a '?' byte other than 0 or 1, a 'p' length byte out of
+    range)."""
 
 
 class DisconnectReason(enum.IntEnum):

@@ -65,6 +65,7 @@ _DATA: Final = int(Kind.DATA)
 _RELAY: Final = int(Kind.RELAY)
 _KIND_RELAY: Final = Kind.RELAY
 _INF: Final = float("inf")
+_BANG: Final = ord("!")
 #: length[4] + kind[1] + magic[4]: what identifies a HELLO.
 _PREAMBLE: Final = 9
 _SENDER_UNPACK: Final = SENDER.unpack_from
@@ -349,6 +350,10 @@ class ServerCore(_Core):
                 except TrameError as err:  # an unknown code is relayed, so this is a bug
                     self.fail(ProtocolError(str(err)))
                     break
+                if frame[5] == _BANG:
+                    # "!" and ">" are one order: relayed as ">", so that receivers see one
+                    # spelling (the byte at 5 is the format's first: checked to be there).
+                    frame = memoryview(b"".join((frame[:5], b">", frame[6:])))
                 out.append(frame)
             else:
                 try:
