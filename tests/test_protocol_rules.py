@@ -417,3 +417,62 @@ async def test_refused_multicasts_reach_no_one_and_cut_their_sender_alone() -> N
         # Nothing refused was relayed before it, and the strict client is still connected.
         server.multicast(INT, 9)
         assert (await strict.receive(timeout=5)).value == 9
+
+
+# --- timeouts and the heartbeat settings ------------------------------------------------------
+
+
+def test_welcome_without_heartbeat_says_0_and_0() -> None:
+    # WELCOME's heartbeat_timeout_ms is "always 0 when heartbeat_interval_ms is 0": the server
+    # used to send 0/20000, against the document's example.
+    core = _server(heartbeat_interval=None, heartbeat_timeout=20.0)
+    core.receive_data(Hello(PROTOCOL_VERSION, 0, b"").encode(), 0.0)
+    (welcome,) = [Welcome.parse(f[1:]) for f in FrameParser().feed(b"".join(core.outgoing))]
+    assert (welcome.heartbeat_interval, welcome.heartbeat_timeout) == (None, None)
+    raw = core.outgoing[0]
+    assert raw[15:23] == bytes(8)
+    # With a heartbeat, both values go out as set.
+    core = _server(heartbeat_interval=5.0, heartbeat_timeout=7.0)
+    core.receive_data(Hello(PROTOCOL_VERSION, 0, b"").encode(), 0.0)
+    welcome = Welcome.parse(FrameParser().feed(core.outgoing[0])[0][1:])
+    assert (welcome.heartbeat_interval, welcome.heartbeat_timeout) == (5.0, 7.0)
+
+
+def test_client_ignores_the_timeout_when_the_heartbeat_is_off() -> None:
+    core = ClientCore(0.0)
+    core.receive_data(Welcome(PROTOCOL_VERSION, 0, 3, None, 20.0, 1 << 20).encode(), 0.0)
+    assert core.next_timer() is None
+    core.handle_timer(1e6)
+    assert not core.closed
+
+
+@pytest.mark.parametrize(
+    ("handshake", "frame_timeout", "at", "expected"),
+    [
+        # Both due at once: the handshake timeout wins.
+        (1.0, 1.0, 1.0, ErrorCode.HANDSHAKE_TIMEOUT),
+        # Both overdue when the timer runs, the frame's first: still the handshake timeout.
+        (2.0, 1.0, 5.0, ErrorCode.HANDSHAKE_TIMEOUT),
+        # The frame deadline alone has passed.
+        (10.0, 1.0, 1.5, ErrorCode.FRAME_TIMEOUT),
+    ],
+)
+@pytest.mark.parametrize("sent", [3, 7, 12], ids=lambda n: f"{n}-bytes")
+def test_handshake_timeout_takes_precedence_over_the_frame_timeout(
+    handshake: float, frame_timeout: float, at: float, expected: ErrorCode, sent: int
+) -> None:
+    # An incomplete HELLO: shorter than the 9 bytes the server waits for before parsing, or not.
+    hello = Hello(PROTOCOL_VERSION, 0, b"token").encode()
+    core = _server(handshake_timeout=handshake, frame_timeout=frame_timeout)
+    core.receive_data(hello[:sent], 0.0)
+    assert core.next_timer() == min(handshake, frame_timeout)
+    core.handle_timer(at)
+    assert _errors(core.outgoing) == [expected]
+
+
+def test_frame_clock_runs_from_the_first_byte_even_without_a_handshake_timeout() -> None:
+    core = _server(handshake_timeout=None, frame_timeout=2.0)
+    core.receive_data(b"\x00\x00", 1.0)
+    assert core.next_timer() == 3.0
+    core.handle_timer(3.0)
+    assert _errors(core.outgoing) == [ErrorCode.FRAME_TIMEOUT]

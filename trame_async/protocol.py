@@ -308,6 +308,8 @@ class ServerCore(_Core):
                 return []
             if not ready:
                 self._preamble = data
+                if self._frame_started is None:
+                    self._frame_started = now  # the frame clock runs from its first byte
                 return []
             self._preamble = None
         if self.state is _HANDSHAKE:
@@ -453,7 +455,8 @@ class ServerCore(_Core):
                 0,
                 self.client_id,
                 self._interval,
-                self._timeout,
+                # No PING, nothing to time out: 0/0 says "heartbeat off" in one way only.
+                self._timeout if self._interval is not None else None,
                 self.limits.max_frame_size,
             ).encode()
         )
