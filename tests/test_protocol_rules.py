@@ -16,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import trame_async
+import trame_async.codec as codec_module
 from trame_async import INT, DisconnectReason, ErrorCode, Kind
 from trame_async.protocol import ClientCore, CoreState, ServerCore, ServerLimits
 from trame_async.wire import (
@@ -476,3 +477,64 @@ def test_frame_clock_runs_from_the_first_byte_even_without_a_handshake_timeout()
     assert core.next_timer() == 3.0
     core.handle_timer(3.0)
     assert _errors(core.outgoing) == [ErrorCode.FRAME_TIMEOUT]
+
+
+# --- bounded work for formats the server does not know -----------------------------------------
+
+
+def _unknown(n: int) -> bytes:
+    """A MULTICAST of an unregistered code with the ``n``-th of endless distinct formats."""
+    fmt = b"<%dx%s" % (n, b"b")  # n padding bytes then one byte: every n a new format
+    return _data_frame(b"UNK", fmt, bytes(n + 1))
+
+
+def test_a_client_making_the_server_learn_too_many_formats_is_refused() -> None:
+    core = _open_server(max_unknown_formats=5)
+    frames = [_unknown(n) for n in range(5)]
+    # The same formats again, and variable values of every length, cost nothing more.
+    frames += [_unknown(n) for n in range(5)]
+    frames += [_data_frame(b"VAR", b"<%ds" % n, bytes(n)) for n in range(50)]
+    assert len(core.receive_data(b"".join(frames), 1.0)) == len(frames)
+    assert not core.closed
+    out = core.receive_data(_unknown(5) + _unknown(0), 1.0)
+    assert out == []
+    assert _errors(core.outgoing) == [ErrorCode.TOO_MANY_FORMATS]
+    assert core.close_reason is DisconnectReason.PROTOCOL_ERROR
+    # The limit is per connection: another client starts from zero.
+    other = _open_server(max_unknown_formats=5)
+    assert len(other.receive_data(_unknown(5), 1.0)) == 1
+
+
+def test_unknown_variable_values_are_checked_without_filling_the_cache() -> None:
+    reg = trame_async.Registry()
+    before = dict(reg.sizes)
+    for n in range(3000):
+        assert reg.check_body(_data_frame(b"VAR", b"<%ds" % n, bytes(n))[4:], 1) is False
+    assert reg.sizes == before and not reg._generic
+    with pytest.raises(trame_async.ValueSizeMismatchError):
+        reg.check_body(_data_frame(b"VAR", b"<5s", bytes(4))[4:], 1)
+    with pytest.raises(trame_async.BadFormatError):
+        reg.check_body(_data_frame(b"\x00AR", b"<5s", bytes(5))[4:], 1)
+
+
+def test_endless_new_formats_evict_one_format_each_not_the_whole_cache() -> None:
+    # The cache was wiped every 1024 new formats, so every format in use then cost a compile
+    # again, all at once. Now each new format evicts the oldest alone, and costs one compile.
+    reg = trame_async.Registry()
+    compiled = 0
+    real_struct = struct.Struct
+
+    def counting(fmt: str) -> struct.Struct:
+        nonlocal compiled
+        compiled += 1
+        return real_struct(fmt)
+
+    heads = [_unknown(n)[5 : 5 + 4 + _unknown(n)[8]] for n in range(1100)]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(codec_module.struct, "Struct", counting)
+        for n in range(1100):
+            reg.check_body(_unknown(n)[4:], 1)
+    assert compiled == 2 * 1100  # the format's struct and its type's: once per format
+    assert len(reg._generic) == 1024
+    assert [head in reg.sizes for head in heads] == [False] * 76 + [True] * 1024
+    assert all(head in reg.sizes for head in (b"INT\x02<q", b"POS\x03<dd"))

@@ -20,6 +20,7 @@ get a packer that checks them after packing; every other format keeps the bare `
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -77,7 +78,9 @@ _DATA: Final = int(Kind.DATA)
 _RELAY: Final = int(Kind.RELAY)
 # The member itself, for Message.kind: a lookup on the Enum class costs 70 ns a time on 3.11.
 _KIND_RELAY: Final = Kind.RELAY
-#: Upper bound on cached formats of unregistered codes (server relay checks, generic decode).
+#: Upper bound on cached formats of unregistered codes (server relay checks, generic decode); the
+#: least recently used one goes first, so a peer sending endless new formats costs one eviction per
+#: format, never a wipe of every format the other peers use.
 _FORMAT_CACHE_SIZE: Final = 1024
 _CODE: Final = re.compile(rb"[\x20-\x7e]{3}")
 
@@ -688,7 +691,10 @@ class Registry:
         self.sizes: dict[Any, int] = {}
         #: whole constant prefix of MULTICAST/DATA frames of fixed-size types -> type.
         self._frame_heads: dict[bytes, tuple[Trame, int, Callable[..., Any]]] = {}
-        self._generic: dict[bytes, tuple[Trame, int]] = {}
+        #: code + fmt of unregistered codes -> (generic type, value size, head in :attr:`sizes`).
+        self._generic: collections.OrderedDict[bytes, tuple[Trame, int, bytes]] = (
+            collections.OrderedDict()
+        )
         if builtins:
             for t in (INT, FLT, BOL, STR, BYT, POS):
                 self._add(t)
@@ -888,9 +894,11 @@ class Registry:
         Raises :class:`BadFormatError` when the format is not a portable struct format.
         """
         key = code_raw + bytes(fmt_raw)
-        hit = self._generic.get(key)
+        cache = self._generic
+        hit = cache.get(key)
         if hit is not None:
-            return hit
+            cache.move_to_end(key)
+            return hit[0], hit[1]
         fmt = _check_syntax(fmt_raw)
         if fmt[0] == "!":
             fmt = ">" + fmt[1:]  # one spelling of big-endian, as at registration
@@ -902,28 +910,55 @@ class Registry:
             trame = Trame(code_raw.decode("ascii"), fmt)
         except RegistrationError as err:
             raise BadFormatError(bytes(fmt_raw), str(err)) from err
-        if len(self._generic) >= _FORMAT_CACHE_SIZE:
-            self._reset_sizes()
-        self._generic[key] = (trame, st.size)
+        if len(cache) >= _FORMAT_CACHE_SIZE:
+            _, (_, _, old_head) = cache.popitem(last=False)
+            self.sizes.pop(old_head, None)
+        head = code_raw + bytes((len(fmt_raw),)) + bytes(fmt_raw)
+        cache[key] = (trame, st.size, head)
         if code_raw not in self._by_code and fmt_raw[0] != 0x21 and not trame.can_refuse:
             # Next time this head passes the relay check with one lookup. Not a "!" head: the
             # server relays it as ">" (ServerCore.receive_data), which takes the slow path.
-            self.sizes[code_raw + bytes((len(fmt_raw),)) + bytes(fmt_raw)] = st.size
+            self.sizes[head] = st.size
         return trame, st.size
 
-    def check_body(self, buf: bytes | bytearray | memoryview, start: int) -> None:
+    def check_body(self, buf: bytes | bytearray | memoryview, start: int) -> bool:
         """Check that the data body ``buf[start:]`` is well formed, without keeping its value.
 
-        Registered codes are checked against their type (format, size, UTF-8 text); unknown codes
+        Registered codes are checked against their type (format, size, value); unknown codes
         against their own format. Used by the server before relaying.
+
+        Returns whether the format is one of an unregistered code that the registry compiles and
+        caches (:meth:`check_format`): the server counts how many distinct ones each connection
+        makes it learn. A canonical ``<Ns`` of an unregistered code is checked without being
+        learnt (every length would be a new format).
         """
         buf = _hashable(buf)  # its slices are dict keys below
         end = len(buf)
-        if end - start >= 4:
-            fmt_end = start + 4 + buf[start + 3]
-            if self.sizes.get(buf[start:fmt_end]) == end - fmt_end:
-                return
+        if end - start < 4:
+            self._decode_body(buf, start, False)  # raises
+            return False
+        fmt_end = start + 4 + buf[start + 3]
+        if self.sizes.get(buf[start:fmt_end]) == end - fmt_end:
+            return False
+        if fmt_end > end or buf[start : start + 3] in self._by_code:
+            self._decode_body(buf, start, False)
+            return False
+        fmt_raw = buf[start + 4 : fmt_end]
+        if len(fmt_raw) >= 3 and fmt_raw[0] == 0x3C and fmt_raw[-1] == 0x73:  # "<", "s"
+            declared = _parse_digits(fmt_raw[1:-1])
+            if declared >= 0:
+                code_raw = bytes(buf[start : start + 3])
+                if _CODE.fullmatch(code_raw) is None:
+                    raise BadFormatError(code_raw, "trame code is not 3 printable ASCII characters")
+                if declared > MAX_LENGTH:  # as struct says of it: not a format that can travel
+                    raise BadFormatError(bytes(fmt_raw), "total struct size too long")
+                if declared != end - fmt_end:
+                    raise ValueSizeMismatchError(
+                        code_raw.decode("ascii"), f"<{declared}s", declared, end - fmt_end
+                    )
+                return False
         self._decode_body(buf, start, False)
+        return True
 
     def decode_frame(
         self, frame: bytes | bytearray | memoryview, *, strict: bool = True

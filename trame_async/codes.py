@@ -57,6 +57,9 @@ class ErrorCode(enum.IntEnum):
     """A well-formed value that the receiver's value type refuses (its constructor raised), or that
     breaks the value rules of its format (a '?' byte other than 0 or 1, a 'p' length byte out of
     range)."""
+    TOO_MANY_FORMATS = 20
+    """The client used more distinct formats of trame codes the server does not know than the
+    server's per-connection limit (each one costs the server a compiled format)."""
 
 
 class DisconnectReason(enum.IntEnum):

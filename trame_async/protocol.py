@@ -112,6 +112,9 @@ class ServerLimits:
     frame_timeout: float | None = 30.0
     slow_consumer_timeout: float | None = 5.0
     token: bytes | None = None
+    #: Distinct formats of unregistered codes one client may make the server compile and cache
+    #: (``<Ns`` values of any length excluded); above it, ERROR ``TOO_MANY_FORMATS``.
+    max_unknown_formats: int | None = 256
 
 
 class _Core:
@@ -233,6 +236,7 @@ class ServerCore(_Core):
     __slots__ = (
         "_awaiting",
         "_congested_at",
+        "_formats",
         "_interval",
         "_next_ping",
         "_opened_at",
@@ -279,6 +283,8 @@ class ServerCore(_Core):
         self._write_congested = False
         self._paused_at: float | None = None
         self._congested_at: float | None = None
+        # Heads (code + format) of unregistered codes this client made the registry learn.
+        self._formats: set[bytes] | None = None
 
     def receive_data(self, data: bytes, now: float) -> list[memoryview]:
         """Feed bytes from the client; return its valid MULTICAST and DATA frames.
@@ -345,12 +351,14 @@ class ServerCore(_Core):
                     self.fail(UnexpectedFrameError(Kind(kind).name, "before the handshake"))
                     break
                 try:
-                    check(frame, 1)
+                    learned = check(frame, 1)
                 except ProtocolError as err:
                     self.fail(err)
                     break
                 except TrameError as err:  # an unknown code is relayed, so this is a bug
                     self.fail(ProtocolError(str(err)))
+                    break
+                if learned and self._learned(frame):
                     break
                 if frame[5] == _BANG:
                     # "!" and ">" are one order: relayed as ">", so that receivers see one
@@ -367,6 +375,32 @@ class ServerCore(_Core):
         if self.parser.error is not None:
             self.fail(self.parser.error)
         return out
+
+    def _learned(self, frame: memoryview) -> bool:
+        """Count a format of an unregistered code that ``frame`` made the registry compile.
+
+        Returns whether the client went over ``max_unknown_formats`` (then refused): each new
+        format costs the server a compiled struct, so a client sending endless new ones would make
+        it redo that work for every frame.
+        """
+        limit = self.limits.max_unknown_formats
+        if limit is None:
+            return False
+        heads = self._formats
+        if heads is None:
+            heads = self._formats = set()
+        head = bytes(frame[1 : 5 + frame[4]])
+        if head in heads:
+            return False
+        heads.add(head)
+        if len(heads) <= limit:
+            return False
+        self.refuse(
+            ErrorCode.TOO_MANY_FORMATS,
+            DisconnectReason.PROTOCOL_ERROR,
+            f"more than {limit} distinct formats of unregistered trame codes",
+        )
+        return True
 
     def _peer_error(self, body: memoryview) -> None:
         # A client's ERROR is its own: it cannot make the server report a slow consumer. Never
