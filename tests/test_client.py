@@ -637,17 +637,21 @@ def test_client_core_drops_a_refused_relay_and_fails_on_a_refused_data_value() -
         assert core.receive_data(relays[3], 2.0) == []  # closed: nothing more
 
 
-def test_server_core_relays_a_value_its_class_would_refuse() -> None:
-    # The server checks bodies without building values: a well-formed value goes through (the
-    # receivers' classes judge it), and a server with refusing classes still cannot crash there.
+def test_server_core_refuses_a_value_its_class_refuses_at_the_sender() -> None:
+    # docs/protocol.md: "a server that knows the type refuses such a MULTICAST at its sender with
+    # BAD_VALUE", hook or no hook: what it relays, a client with the same type accepts.
     plain, strict = reading_registries()
-    core = ServerCore(7, ServerLimits(), 0.0, registry=strict)
-    core.receive_data(Hello(PROTOCOL_VERSION, 0, b"").encode(), 0.0)
-    assert core.state is CoreState.OPEN
-    frames = [plain.encode("RDG", -1), plain.encode("RDG", -2, Kind.DATA)]
-    out = core.receive_data(b"".join(frames), 1.0)
-    assert [bytes(f) for f in out] == [f[4:] for f in frames]
-    assert not core.closed
+    for kind in (Kind.MULTICAST, Kind.DATA):
+        core = ServerCore(7, ServerLimits(), 0.0, registry=strict)
+        core.receive_data(Hello(PROTOCOL_VERSION, 0, b"").encode(), 0.0)
+        assert core.state is CoreState.OPEN
+        core.outgoing.clear()
+        good, bad = plain.encode("RDG", 1, kind), plain.encode("RDG", -1, kind)
+        out = core.receive_data(good + bad + good, 1.0)
+        assert [bytes(f) for f in out] == [good[4:]]
+        assert core.closed and core.close_reason is DisconnectReason.PROTOCOL_ERROR
+        (error,) = [ErrorFrame.parse(f[1:]) for f in FrameParser().feed(b"".join(core.outgoing))]
+        assert error.error_code is ErrorCode.BAD_VALUE
 
 
 # --- the sans-I/O core with a fake clock ---------------------------------------------------------

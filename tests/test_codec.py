@@ -173,9 +173,13 @@ def test_bol_round_trip(value: bool) -> None:
     assert decode(message) == (BOL, value)
 
 
-def test_bol_decodes_nonzero_byte_as_true() -> None:
-    # struct's "?" reads any nonzero byte as True; the doc tells senders to write 0 or 1.
-    assert decode(data_frame(b"BOL", b"<?", b"\x02")) == (BOL, True)
+@pytest.mark.parametrize("byte", [2, 0x80, 0xFF])
+def test_bol_refuses_a_byte_other_than_0_or_1(byte: int) -> None:
+    # struct's "?" reads any nonzero byte as True, so two receivers could read one frame
+    # differently: docs/protocol.md makes it a BAD_VALUE, refused as a value its type refuses.
+    with pytest.raises(trame_async.BadValueError, match="'\\?' takes 0 or 1") as info:
+        decode(data_frame(b"BOL", b"<?", bytes([byte])))
+    assert info.value.error_code is ErrorCode.BAD_VALUE
 
 
 @FUZZ
@@ -477,7 +481,7 @@ def test_register_single_item_decodes_a_scalar() -> None:
 
 @pytest.mark.parametrize(
     ("fmt", "normalised"),
-    [("ff", "<ff"), ("< f f", "<ff"), (">ih", ">ih"), ("!I", "!I"), ("2s", "<2s"), ("*s", "<*s")],
+    [("ff", "<ff"), ("< f f", "<ff"), (">ih", ">ih"), ("!I", ">I"), ("2s", "<2s"), ("*s", "<*s")],
 )
 def test_register_normalises_the_format(fmt: str, normalised: str) -> None:
     reg = Registry(builtins=False)
@@ -1200,8 +1204,10 @@ def test_malformed_table_covers_every_protocol_error_of_decode() -> None:
         (b"ABC", b"<q ", "byte order"),
         (b"ABC", b"", "byte order"),
         (b"ABC", b"<\xc3\xa9", "byte order"),
-        (b"ABC", b"<zz", "bad char"),
-        (b"ABC", b"<n", "bad char"),
+        (b"ABC", b"<zz", "format grammar"),
+        (b"ABC", b"<n", "format grammar"),
+        (b"ABC", b"<h h", "whitespace"),
+        (b"ABC", b"<h\th", "whitespace"),
         (b"ABC", b"<99999999999999999999s", "too long"),
         (b"ABC", b"<8x", "only padding"),
         (b"ABC", b"<0p", "Pascal"),
@@ -1359,9 +1365,10 @@ def test_a_value_the_class_refuses_is_a_protocol_error(
             assert f"value of trame {code!r} refused by {cls.__name__}" in str(err)
 
 
-def test_check_body_never_builds_a_value() -> None:
-    # The server's relay check: a value the server's class would refuse is relayed all the same
-    # (it is well formed), and the check costs no constructor call.
+def test_check_body_builds_values_only_for_types_that_can_refuse_one() -> None:
+    # The server's relay check (docs/protocol.md: "a server that knows the type refuses such a
+    # MULTICAST at its sender with BAD_VALUE"): a class that may raise is called, a NamedTuple
+    # or a plain numeric format costs no value at all.
     built: list[int] = []
 
     @dataclasses.dataclass
@@ -1370,17 +1377,23 @@ def test_check_body_never_builds_a_value() -> None:
 
         def __post_init__(self) -> None:
             built.append(self.n)
-            raise ValueError("refused")
+            if self.n < 0:
+                raise ValueError("refused")
 
     sender, receiver = refusing_registry()
     receiver.register("WCH", "<q", Watched)
     sender.register("WCH", "<q")
+    assert not receiver["POS"].can_refuse and not receiver["INT"].can_refuse
+    assert receiver["WCH"].can_refuse and receiver["BOL"].can_refuse and receiver["STR"].can_refuse
     for kind in (Kind.MULTICAST, Kind.DATA):
-        for code, value in (("RDG", -1), ("SPN", (2, 2)), ("FLG", False), ("WCH", 1)):
+        receiver.check_body(sender.encode("POS", (1.0, 2.0), kind)[4:], 1)
+        receiver.check_body(sender.encode("WCH", 1, kind)[4:], 1)
+        for code, value in (("RDG", -1), ("SPN", (2, 2)), ("FLG", False), ("WCH", -1)):
             message = sender.encode(code, value, kind)
-            receiver.check_body(message[4:], 1)
-            receiver.check_body(bytearray(message[4:]), 1)
-    assert built == []
+            for body in (message[4:], bytearray(message[4:])):
+                with pytest.raises(trame_async.BadValueError):
+                    receiver.check_body(body, 1)
+    assert built == [1, -1, -1, 1, -1, -1]
 
 
 # --- fuzzing: only TrameError ------------------------------------------------------------------

@@ -271,3 +271,38 @@ def test_sender_value_rules_of_the_formats_section(
     for value in bad:
         with pytest.raises(trame_async.ValueMismatchError):
             reg.encode(trame, value)
+
+
+def test_one_order_of_checks_decides_every_refusal() -> None:
+    # One rule, stated once: every other place refers to it rather than giving its own.
+    assert TEXT.count("### Order of checks") == 1
+    steps = re.findall(r"^(\d)\. \*\*", _section("### Order of checks"), re.MULTILINE)
+    assert steps == ["1", "2", "3", "4", "5"]
+    assert "The server checks the magic first" not in TEXT
+    # ERROR and GOODBYE are never answered: the kind table, their sections and the rule agree.
+    rows = {
+        row.split("|")[1].strip(" `"): row
+        for row in TEXT.splitlines()
+        if row.startswith("| `ERROR`") or row.startswith("| `GOODBYE`")
+    }
+    assert all("never answered" in rows[kind] for kind in ("ERROR", "GOODBYE"))
+    assert "an ERROR reason or a GOODBYE text             | `INVALID_TEXT`" not in TEXT
+
+
+def test_receiver_rules_of_the_formats_section() -> None:
+    text = _section("### Formats")
+    assert "receivers MUST refuse it anywhere in a format with\n  `BAD_FORMAT`" in text
+    assert "A receiver MUST treat a format starting with `!` as the same" in text
+    assert "A receiver MUST refuse, with `BAD_VALUE`, a `?` byte other than 0 or 1" in text
+    reg = trame_async.Registry(builtins=False)
+    reg.register("TMP", ">hB")
+
+    def body(fmt: bytes, value: bytes) -> bytes:
+        return b"\x10TMP" + bytes((len(fmt),)) + fmt + value
+
+    with pytest.raises(trame_async.BadFormatError):
+        reg.decode_frame(body(b">h B", b"\0\0\0"))
+    assert reg.decode_frame(body(b"!hB", b"\0\1\2")).value == (1, 2)
+    for fmt, value in ((b"<?", b"\x02"), (b"<3p", b"\x03ab")):
+        with pytest.raises(trame_async.BadValueError):
+            reg.decode_frame(b"\x10UNK" + bytes((len(fmt),)) + fmt + value, strict=False)

@@ -235,6 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="server-wide budget of bytes pending for all clients ('off': none)",
     )
     sec.add_argument(
+        "--max-unknown-formats",
+        type=_count_or_off,
+        default=d.max_unknown_formats,
+        metavar="N",
+        help="formats of unregistered trames one client may make the server learn ('off': any)",
+    )
+    sec.add_argument(
         "--max-handshaking",
         type=_count_or_off,
         default=d.max_handshaking,
@@ -398,6 +405,7 @@ def _config(
             max_publisher_pause=args.max_publisher_pause,
             max_total_queue_bytes=args.max_total_queue_bytes,
             max_handshaking=args.max_handshaking,
+            max_unknown_formats=args.max_unknown_formats,
         )
     except ValueError as err:
         parser.error(_option_names(str(err)))

@@ -20,6 +20,7 @@ get a packer that checks them after packing; every other format keeps the bare `
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -77,7 +78,9 @@ _DATA: Final = int(Kind.DATA)
 _RELAY: Final = int(Kind.RELAY)
 # The member itself, for Message.kind: a lookup on the Enum class costs 70 ns a time on 3.11.
 _KIND_RELAY: Final = Kind.RELAY
-#: Upper bound on cached formats of unregistered codes (server relay checks, generic decode).
+#: Upper bound on cached formats of unregistered codes (server relay checks, generic decode); the
+#: least recently used one goes first, so a peer sending endless new formats costs one eviction per
+#: format, never a wipe of every format the other peers use.
 _FORMAT_CACHE_SIZE: Final = 1024
 _CODE: Final = re.compile(rb"[\x20-\x7e]{3}")
 
@@ -106,6 +109,9 @@ def _normalize_format(code: str, fmt: object) -> str:
         )
     if norm[0] not in _PORTABLE_ORDERS:
         norm = "<" + norm
+    elif norm[0] == "!":
+        # The same order as ">": one spelling, so that peers registering either agree.
+        norm = ">" + norm[1:]
     if not norm.isascii() or len(norm) > 255:
         raise RegistrationError(
             f"format {fmt!r} of trame {code!r} must be ASCII and at most 255 characters"
@@ -160,6 +166,9 @@ class Trame(str):
     #: Items ``struct`` would pack lossily: (index, "s"/"p", count) or (first index, "?", run).
     _checks: tuple[tuple[int, str, int], ...]
     _value_packer: Callable[[Any], bytes] | None
+    #: Bytes of a value that only some values may take: (offset, length, largest byte allowed,
+    #: item), for '?' runs (0 or 1) and 'p' length bytes (at most min(count - 1, 255)).
+    _bounds: tuple[tuple[int, int, int, str], ...]
     _frames: dict[int, Callable[..., bytes]]
     _owner: Registry
     #: Unpack a fixed-size value at ``offset`` of a buffer (its size already checked).
@@ -182,6 +191,7 @@ class Trame(str):
         self._wrap = False  # make(the struct's tuple) builds the value, whatever the item count
         self._spread = False  # frame packers take the value's items: packer(*value)
         self._checks = ()
+        self._bounds = ()
         self._value_packer = None
         # Per-kind (frame struct, frame prefix) of fixed-size types, built on first use.
         self._frames = {}
@@ -201,6 +211,7 @@ class Trame(str):
                     f"format {fmt!r} of trame {code!r} has a zero-length Pascal string '0p'"
                 )
             self._items, self._checks = _scan_items(fmt)
+            self._bounds = _value_bounds(fmt)
             if self._items == 0:
                 raise RegistrationError(
                     f"format {fmt!r} of trame {code!r} carries no value (only padding); add a field"
@@ -234,6 +245,17 @@ class Trame(str):
     def variable(self) -> bool:
         """Whether values have a variable length (``"<*s"`` formats)."""
         return self._variable
+
+    @property
+    def can_refuse(self) -> bool:
+        """Whether some values of the right size are refused (:class:`BadValueError`).
+
+        True for a '?' item (a byte other than 0 or 1), a 'p' item (a length byte above
+        ``min(count - 1, 255)``), a class that may raise (not a NamedTuple) and UTF-8 text. A
+        relay must decode such values before relaying them; any other value of the right size is
+        good, so a size check is enough.
+        """
+        return bool(self._bounds) or self._star or self._text
 
     def __call__(self, value_cls: type[_T]) -> type[_T]:
         """Bind ``value_cls`` as the type of decoded values; lets :func:`register` decorate."""
@@ -500,6 +522,52 @@ class Trame(str):
                         raise refused(err) from err
 
             self.unpack_from = unpack_from
+        if self._bounds:
+            self._check_bounds()
+
+    def _check_bounds(self) -> None:
+        """Make :attr:`unpack_from` refuse the bytes that no value packs to ('?' 2, 'p' too long).
+
+        ``struct`` reads them anyway (any non-zero byte as True, a long length byte as the
+        longest string), so two receivers could read one frame differently: docs/protocol.md
+        makes them a ``BAD_VALUE``. Only formats with '?' or 'p' items pay for the check.
+        """
+        inner = self.unpack_from
+        bounds = self._bounds
+        refused = self._bad_byte
+        if bounds == ((0, 1, 1, "?"),) and self._make is None and self._items == 1:
+            # A lone bool (BOL): one tuple index checks and converts the byte.
+            bools = (False, True)
+
+            def unpack_bool(buf: Any, offset: int = 0) -> Any:
+                try:
+                    return bools[buf[offset]]
+                except IndexError:
+                    raise refused(buf, offset) from None
+
+            self.unpack_from = unpack_bool
+            return
+
+        def unpack_from(buf: Any, offset: int = 0) -> Any:
+            for at, n, limit, _ in bounds:
+                at += offset
+                if (buf[at] if n == 1 else max(buf[at : at + n])) > limit:
+                    raise refused(buf, offset)
+            return inner(buf, offset)
+
+        self.unpack_from = unpack_from
+
+    def _bad_byte(self, buf: Any, offset: int) -> BadValueError:
+        for at, n, limit, char in self._bounds:
+            for pos in range(offset + at, offset + at + n):
+                if buf[pos] > limit:
+                    rule = "'?' takes 0 or 1" if char == "?" else f"'p' length at most {limit}"
+                    return BadValueError(
+                        self.code,
+                        f"format {self.fmt!r}",
+                        f"byte {buf[pos]} at value offset {pos - offset} ({rule})",
+                    )
+        raise AssertionError("no byte out of bounds")  # pragma: no cover
 
     def _refused(self, err: Exception) -> BadValueError:
         cls = self.cls if self.cls is not None else self._make
@@ -567,6 +635,33 @@ def _scan_items(fmt: str) -> tuple[int, tuple[tuple[int, str, int], ...]]:
     return items, tuple(checks)
 
 
+_ITEM_SIZES: Final = dict(
+    zip("xcbB?hHiIlLqQefd", (1, 1, 1, 1, 1, 2, 2, 4, 4, 4, 4, 8, 8, 2, 4, 8), strict=True)
+)
+
+
+def _value_bounds(fmt: str) -> tuple[tuple[int, int, int, str], ...]:
+    """Return the bytes of a valid portable format's value that only some values may take.
+
+    Each entry is ``(offset, length, largest byte allowed, item)``: a run of '?' items (0 or 1),
+    or the length byte of a 'p' item (at most ``min(count - 1, 255)``). Standard sizes, no
+    padding between items, as in docs/protocol.md.
+    """
+    bounds: list[tuple[int, int, int, str]] = []
+    offset = 0
+    for count, char in _FORMAT_ITEM.findall(fmt):
+        n = int(count) if count else 1
+        if char in "sp":
+            if char == "p":
+                bounds.append((offset, 1, min(n - 1, 255), "p"))
+            offset += n
+        else:
+            if char == "?" and n:
+                bounds.append((offset, n, 1, "?"))
+            offset += n * _ITEM_SIZES[char]
+    return tuple(bounds)
+
+
 def _brief(value: object) -> str:
     shown = repr(value)
     return shown if len(shown) <= 40 else shown[:37] + "..."
@@ -596,7 +691,10 @@ class Registry:
         self.sizes: dict[Any, int] = {}
         #: whole constant prefix of MULTICAST/DATA frames of fixed-size types -> type.
         self._frame_heads: dict[bytes, tuple[Trame, int, Callable[..., Any]]] = {}
-        self._generic: dict[bytes, tuple[Trame, int]] = {}
+        #: code + fmt of unregistered codes -> (generic type, value size, head in :attr:`sizes`).
+        self._generic: collections.OrderedDict[bytes, tuple[Trame, int, bytes]] = (
+            collections.OrderedDict()
+        )
         if builtins:
             for t in (INT, FLT, BOL, STR, BYT, POS):
                 self._add(t)
@@ -609,7 +707,12 @@ class Registry:
 
     def _reset_sizes(self) -> None:
         # A code registered now may have been relayed as unknown: forget what was learnt.
-        self.sizes = {head: t.size for head, t in self._by_head.items() if t.size is not None}
+        # A type that refuses some values of the right size is not a size check away from good.
+        self.sizes = {
+            head: t.size
+            for head, t in self._by_head.items()
+            if t.size is not None and not t.can_refuse
+        }
         self._generic.clear()
         self._frame_heads = {
             HEADER.pack(1 + len(head) + t.size, kind) + head: (
@@ -764,11 +867,20 @@ class Registry:
                                 trame.code, f"<{declared}s", declared, len(value)
                             )
                         return trame, trame.unpack_variable(value)
+                _check_syntax(fmt_raw)
                 raise ValueSizeMismatchError(
                     trame.code, trame.fmt, f"<{len(value)}s", _fmt_text(fmt_raw)
                 )
-            # A fixed type whose format differs from the registered one.
-            raise ValueSizeMismatchError(trame.code, trame.fmt, trame.fmt, _fmt_text(fmt_raw))
+            fmt = _fmt_text(fmt_raw)
+            if fmt[:1] == "!" and ">" + fmt[1:] == trame.fmt:
+                # "!" is ">" (a peer may spell it either way): the registered type, as such.
+                if len(value) != trame.size:
+                    raise ValueSizeMismatchError(trame.code, fmt, trame.size or 0, len(value))
+                return trame, trame.unpack_from(value)
+            # A fixed type whose format differs from the registered one: a broken format is
+            # BAD_FORMAT before it is compared (the order of checks of docs/protocol.md).
+            _check_syntax(fmt_raw)
+            raise ValueSizeMismatchError(trame.code, trame.fmt, trame.fmt, fmt)
         if strict:
             raise UnknownTrameError(code)
         generic, size = self.check_format(code_raw, fmt_raw)
@@ -782,12 +894,14 @@ class Registry:
         Raises :class:`BadFormatError` when the format is not a portable struct format.
         """
         key = code_raw + bytes(fmt_raw)
-        hit = self._generic.get(key)
+        cache = self._generic
+        hit = cache.get(key)
         if hit is not None:
-            return hit
-        fmt = _fmt_text(fmt_raw)
-        if not fmt or fmt[0] not in _PORTABLE_ORDERS or not fmt.isascii() or fmt != fmt.strip():
-            raise BadFormatError(bytes(fmt_raw), "no explicit '<', '>' or '!' byte order")
+            cache.move_to_end(key)
+            return hit[0], hit[1]
+        fmt = _check_syntax(fmt_raw)
+        if fmt[0] == "!":
+            fmt = ">" + fmt[1:]  # one spelling of big-endian, as at registration
         try:
             st = struct.Struct(fmt)
         except struct.error as err:
@@ -796,27 +910,55 @@ class Registry:
             trame = Trame(code_raw.decode("ascii"), fmt)
         except RegistrationError as err:
             raise BadFormatError(bytes(fmt_raw), str(err)) from err
-        if len(self._generic) >= _FORMAT_CACHE_SIZE:
-            self._reset_sizes()
-        self._generic[key] = (trame, st.size)
-        if code_raw not in self._by_code:
-            # Next time this head passes the relay check with one lookup.
-            self.sizes[code_raw + bytes((len(fmt_raw),)) + bytes(fmt_raw)] = st.size
+        if len(cache) >= _FORMAT_CACHE_SIZE:
+            _, (_, _, old_head) = cache.popitem(last=False)
+            self.sizes.pop(old_head, None)
+        head = code_raw + bytes((len(fmt_raw),)) + bytes(fmt_raw)
+        cache[key] = (trame, st.size, head)
+        if code_raw not in self._by_code and fmt_raw[0] != 0x21 and not trame.can_refuse:
+            # Next time this head passes the relay check with one lookup. Not a "!" head: the
+            # server relays it as ">" (ServerCore.receive_data), which takes the slow path.
+            self.sizes[head] = st.size
         return trame, st.size
 
-    def check_body(self, buf: bytes | bytearray | memoryview, start: int) -> None:
+    def check_body(self, buf: bytes | bytearray | memoryview, start: int) -> bool:
         """Check that the data body ``buf[start:]`` is well formed, without keeping its value.
 
-        Registered codes are checked against their type (format, size, UTF-8 text); unknown codes
+        Registered codes are checked against their type (format, size, value); unknown codes
         against their own format. Used by the server before relaying.
+
+        Returns whether the format is one of an unregistered code that the registry compiles and
+        caches (:meth:`check_format`): the server counts how many distinct ones each connection
+        makes it learn. A canonical ``<Ns`` of an unregistered code is checked without being
+        learnt (every length would be a new format).
         """
         buf = _hashable(buf)  # its slices are dict keys below
         end = len(buf)
-        if end - start >= 4:
-            fmt_end = start + 4 + buf[start + 3]
-            if self.sizes.get(buf[start:fmt_end]) == end - fmt_end:
-                return
+        if end - start < 4:
+            self._decode_body(buf, start, False)  # raises
+            return False
+        fmt_end = start + 4 + buf[start + 3]
+        if self.sizes.get(buf[start:fmt_end]) == end - fmt_end:
+            return False
+        if fmt_end > end or buf[start : start + 3] in self._by_code:
+            self._decode_body(buf, start, False)
+            return False
+        fmt_raw = buf[start + 4 : fmt_end]
+        if len(fmt_raw) >= 3 and fmt_raw[0] == 0x3C and fmt_raw[-1] == 0x73:  # "<", "s"
+            declared = _parse_digits(fmt_raw[1:-1])
+            if declared >= 0:
+                code_raw = bytes(buf[start : start + 3])
+                if _CODE.fullmatch(code_raw) is None:
+                    raise BadFormatError(code_raw, "trame code is not 3 printable ASCII characters")
+                if declared > MAX_LENGTH:  # as struct says of it: not a format that can travel
+                    raise BadFormatError(bytes(fmt_raw), "total struct size too long")
+                if declared != end - fmt_end:
+                    raise ValueSizeMismatchError(
+                        code_raw.decode("ascii"), f"<{declared}s", declared, end - fmt_end
+                    )
+                return False
         self._decode_body(buf, start, False)
+        return True
 
     def decode_frame(
         self, frame: bytes | bytearray | memoryview, *, strict: bool = True
@@ -880,6 +1022,23 @@ def _hashable(buf: bytes | bytearray | memoryview) -> bytes | memoryview:
 
 def _fmt_text(fmt_raw: bytes | memoryview) -> str:
     return bytes(fmt_raw).decode("ascii", "replace")
+
+
+#: The format grammar of docs/protocol.md: an order character, then items; no whitespace. struct
+#: alone would take whitespace between items, native orders and the native-only types.
+_FORMAT_SYNTAX: Final = re.compile(rb"[<>!](?:[0-9]*[xcbB?hHiIlLqQefdsp])+")
+
+
+def _check_syntax(fmt_raw: bytes | memoryview) -> str:
+    """Return the format as text, or raise BadFormatError if it breaks the format grammar."""
+    raw = bytes(fmt_raw)
+    if _FORMAT_SYNTAX.fullmatch(raw) is None:
+        if not raw or raw[:1] not in (b"<", b">", b"!"):
+            raise BadFormatError(raw, "no explicit '<', '>' or '!' byte order")
+        if any(c in b" \t\n\r\x0b\x0c" for c in raw):
+            raise BadFormatError(raw, "whitespace in a format (struct would ignore it)")
+        raise BadFormatError(raw, "not an item of the format grammar")
+    return raw.decode("ascii")
 
 
 def _builtin(code: str, fmt: str, cls: type[Any] | None = None) -> Trame:

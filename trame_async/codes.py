@@ -32,13 +32,15 @@ class ErrorCode(enum.IntEnum):
     BAD_FORMAT = 8
     """The format field is not a struct format the protocol can carry."""
     BAD_HANDSHAKE = 9
-    """The first frame is not a valid HELLO (wrong magic: not a trame_async peer)."""
+    """The first frame is not a HELLO, ERROR or GOODBYE of this protocol (wrong magic, or a kind byte
+    not in the protocol): not a trame_async peer."""
     UNSUPPORTED_VERSION = 10
     """The peer speaks a protocol version this side does not."""
     AUTH_FAILED = 11
     """The authentication token is missing or wrong."""
     UNEXPECTED_FRAME = 12
-    """A valid frame that is not allowed in this direction or state (e.g. data before HELLO)."""
+    """A valid frame that is not allowed in this direction or state (e.g. data before HELLO, a
+    second HELLO)."""
     HANDSHAKE_TIMEOUT = 13
     """No complete handshake within the server's handshake timeout."""
     FRAME_TIMEOUT = 14
@@ -52,7 +54,12 @@ class ErrorCode(enum.IntEnum):
     INTERNAL_ERROR = 18
     """The peer failed while handling a frame; details are in its own log, never on the wire."""
     BAD_VALUE = 19
-    """A well-formed value that the receiver's value type refuses (its constructor raised)."""
+    """A well-formed value that the receiver's value type refuses (its constructor raised), or that
+    breaks the value rules of its format (a '?' byte other than 0 or 1, a 'p' length byte out of
+    range)."""
+    TOO_MANY_FORMATS = 20
+    """The client used more distinct formats of trame codes the server does not know than the
+    server's per-connection limit (each one costs the server a compiled format)."""
 
 
 class DisconnectReason(enum.IntEnum):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import enum
 import hmac
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeVar
 
 from .codec import REGISTRY, Message, Registry
 from .codes import DisconnectReason, ErrorCode
@@ -65,6 +65,7 @@ _DATA: Final = int(Kind.DATA)
 _RELAY: Final = int(Kind.RELAY)
 _KIND_RELAY: Final = Kind.RELAY
 _INF: Final = float("inf")
+_BANG: Final = ord("!")
 #: length[4] + kind[1] + magic[4]: what identifies a HELLO.
 _PREAMBLE: Final = 9
 _SENDER_UNPACK: Final = SENDER.unpack_from
@@ -110,6 +111,9 @@ class ServerLimits:
     handshake_timeout: float | None = 10.0
     frame_timeout: float | None = 30.0
     token: bytes | None = None
+    #: Distinct formats of unregistered codes one client may make the server compile (whatever
+    #: their codes; ``<Ns`` values of any length excluded); above it, ERROR ``TOO_MANY_FORMATS``.
+    max_unknown_formats: int | None = 256
 
 
 class _Core:
@@ -204,21 +208,25 @@ class _Core:
             self._frame_started = None
 
     def _peer_error(self, body: memoryview) -> None:
-        err = ErrorFrame.parse(body)
+        # Never answered, whatever its body: the peer has closed, and an ERROR in reply to an
+        # ERROR could bounce between two implementations. A broken body changes the report only.
+        err, broken = _salvage(ErrorFrame, body)
         code = err.error_code
         self.error_code = code
         reason = DisconnectReason.ERROR_RECEIVED
         if code is not None:
             reason = _REASON_FOR_ERROR.get(code, reason)
-        self._close(reason, f"peer sent error {code.name if code else err.code}: {err.reason}")
+        self._close(
+            reason, f"peer sent error {code.name if code else err.code}: {err.reason}{broken}"
+        )
 
     def _peer_goodbye(self, body: memoryview) -> None:
-        bye = Goodbye.parse(body)
+        bye, broken = _salvage(Goodbye, body)  # never answered either
         self.retry_after = bye.retry_after
         reason = bye.disconnect_reason
         if reason is not DisconnectReason.SERVER_SHUTDOWN:
             reason = DisconnectReason.GOODBYE
-        self._close(reason, bye.text)
+        self._close(reason, bye.text + broken)
 
 
 class ServerCore(_Core):
@@ -226,6 +234,7 @@ class ServerCore(_Core):
 
     __slots__ = (
         "_awaiting",
+        "_formats",
         "_interval",
         "_next_ping",
         "_opened_at",
@@ -271,6 +280,8 @@ class ServerCore(_Core):
         self._read_paused = False
         self._write_congested = False
         self._paused_at: float | None = None
+        # Formats of unregistered codes this client made the registry learn.
+        self._formats: set[bytes] | None = None
 
     def receive_data(self, data: bytes, now: float) -> list[memoryview]:
         """Feed bytes from the client; return its valid MULTICAST and DATA frames.
@@ -294,12 +305,14 @@ class ServerCore(_Core):
             # is then refused as such, however it is split, rather than as an oversized frame.
             data = self._preamble + data
             try:
-                self._check_preamble(data)
+                ready = self._check_preamble(data)
             except ProtocolError as err:
                 self.fail(err)
                 return []
-            if len(data) < _PREAMBLE:
+            if not ready:
                 self._preamble = data
+                if self._frame_started is None:
+                    self._frame_started = now  # the frame clock runs from its first byte
                 return []
             self._preamble = None
         if self.state is _HANDSHAKE:
@@ -335,13 +348,19 @@ class ServerCore(_Core):
                     self.fail(UnexpectedFrameError(Kind(kind).name, "before the handshake"))
                     break
                 try:
-                    check(frame, 1)
+                    learned = check(frame, 1)
                 except ProtocolError as err:
                     self.fail(err)
                     break
                 except TrameError as err:  # an unknown code is relayed, so this is a bug
                     self.fail(ProtocolError(str(err)))
                     break
+                if learned and self._learned(frame):
+                    break
+                if frame[5] == _BANG:
+                    # "!" and ">" are one order: relayed as ">", so that receivers see one
+                    # spelling (the byte at 5 is the format's first: checked to be there).
+                    frame = memoryview(b"".join((frame[:5], b">", frame[6:])))
                 out.append(frame)
             else:
                 try:
@@ -354,21 +373,64 @@ class ServerCore(_Core):
             self.fail(self.parser.error)
         return out
 
+    def _learned(self, frame: memoryview) -> bool:
+        """Count a format of an unregistered code that ``frame`` made the registry compile.
+
+        Returns whether the client went over ``max_unknown_formats`` (then refused): each new
+        format costs the server a compiled struct, so a client sending endless new ones would make
+        it redo that work for every frame.
+        """
+        limit = self.limits.max_unknown_formats
+        if limit is None:
+            return False
+        formats = self._formats
+        if formats is None:
+            formats = self._formats = set()
+        # The format alone counts: a publisher rotating through many codes of one format (the
+        # relay's own business: it relays codes it never registered) stays at one.
+        fmt = bytes(frame[5 : 5 + frame[4]])
+        if fmt in formats:
+            return False
+        formats.add(fmt)
+        if len(formats) <= limit:
+            return False
+        self.refuse(
+            ErrorCode.TOO_MANY_FORMATS,
+            DisconnectReason.PROTOCOL_ERROR,
+            f"more than {limit} distinct formats of unregistered trame codes",
+        )
+        return True
+
     def _peer_error(self, body: memoryview) -> None:
-        # A client's ERROR is its own: it cannot make the server report a slow consumer.
-        err = ErrorFrame.parse(body)
+        # A client's ERROR is its own: it cannot make the server report a slow consumer. Never
+        # answered, even broken (see _Core._peer_error).
+        err, broken = _salvage(ErrorFrame, body)
         self.error_code = err.error_code
-        self._close(DisconnectReason.ERROR_RECEIVED, f"client sent error {err.code}: {err.reason}")
+        self._close(
+            DisconnectReason.ERROR_RECEIVED, f"client sent error {err.code}: {err.reason}{broken}"
+        )
 
     def _peer_goodbye(self, body: memoryview) -> None:
-        # Whatever reason a client gives, for the server it said goodbye.
-        self._close(DisconnectReason.GOODBYE, Goodbye.parse(body).text)
+        # Whatever reason a client gives, for the server it said goodbye; never answered.
+        bye, broken = _salvage(Goodbye, body)
+        self._close(DisconnectReason.GOODBYE, bye.text + broken)
 
-    def _check_preamble(self, data: bytes) -> None:
-        # A stray HTTP request or TLS hello must be told apart from an oversized HELLO.
-        if len(data) > 4 and data[4] != Kind.HELLO:
-            if data[4] in _KIND_VALUES:
-                raise UnexpectedFrameError(Kind(data[4]).name, "before HELLO")
+    def _check_preamble(self, data: bytes) -> bool:
+        """Judge the first bytes of a connection; return whether the parser may take them.
+
+        The order of checks of docs/protocol.md for the first frame: the kind byte before the
+        length, so that a stray HTTP request or TLS hello is told apart from an oversized HELLO;
+        then, for a HELLO, the magic. An ERROR or GOODBYE goes to the parser at once (the
+        shortest ERROR is 8 bytes: waiting for a 9th would stall it until the handshake timeout).
+        """
+        if len(data) <= 4:
+            return False
+        kind = data[4]
+        if kind != _HELLO:
+            if kind == _ERROR or kind == _GOODBYE:
+                return True
+            if kind in _KIND_VALUES:
+                raise UnexpectedFrameError(Kind(kind).name, "before HELLO")
             raise HandshakeError("first frame is not a HELLO: the peer is not a trame_async client")
         head = data[5:9]
         if head != MAGIC[: len(head)]:
@@ -376,6 +438,7 @@ class ServerCore(_Core):
                 f"first frame does not start with magic {MAGIC!r}: the peer is not a "
                 f"trame_async client"
             )
+        return len(data) >= _PREAMBLE
 
     def _control(self, frame: memoryview, kind: int, now: float) -> None:
         body = frame[1:]
@@ -425,7 +488,8 @@ class ServerCore(_Core):
                 0,
                 self.client_id,
                 self._interval,
-                self._timeout,
+                # No PING, nothing to time out: 0/0 says "heartbeat off" in one way only.
+                self._timeout if self._interval is not None else None,
                 self.limits.max_frame_size,
             ).encode()
         )
@@ -525,6 +589,25 @@ class ServerCore(_Core):
 
 
 _KIND_VALUES: Final = frozenset(int(k) for k in Kind)
+_HELLO: Final = int(Kind.HELLO)
+_ERROR: Final = int(Kind.ERROR)
+_GOODBYE: Final = int(Kind.GOODBYE)
+#: What a server may send before WELCOME: WELCOME itself, or the ERROR or GOODBYE that ends it.
+_BEFORE_WELCOME: Final = frozenset((int(Kind.WELCOME), _ERROR, _GOODBYE))
+
+
+_F = TypeVar("_F", ErrorFrame, Goodbye)
+
+
+def _salvage(parse: type[_F], body: memoryview) -> tuple[_F, str]:
+    """Parse an ERROR or GOODBYE body, or salvage what it holds; never raise.
+
+    Returns the frame and, when it was broken, a note for the close detail.
+    """
+    try:
+        return parse.parse(body), ""
+    except ProtocolError as err:
+        return parse.salvage(body), f" (malformed: {err})"
 
 
 class ClientCore(_Core):
@@ -684,6 +767,11 @@ class ClientCore(_Core):
 
     def _control(self, frame: memoryview, kind: int, now: float) -> None:
         body = frame[1:]
+        if self.state is _HANDSHAKE and kind not in _BEFORE_WELCOME:
+            # The order of checks of docs/protocol.md: the kind decides before the body.
+            if kind in _KIND_VALUES:
+                raise UnexpectedFrameError(Kind(kind).name, "before WELCOME")
+            raise UnknownKindError(kind)
         if kind == _PING:
             self.outgoing.append(pong(parse_ping_id(body, "PING")))
         elif kind == _PONG:

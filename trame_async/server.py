@@ -92,6 +92,9 @@ class ServerConfig:
     that sockets without a token cannot lock out the clients that hold one."""
     max_handshaking: int | None = 1024
     """Refuse connections beyond this many still in their handshake (TLS or HELLO)."""
+    max_unknown_formats: int | None = 256
+    """Distinct formats of unregistered trames one client may make the server learn, whatever
+    their codes (variable-length ``<Ns`` values excluded); beyond, ERROR TOO_MANY_FORMATS."""
     token: str | bytes | None = field(default=None, repr=False)
     """Shared secret every client must present in its HELLO; never logged."""
     max_queue_bytes: int = 4 << 20
@@ -158,6 +161,8 @@ class ServerConfig:
             )
         if self.drain_timeout < 0:
             raise ValueError("drain_timeout must be >= 0")
+        if self.max_unknown_formats is not None and self.max_unknown_formats < 1:
+            raise ValueError("max_unknown_formats must be at least 1 (or None for no limit)")
         if self.max_handshaking is not None and self.max_handshaking < 1:
             raise ValueError("max_handshaking must be at least 1 (or None for no limit)")
         if self.slow_consumer_min_rate < 0 or self.pace_min_rate < 0:
@@ -227,6 +232,7 @@ class ServerConfig:
             handshake_timeout=self.handshake_timeout,
             frame_timeout=self.frame_timeout,
             token=token,
+            max_unknown_formats=self.max_unknown_formats,
         )
 
 
@@ -999,6 +1005,9 @@ class Server:
         pack_head = _RELAY_HEAD.pack
         sid = sender.id
         core = sender._core
+        # Frames before a bad one (the core already closed) are still handled; only a hook that
+        # closes a client that was open stops the rest.
+        was_open = core.state is _OPEN
         batch = self._batch_relays
         parts: list[bytes | memoryview] = []
         for i, frame in enumerate(frames):
@@ -1008,7 +1017,7 @@ class Server:
                     parts = []
                 if self._handle_data(sender, frame, frames, i + 1):
                     return  # an async hook runs; the rest waits for it
-                if core.state is not _OPEN:
+                if was_open and core.state is not _OPEN:
                     return  # the hook disconnected it
                 continue
             if on_multicast is not None:
@@ -1024,7 +1033,7 @@ class Server:
                 except Exception:
                     logger.exception("on_multicast hook failed for client %d", sid)
                     keep = False
-                if core.state is not _OPEN:
+                if was_open and core.state is not _OPEN:
                     break  # the hook disconnected it: nothing more of it is relayed
                 if not keep:
                     continue

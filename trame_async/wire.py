@@ -293,6 +293,17 @@ class ErrorFrame(NamedTuple):
         _exact(body, _ERROR.size + n, "ERROR")
         return cls(code, _text(body[_ERROR.size :], "ERROR reason"))
 
+    @classmethod
+    def salvage(cls, body: memoryview | bytes) -> ErrorFrame:
+        """Read what an ERROR body holds, never raising: an ERROR is never answered.
+
+        A code cut short reads as 0 (a code no version uses, so :attr:`error_code` is None); the
+        reason is what its bytes hold, undecodable bytes replaced.
+        """
+        code = int.from_bytes(body[:2]) if len(body) >= 2 else 0
+        reason = bytes(body[3 : 3 + body[2]]) if len(body) > 2 else b""
+        return cls(code, reason.decode("utf-8", "replace"))
+
     @property
     def error_code(self) -> ErrorCode | None:
         """The code as an :class:`ErrorCode`, or None for a code this version does not know."""
@@ -324,6 +335,18 @@ class Goodbye(NamedTuple):
         reason, retry_ms, n = _GOODBYE.unpack_from(body)
         _exact(body, _GOODBYE.size + n, "GOODBYE")
         return cls(reason, _from_ms(retry_ms), _text(body[_GOODBYE.size :], "GOODBYE text"))
+
+    @classmethod
+    def salvage(cls, body: memoryview | bytes) -> Goodbye:
+        """Read what a GOODBYE body holds, never raising: a GOODBYE is never answered.
+
+        A reason cut short reads as GOODBYE (1), a hint cut short as none; the text is what its
+        bytes hold, undecodable bytes replaced.
+        """
+        reason = int.from_bytes(body[:2]) if len(body) >= 2 else int(DisconnectReason.GOODBYE)
+        retry = _from_ms(int.from_bytes(body[2:6])) if len(body) >= 6 else None
+        text = bytes(body[7 : 7 + body[6]]) if len(body) > 6 else b""
+        return cls(reason, retry, text.decode("utf-8", "replace"))
 
     @property
     def disconnect_reason(self) -> DisconnectReason:
