@@ -1120,7 +1120,9 @@ class Server:
     # --- connections ----------------------------------------------------------------------------
 
     def _make_protocol(self) -> RemoteClient:
-        # Ids travel as u32 and 0 is the server: wrap, never giving a live connection's id.
+        # Ids travel as u32 and 0 is the server: wrap, never giving a live connection's id (one
+        # still in its TLS handshake is not registered yet: only a whole wrap of 2**32 accepts
+        # during one handshake could reach its id again).
         all_ = self._all
         client_id = self._next_id
         for _ in range(len(all_) + 1):
@@ -1128,11 +1130,12 @@ class Server:
             if client_id not in all_:
                 break
         self._next_id = client_id
-        client = RemoteClient(self, client_id)
-        all_[client_id] = client  # reserved from here: a later accept cannot take it
-        return client
+        return RemoteClient(self, client_id)
 
     def _accepted(self, client: RemoteClient) -> None:
+        # Registered here, not in _make_protocol: a TLS handshake that fails never reaches
+        # connection_made, and must leave nothing behind.
+        self._all[client.id] = client
         self._handshaking += 1
         client._in_handshake = True
         core = client._core
