@@ -250,6 +250,9 @@ def server_config(policy: str, timeout: float | None, args: argparse.Namespace) 
     }
     if args.max_queue_bytes is not None:
         config["max_queue_bytes"] = args.max_queue_bytes
+        # The budget must hold one frame: a small budget brings the frame limit down with it.
+        config["max_frame_size"] = min(1 << 20, args.max_queue_bytes)
+        config["handshake_max_frame_size"] = min(4096, args.max_queue_bytes)
     return config
 
 
