@@ -130,7 +130,7 @@ class GroupMachine(RuleBasedStateMachine):
             assert (why is not None) == expect_refused, (why, expect_refused)
         if why is not None:
             return
-        group, new = self.table.join(client, client, name, presence)
+        _, new = self.table.join(client, client, name, presence)
         assert new == (not in_it)
         self.model.setdefault(name, set()).add(client)
         self.of[client].add(name)
