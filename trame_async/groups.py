@@ -27,7 +27,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-__all__ = ["Group", "GroupLimits", "GroupTable", "check_group_name"]
+__all__ = ["Accept", "Group", "GroupLimits", "GroupTable", "Refuse", "check_group_name"]
 
 _M = TypeVar("_M")
 _MAX_ID = 0xFFFF_FFFF
@@ -208,3 +208,17 @@ class GroupTable(Generic[_M]):
                 break
         self._next_id = group_id
         return group_id
+
+
+@dataclass(frozen=True, slots=True)
+class Accept:
+    """An ``on_join`` verdict: accept, and make the group keep last values (or not)."""
+
+    last_values: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    """An ``on_join`` verdict: refuse, telling the client ``reason`` (at most 255 bytes)."""
+
+    reason: str = "refused by the server"

@@ -16,7 +16,7 @@ the policy can still act on them:
 - ``disconnect``: a client whose pending bytes plus transport buffer pass ``max_bytes`` is cut.
 - ``drop-oldest``: the oldest frames go (counted), the newest frame is always kept.
 - ``keep-latest``: while congested, a RELAY replaces the pending one of the same (sender, trame
-  code), in O(1); at most ``max_streams`` streams are kept, then the oldest go; over the budget the
+  code), a GROUP_RELAY the one of the same (sender, group, trame code), in O(1); at most ``max_streams`` streams are kept, then the oldest go; over the budget the
   oldest go too. DATA replies and multi-frame objects never fold.
 
 Every drop is counted in :attr:`~Outbox.dropped` and announced to the client by a DROPPED frame
@@ -51,6 +51,9 @@ CUT: Final = 2
 # come before the format, so the key is the same for every length of a variable-length trame.
 _KEY: Final = slice(4, 12)
 _RELAY: Final = int(Kind.RELAY)
+# GROUP_RELAY: kind, sender id, group id and trame code, bytes 4..16.
+_GROUP_KEY: Final = slice(4, 16)
+_GROUP_RELAY: Final = int(Kind.GROUP_RELAY)
 #: length u32 | kind u8: a single RELAY frame's length field counts the rest of the object.
 _HEAD: Final = struct.Struct(">IB")
 _INF: Final = float("inf")
@@ -342,8 +345,10 @@ class Outbox:
         dropped = 0
         freed = 0
         for frame in frames:
-            if unpack(frame) == (len(frame) - 4, _RELAY):
-                key: bytes | int = frame[_KEY]
+            length, kind = unpack(frame)
+            if length == len(frame) - 4 and (kind == _RELAY or kind == _GROUP_RELAY):
+                # A stream: kind, sender, (group id,) trame code.
+                key: bytes | int = frame[_KEY] if kind == _RELAY else frame[_GROUP_KEY]
                 old = latest.pop(key, None)
                 if old is not None:
                     dropped += 1

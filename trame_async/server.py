@@ -26,8 +26,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal, cast
 
 from .codec import REGISTRY, Message, Registry, TrameLike
-from .codes import DisconnectReason, ErrorCode
-from .exceptions import InvalidStateError, ProtocolError
+from .codes import DisconnectReason, ErrorCode, GroupOp, GroupStatus, PresenceEvent
+from .exceptions import GroupRefused, InvalidStateError, ProtocolError
+from .groups import Accept, Group, GroupLimits, GroupTable, Refuse, check_group_name
 from .outbox import CUT, WRITE, Ledger, Outbox, OutboxLimits
 from .protocol import _OPEN, ServerCore, ServerLimits
 from .timers import TimerWheel
@@ -35,8 +36,17 @@ from .wire import (
     DEFAULT_MAX_FRAME_SIZE,
     HANDSHAKE_MAX_FRAME_SIZE,
     MAX_LENGTH,
+    FLAG_PRESENCE,
+    GROUP_HEAD,
     RELAY_OVERHEAD,
+    SENDER,
+    Join,
     Kind,
+    Leave,
+    MemberList,
+    Members,
+    PresenceNotice,
+    Reply,
 )
 
 __all__ = ["RemoteClient", "Server", "ServerConfig", "serve", "start_server"]
@@ -49,6 +59,12 @@ _HELLO_BASE: Final = 9
 _RELAY_HEAD: Final = struct.Struct(">IBI")
 _RELAY: Final = int(Kind.RELAY)
 _DATA: Final = int(Kind.DATA)
+_MULTICAST: Final = int(Kind.MULTICAST)
+_GROUP_MULTICAST: Final = int(Kind.GROUP_MULTICAST)
+_GROUP_RELAY: Final = int(Kind.GROUP_RELAY)
+_JOIN: Final = int(Kind.JOIN)
+_LEAVE: Final = int(Kind.LEAVE)
+_U32: Final = SENDER.unpack_from
 
 if sys.platform == "linux":
     import fcntl
@@ -65,6 +81,7 @@ ConnectHook = Callable[["RemoteClient"], "Awaitable[None] | None"]
 DisconnectHook = Callable[["RemoteClient", DisconnectReason], "Awaitable[None] | None"]
 DataHook = Callable[["RemoteClient", Message], "Awaitable[None] | None"]
 MulticastFilter = Callable[["RemoteClient", Message], bool]
+JoinHook = Callable[["RemoteClient", str], Any]
 
 
 @dataclass(frozen=True)
@@ -124,6 +141,20 @@ class ServerConfig:
     """Server-wide budget: bytes pending in all outboxes (taken as at least twice
     max_queue_bytes, so that one client alone never reaches it). Past it publishers are paused;
     if still over after max_publisher_pause, the largest backlogs are shed by the policy."""
+    max_groups_per_client: int = 64
+    """Groups one client may be in at once (JOIN beyond: REPLY TOO_MANY_GROUPS)."""
+    max_groups: int = 100_000
+    """Groups the server holds at once (a JOIN creating one more: REPLY SERVER_GROUP_LIMIT)."""
+    max_group_name_length: int = 64
+    """Longest group name, in bytes of UTF-8 (at most 255)."""
+    max_presence_members: int = 10_000
+    """Presence (events and member lists) only for groups up to this many members."""
+    last_value_groups: tuple[str, ...] = ()
+    """fnmatch patterns of the group names that keep last values for late joiners."""
+    last_values_max_count: int = 1024
+    """Last values kept per group at most (the oldest goes first)."""
+    last_values_max_bytes: int = 1 << 20
+    """Bytes of last values kept per group at most (the oldest goes first)."""
     write_high_water: int = 64 << 10
     """Transport buffer size at which a client counts as congested (pause_writing)."""
     send_buffer_size: int | None = 128 << 10
@@ -161,6 +192,19 @@ class ServerConfig:
             )
         if self.drain_timeout < 0:
             raise ValueError("drain_timeout must be >= 0")
+        for name in (
+            "max_groups_per_client",
+            "max_groups",
+            "max_presence_members",
+            "last_values_max_count",
+            "last_values_max_bytes",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if not 1 <= self.max_group_name_length <= 255:
+            raise ValueError("max_group_name_length must be between 1 and 255 bytes")
+        if isinstance(self.last_value_groups, str):
+            raise ValueError("last_value_groups is a tuple of patterns, not one string")
         if self.max_unknown_formats is not None and self.max_unknown_formats < 1:
             raise ValueError("max_unknown_formats must be at least 1 (or None for no limit)")
         if self.max_handshaking is not None and self.max_handshaking < 1:
@@ -193,6 +237,18 @@ class ServerConfig:
                     f"--handshake-max-frame-size) allows: no client could ever connect. Use a "
                     f"shorter token (--token, TRAME_TOKEN) or raise that limit"
                 )
+
+    def group_limits(self) -> GroupLimits:
+        """Return the settings of the server's group table."""
+        return GroupLimits(
+            max_groups_per_client=self.max_groups_per_client,
+            max_groups=self.max_groups,
+            max_group_name_length=self.max_group_name_length,
+            max_presence_members=self.max_presence_members,
+            last_value_groups=tuple(self.last_value_groups),
+            last_values_max_count=self.last_values_max_count,
+            last_values_max_bytes=self.last_values_max_bytes,
+        )
 
     def outbox_limits(self) -> OutboxLimits:
         """Return the settings of every client's outbox."""
@@ -257,6 +313,7 @@ class RemoteClient(asyncio.Protocol):
         "_close_timer",
         "_core",
         "_dirty",
+        "_groups",
         "_held",
         "_hook_task",
         "_in_handshake",
@@ -281,6 +338,8 @@ class RemoteClient(asyncio.Protocol):
         self._core = ServerCore(client_id, server._limits, server._loop.time(), server.registry)
         self.outbox = Outbox(server._outbox_limits, server._ledger)
         self._dirty = False
+        # The groups this client is in, by id.
+        self._groups: dict[int, Group[RemoteClient]] = {}
         self._was_open = False
         self._in_handshake = False
         self._publisher = False
@@ -318,6 +377,11 @@ class RemoteClient(asyncio.Protocol):
     def dropped(self) -> int:
         """Frames dropped for this client by the slow-consumer policy."""
         return self.outbox.dropped
+
+    @property
+    def groups(self) -> frozenset[str]:
+        """The names of the groups this client is in."""
+        return frozenset(g.name for g in self._groups.values())
 
     @property
     def queued_bytes(self) -> int:
@@ -597,6 +661,16 @@ def _undelivered(transport: asyncio.Transport) -> int:
 
 
 _INF: Final = float("inf")
+#: The text of a REPLY for each status, when nothing more precise is said.
+_STATUS_TEXT: Final = {
+    GroupStatus.OK: "ok",
+    GroupStatus.NOT_MEMBER: "not a member of this group",
+    GroupStatus.REFUSED: "refused by the server",
+    GroupStatus.BAD_NAME: "not a valid group name",
+    GroupStatus.TOO_MANY_GROUPS: "in too many groups: leave one first",
+    GroupStatus.SERVER_GROUP_LIMIT: "the server holds too many groups",
+    GroupStatus.NOT_ALLOWED: "presence is not available for a group this large",
+}
 #: How long a shutdown waits, past its drain deadline, for aborted connections and cancelled hooks.
 _GRACE: Final = 1.0
 
@@ -623,6 +697,7 @@ class Server:
         on_disconnect: DisconnectHook | None = None,
         on_data: DataHook | None = None,
         on_multicast: MulticastFilter | None = None,
+        on_join: JoinHook | None = None,
     ) -> None:
         """Prepare a server; :meth:`start` binds it. Prefer :func:`start_server`."""
         self.config = config
@@ -631,7 +706,9 @@ class Server:
         self.on_disconnect = on_disconnect
         self.on_data = on_data
         self.on_multicast = on_multicast
+        self.on_join = on_join
         self._limits = config.limits()
+        self._groups: GroupTable[RemoteClient] = GroupTable(config.group_limits())
         self._outbox_limits = config.outbox_limits()
         self._ledger = Ledger()
         self._loop = asyncio.get_running_loop()
@@ -777,6 +854,9 @@ class Server:
             "publishers_paused": self._publishers_paused,
             "budget_pauses": self.budget_pauses,
             "budget_sheds": self.budget_sheds,
+            "groups": len(self._groups),
+            "memberships": sum(len(c._groups) for c in self._open.values()),
+            "last_values_dropped": self._groups.last_values_dropped,
             "disconnects": {str(r): n for r, n in self.disconnects.items()},
         }
 
@@ -914,21 +994,39 @@ class Server:
 
     # --- multicast ------------------------------------------------------------------------------
 
-    def multicast(self, trame: TrameLike, value: Any) -> None:
-        """Send a server-originated multicast (sender 0) to every connected client."""
-        self.fanout(self.registry.encode(trame, value, _RELAY))
+    def multicast(self, trame: TrameLike, value: Any, group: str | None = None) -> None:
+        """Send a server-originated multicast (sender 0) to every connected client, or to the
+        members of ``group`` (nothing when it has none). Encoded once; does not await."""
+        relay = self.registry.encode(trame, value, _RELAY)
+        if group is None:
+            self.fanout(relay)
+            return
+        target = self._groups.by_name.get(group)
+        if target is None:
+            return
+        # RELAY: length | kind | sender | body  ->  GROUP_RELAY: length | kind | sender | gid | body
+        frame = GROUP_HEAD.pack(len(relay), _GROUP_RELAY, 0, target.id) + relay[9:]
+        self.fanout(frame, to=target.members)
+        if target.last is not None:
+            self._groups.keep_last(target, 0, frame[13:16], frame)
 
     def fanout(
-        self, relay_frame: bytes, exclude: RemoteClient | None = None, frames: int = 1
+        self,
+        relay_frame: bytes,
+        exclude: RemoteClient | None = None,
+        frames: int = 1,
+        *,
+        to: dict[int, RemoteClient] | None = None,
     ) -> None:
-        """Queue already-encoded RELAY frames for every open client except ``exclude``.
+        """Queue already-encoded RELAY (or GROUP_RELAY) frames for every open client except
+        ``exclude``, or for the clients of ``to`` (a group's members, by id).
 
-        ``relay_frame`` holds ``frames`` whole RELAY frames back to back. The same ``bytes``
-        object goes to every client: nothing is copied or re-encoded per recipient. This is the
-        entry point for frames from other nodes (backplane).
+        ``relay_frame`` holds ``frames`` whole frames back to back. The same ``bytes`` object
+        goes to every client: nothing is copied or re-encoded per recipient. This is the entry
+        point for frames from other nodes (backplane).
         """
         n = len(relay_frame)
-        open_clients = self._open
+        open_clients = self._open if to is None else to
         recipients = len(open_clients) - (exclude is not None and exclude.id in open_clients)
         self.deliveries += frames * recipients
         self.bytes_relayed += n * recipients
@@ -1011,14 +1109,20 @@ class Server:
         batch = self._batch_relays
         parts: list[bytes | memoryview] = []
         for i, frame in enumerate(frames):
-            if frame[0] == _DATA:
-                if parts:  # relays before this DATA go out first, in order
+            kind = frame[0]
+            if kind != _MULTICAST:
+                if parts:  # relays before this frame go out first, in order
                     self.fanout(b"".join(parts), exclude, len(parts) // 2)
                     parts = []
-                if self._handle_data(sender, frame, frames, i + 1):
-                    return  # an async hook runs; the rest waits for it
+                if kind == _GROUP_MULTICAST:
+                    self._group_multicast(sender, frame, exclude)
+                elif kind == _DATA:
+                    if self._handle_data(sender, frame, frames, i + 1):
+                        return  # an async hook runs; the rest waits for it
+                elif self._group_request(sender, frame, frames, i + 1):
+                    return  # an async on_join runs; the rest waits for it
                 if was_open and core.state is not _OPEN:
-                    return  # the hook disconnected it
+                    return  # a hook disconnected it
                 continue
             if on_multicast is not None:
                 try:
@@ -1044,6 +1148,236 @@ class Server:
                 self.fanout(pack_head(len(frame) + 4, _RELAY, sid) + frame[1:], exclude)
         if parts:
             self.fanout(b"".join(parts), exclude, len(parts) // 2)
+
+    # --- groups ---------------------------------------------------------------------------------
+
+    @property
+    def groups(self) -> dict[str, int]:
+        """The live groups: name -> number of members (a snapshot)."""
+        return {name: len(g.members) for name, g in self._groups.by_name.items()}
+
+    def members(self, group: str) -> list[RemoteClient]:
+        """The members of ``group`` in joining order (empty when it does not exist)."""
+        target = self._groups.by_name.get(group)
+        return [] if target is None else list(target.members.values())
+
+    def join(
+        self,
+        client: RemoteClient,
+        group: str,
+        *,
+        presence: bool = False,
+        last_values: bool | None = None,
+    ) -> int:
+        """Place ``client`` in ``group`` from the application (as Socket.IO's ``enter_room``).
+
+        The client is told (a REPLY with request id 0) and receives the group's last values, as
+        after its own JOIN; ``on_join`` is not called. Returns the group id. Raises
+        ``ValueError`` for an invalid name, :class:`GroupRefused` when a limit refuses it and
+        :class:`InvalidStateError` when the client is not connected.
+        """
+        if not client.is_open:
+            raise InvalidStateError(f"client {client.id} is not connected")
+        name = check_group_name(
+            group.encode("utf-8", "surrogatepass"), self.config.max_group_name_length
+        )
+        if name is None:
+            raise ValueError(f"{group!r} is not a valid group name (1 to "
+                             f"{self.config.max_group_name_length} bytes of UTF-8, no control "
+                             f"character, not only white space)")
+        status = self._join_refusal(client, name, presence)
+        if status is not None:
+            raise GroupRefused(status, _STATUS_TEXT[status])
+        return self._admit(client, 0, name, presence, last_values)
+
+    def leave(self, client: RemoteClient, group: str) -> bool:
+        """Take ``client`` out of ``group``; return whether it was in (it is told, as after its
+        own LEAVE)."""
+        target = self._groups.by_name.get(group)
+        if target is None or client.id not in target.members:
+            return False
+        self._leave(client, target, 0)
+        client._queue(Reply(0, GroupOp.LEAVE, GroupStatus.OK, target.id, target.name).encode())
+        return True
+
+    def _group_multicast(
+        self, sender: RemoteClient, frame: memoryview, exclude: RemoteClient | None
+    ) -> None:
+        gid = _U32(frame, 1)[0]
+        group = sender._groups.get(gid)
+        if group is None:
+            # Not a protocol error: the client may have left while this was on its way.
+            sender._queue(
+                Reply(
+                    0, GroupOp.MULTICAST, GroupStatus.NOT_MEMBER, gid, "not a member of this group"
+                ).encode()
+            )
+            return
+        on_multicast = self.on_multicast
+        if on_multicast is not None:
+            message = self.registry.decode_frame(bytes((_MULTICAST,)) + frame[5:], strict=False)
+            try:
+                keep = on_multicast(sender, message._replace(sender=sender.id, group=group.name))
+            except Exception:
+                logger.exception("on_multicast hook failed for client %d", sender.id)
+                keep = False
+            if not keep or sender._core.state is not _OPEN:
+                return
+        relay = GROUP_HEAD.pack(len(frame) + 4, _GROUP_RELAY, sender.id, gid) + frame[5:]
+        self.fanout(relay, exclude, to=group.members)
+        if group.last is not None:
+            self._groups.keep_last(group, sender.id, relay[13:16], relay)
+
+    def _group_request(
+        self, sender: RemoteClient, frame: memoryview, frames: list[memoryview], rest: int
+    ) -> bool:
+        """Handle a JOIN, LEAVE or MEMBERS; true when an async ``on_join`` now runs and
+        ``frames[rest:]`` wait for it."""
+        kind = frame[0]
+        body = frame[1:]
+        if kind == _JOIN:
+            join = Join.parse(body)
+            rid = join.request_id
+            name = check_group_name(join.name, self.config.max_group_name_length)
+            if name is None:
+                self._reply(sender, rid, GroupOp.JOIN, GroupStatus.BAD_NAME, 0)
+                return False
+            presence = bool(join.flags & FLAG_PRESENCE)
+            status = self._join_refusal(sender, name, presence)
+            if status is not None:
+                self._reply(sender, rid, GroupOp.JOIN, status, 0)
+                return False
+            hook = self.on_join
+            if hook is None:
+                self._admit(sender, rid, name, presence, None)
+                return False
+            try:
+                verdict = hook(sender, name)
+            except Exception:
+                logger.exception("on_join hook failed for client %d", sender.id)
+                verdict = Refuse("the server failed to decide")
+            if inspect.isawaitable(verdict):
+                sender._run_hook(
+                    "on_join",
+                    self._join_later(sender, rid, name, presence, verdict),
+                    frames[rest:],
+                )
+                return True
+            self._decide(sender, rid, name, presence, verdict)
+            return False
+        if kind == _LEAVE:
+            leave = Leave.parse(body)
+            group = sender._groups.get(leave.group_id)
+            if group is None:
+                self._reply(sender, leave.request_id, GroupOp.LEAVE, GroupStatus.NOT_MEMBER,
+                            leave.group_id)
+                return False
+            self._leave(sender, group, 0)
+            sender._queue(
+                Reply(leave.request_id, GroupOp.LEAVE, GroupStatus.OK, group.id, group.name).encode()
+            )
+            return False
+        ask = Members.parse(body)  # the core passes no other kind here
+        group = sender._groups.get(ask.group_id)
+        if group is None:
+            self._reply(sender, ask.request_id, GroupOp.MEMBERS, GroupStatus.NOT_MEMBER,
+                        ask.group_id)
+        elif len(group.members) > self.config.max_presence_members:
+            self._reply(sender, ask.request_id, GroupOp.MEMBERS, GroupStatus.NOT_ALLOWED,
+                        group.id)
+        else:
+            ids, more = self._groups.members_after(group, ask.after)
+            sender._queue(MemberList(ask.request_id, group.id, more, tuple(ids)).encode())
+        return False
+
+    async def _join_later(
+        self, client: RemoteClient, rid: int, name: str, presence: bool, verdict: Awaitable[Any]
+    ) -> None:
+        try:
+            decided = await verdict
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("on_join hook failed for client %d", client.id)
+            decided = Refuse("the server failed to decide")
+        if client._core.state is _OPEN:
+            # The limits again: other joins may have run meanwhile.
+            status = self._join_refusal(client, name, presence)
+            if status is not None:
+                self._reply(client, rid, GroupOp.JOIN, status, 0)
+            else:
+                self._decide(client, rid, name, presence, decided)
+
+    def _decide(
+        self, client: RemoteClient, rid: int, name: str, presence: bool, verdict: Any
+    ) -> None:
+        if verdict is None or verdict is True:
+            self._admit(client, rid, name, presence, None)
+        elif isinstance(verdict, Accept):
+            self._admit(client, rid, name, presence, verdict.last_values)
+        else:
+            if isinstance(verdict, Refuse):
+                reason = verdict.reason
+            elif isinstance(verdict, str):
+                reason = verdict
+            else:
+                reason = "refused by the server"
+            self._reply(client, rid, GroupOp.JOIN, GroupStatus.REFUSED, 0, reason)
+
+    def _join_refusal(self, client: RemoteClient, name: str, presence: bool) -> GroupStatus | None:
+        group = self._groups.by_name.get(name)
+        member = group is not None and client.id in group.members
+        if member:
+            assert group is not None
+            if presence and len(group.members) > self.config.max_presence_members:
+                return GroupStatus.NOT_ALLOWED
+            return None
+        why = self._groups.refusal(len(client._groups), name, presence)
+        return None if why is None else GroupStatus[why]
+
+    def _admit(
+        self, client: RemoteClient, rid: int, name: str, presence: bool, last_values: bool | None
+    ) -> int:
+        """Add a client to a group: the OK REPLY, then the last values, then live frames (all
+        through its one outbox, in order: no gap, no duplicate); presence to the others."""
+        group, new = self._groups.join(client.id, client, name, presence, last_values=last_values)
+        client._groups[group.id] = group
+        client._queue(Reply(rid, GroupOp.JOIN, GroupStatus.OK, group.id, name).encode())
+        if new:
+            if group.last:
+                for frame in group.last.values():
+                    client._queue(frame)
+            self._presence(group, PresenceEvent.JOINED, client.id, 0)
+        return group.id
+
+    def _leave(self, client: RemoteClient, group: Group[RemoteClient], reason: int) -> None:
+        client._groups.pop(group.id, None)
+        self._groups.leave(client.id, group)
+        self._presence(group, PresenceEvent.LEFT, client.id, reason)
+
+    def _presence(
+        self, group: Group[RemoteClient], event: PresenceEvent, client_id: int, reason: int
+    ) -> None:
+        """Tell the members that asked for presence (encoded once, the same bytes to each)."""
+        watchers = group.presence
+        if not watchers or (len(watchers) == 1 and client_id in watchers):
+            return
+        notice = PresenceNotice(group.id, event, client_id, reason).encode()
+        members = group.members
+        for cid in watchers:
+            if cid != client_id:
+                members[cid]._queue(notice)
+
+    def _reply(
+        self,
+        client: RemoteClient,
+        rid: int,
+        op: GroupOp,
+        status: GroupStatus,
+        gid: int,
+        text: str | None = None,
+    ) -> None:
+        client._queue(Reply(rid, op, status, gid, text or _STATUS_TEXT[status]).encode())
 
     def _handle_data(
         self, sender: RemoteClient, frame: memoryview, frames: list[memoryview], rest: int
@@ -1195,9 +1529,14 @@ class Server:
             self._dispatch(client, frames)
 
     def _closing(self, client: RemoteClient) -> None:
-        """The client's core closed: stop sending it multicasts and timers."""
-        if client._core.close_reason is DisconnectReason.SLOW_CONSUMER:
+        """The client's core closed: stop sending it multicasts and timers; leave its groups."""
+        reason = client._core.close_reason
+        if reason is DisconnectReason.SLOW_CONSUMER:
             self.slow_consumers += 1
+        if client._groups:
+            code = int(reason) if reason is not None else 0
+            for group in list(client._groups.values()):
+                self._leave(client, group, code)
         if self._open.pop(client.id, None) is not None:
             self._wheel.cancel(client)
 
@@ -1362,6 +1701,7 @@ async def start_server(
     on_disconnect: DisconnectHook | None = None,
     on_data: DataHook | None = None,
     on_multicast: MulticastFilter | None = None,
+    on_join: JoinHook | None = None,
     **options: Any,
 ) -> Server:
     """Start a server listening on ``host:port`` (``port=0``: the OS picks; see ``server.port``).
@@ -1373,7 +1713,11 @@ async def start_server(
     - ``on_disconnect(client, reason)`` exactly once for every client that was connected;
     - ``on_data(client, message)`` for each DATA frame a client addresses to the server;
     - ``on_multicast(client, message) -> bool`` (plain function) to filter multicasts before they are
-      relayed; it costs a decode per multicast, so leave it unset when not needed.
+      relayed (group multicasts too, with ``message.group`` set); it costs a decode per
+      multicast, so leave it unset when not needed;
+    - ``on_join(client, group)`` before a client joins a group: None or True accepts,
+      ``Accept(last_values=True)`` accepts and makes the group keep last values, False, a str or
+      ``Refuse(reason)`` refuses (the client's join raises GroupRefused with the reason).
 
     Installs no signal handler and changes no loop policy: embed it in any asyncio program.
     """
@@ -1384,6 +1728,7 @@ async def start_server(
         on_disconnect=on_disconnect,
         on_data=on_data,
         on_multicast=on_multicast,
+        on_join=on_join,
     )
     await server.start(host, port, ssl=ssl, reuse_port=reuse_port, sock=sock)
     return server
