@@ -20,15 +20,23 @@ import trame_async.codec as codec_module
 from trame_async import INT, DisconnectReason, ErrorCode, Kind
 from trame_async.protocol import ClientCore, CoreState, ServerCore, ServerLimits
 from trame_async.wire import (
+    GROUP_HEAD,
     PROTOCOL_VERSION,
     SENDER,
     ErrorFrame,
     FrameParser,
     Goodbye,
     Hello,
+    Join,
+    Leave,
+    MemberList,
+    Members,
+    PresenceNotice,
+    Reply,
     Welcome,
     dropped_notice,
     frame,
+    group_multicast,
     ping,
     pong,
 )
@@ -147,6 +155,15 @@ def _first_frame(kind: int) -> bytes:
         Kind.DROPPED: dropped_notice(1),
         Kind.ERROR: ErrorFrame(ErrorCode.INTERNAL_ERROR, "x").encode(),
         Kind.GOODBYE: Goodbye(DisconnectReason.GOODBYE, None, "").encode(),
+        Kind.JOIN: Join(1, 0, b"g").encode(),
+        Kind.LEAVE: Leave(1, 1).encode(),
+        Kind.GROUP_MULTICAST: group_multicast(1, trame_async.REGISTRY.encode(INT, 1)),
+        Kind.GROUP_RELAY: GROUP_HEAD.pack(23, Kind.GROUP_RELAY, 2, 1)
+        + trame_async.REGISTRY.encode(INT, 1)[5:],
+        Kind.MEMBERS: Members(1, 1, 0).encode(),
+        Kind.REPLY: Reply(1, 1, 0, 1, "g").encode(),
+        Kind.PRESENCE: PresenceNotice(1, 1, 2, 0).encode(),
+        Kind.MEMBER_LIST: MemberList(1, 1, False, (2,)).encode(),
     }
     if kind in _KINDS:
         return bodies[Kind(kind)]

@@ -78,6 +78,8 @@ _DATA: Final = int(Kind.DATA)
 _RELAY: Final = int(Kind.RELAY)
 # The member itself, for Message.kind: a lookup on the Enum class costs 70 ns a time on 3.11.
 _KIND_RELAY: Final = Kind.RELAY
+_GROUP_RELAY: Final = int(Kind.GROUP_RELAY)
+_GROUP_MULTICAST: Final = int(Kind.GROUP_MULTICAST)
 #: Upper bound on cached formats of unregistered codes (server relay checks, generic decode); the
 #: least recently used one goes first, so a peer sending endless new formats costs one eviction per
 #: format, never a wipe of every format the other peers use.
@@ -598,13 +600,15 @@ class Message(NamedTuple):
     """A data frame received: who sent it, its trame type and its decoded value.
 
     ``sender`` is the client id of the sender, 0 for the server. ``kind`` is RELAY for a multicast
-    and DATA for a frame addressed to this peer alone.
+    to every client, GROUP_RELAY for a multicast to a group, and DATA for a frame addressed to this
+    peer alone. ``group`` is the group's name for a group multicast, None otherwise.
     """
 
     sender: int
     trame: Trame
     value: Any
     kind: Kind = Kind.RELAY
+    group: str | None = None
 
 
 _FORMAT_ITEM: Final = re.compile(r"(\d*)([A-Za-z?])")
@@ -961,9 +965,17 @@ class Registry:
         return True
 
     def decode_frame(
-        self, frame: bytes | bytearray | memoryview, *, strict: bool = True
+        self,
+        frame: bytes | bytearray | memoryview,
+        *,
+        strict: bool = True,
+        group: str | None = None,
     ) -> Message:
-        """Decode a data frame given from its kind byte (as :class:`~.wire.FrameParser` yields)."""
+        """Decode a data frame given from its kind byte (as :class:`~.wire.FrameParser` yields).
+
+        GROUP_MULTICAST and GROUP_RELAY frames carry a group id, not a name: the caller, which
+        maps ids to names, passes the name as ``group`` for :attr:`Message.group`.
+        """
         frame = _hashable(frame)  # lookups hash slices of the frame
         if not frame:
             raise TruncatedFrameError("frame kind", 1, 0)
@@ -973,10 +985,21 @@ class Registry:
                 raise TruncatedFrameError("RELAY sender", 4, len(frame) - 1)
             sender: int = SENDER.unpack_from(frame, 1)[0]
             trame, value = self._decode_body(frame, 5, strict)
-            return _new_message(Message, (sender, trame, value, _KIND_RELAY))
+            return _new_message(Message, (sender, trame, value, _KIND_RELAY, None))
         if kind == _MULTICAST or kind == _DATA:
             trame, value = self._decode_body(frame, 1, strict)
-            return _new_message(Message, (0, trame, value, _KINDS[kind]))
+            return _new_message(Message, (0, trame, value, _KINDS[kind], None))
+        if kind == _GROUP_RELAY:
+            if len(frame) < 9:
+                raise TruncatedFrameError("GROUP_RELAY sender and group id", 8, len(frame) - 1)
+            sender = SENDER.unpack_from(frame, 1)[0]
+            trame, value = self._decode_body(frame, 9, strict)
+            return _new_message(Message, (sender, trame, value, Kind.GROUP_RELAY, group))
+        if kind == _GROUP_MULTICAST:
+            if len(frame) < 5:
+                raise TruncatedFrameError("GROUP_MULTICAST group id", 4, len(frame) - 1)
+            trame, value = self._decode_body(frame, 5, strict)
+            return _new_message(Message, (0, trame, value, Kind.GROUP_MULTICAST, group))
         if kind in _KIND_NAMES:
             raise UnexpectedFrameError(_KIND_NAMES[kind], "where a data frame was expected")
         raise UnknownKindError(kind)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["DisconnectReason", "ErrorCode"]
+__all__ = ["DisconnectReason", "ErrorCode", "GroupOp", "GroupStatus", "PresenceEvent"]
 
 
 class ErrorCode(enum.IntEnum):
@@ -92,3 +92,45 @@ class DisconnectReason(enum.IntEnum):
 
     def __str__(self) -> str:
         return self.name.lower().replace("_", "-")
+
+
+class GroupOp(enum.IntEnum):
+    """The request a ``REPLY`` frame answers (its ``op`` field)."""
+
+    JOIN = 1
+    """A JOIN (or, with request id 0, a join made by the server application)."""
+    LEAVE = 2
+    """A LEAVE (or, with request id 0, a leave made by the server application)."""
+    MULTICAST = 3
+    """A GROUP_MULTICAST the server refused (request id 0: a multicast has none)."""
+    MEMBERS = 4
+    """A MEMBERS request the server refused (an accepted one is answered by MEMBER_LIST)."""
+
+
+class GroupStatus(enum.IntEnum):
+    """The outcome carried by a ``REPLY`` frame (its ``status`` field): OK or why not."""
+
+    OK = 0
+    """Done. For a JOIN: the group id is in the reply, its text is the group name."""
+    NOT_MEMBER = 1
+    """A multicast, leave or members request for a group the client is not in."""
+    REFUSED = 2
+    """The server application refused the join; the reply's text is its reason."""
+    BAD_NAME = 3
+    """The group name is empty, too long, invalid UTF-8, has control characters or is only
+    whitespace."""
+    TOO_MANY_GROUPS = 4
+    """The client is already in the server's ``max_groups_per_client`` groups."""
+    SERVER_GROUP_LIMIT = 5
+    """The server already holds its ``max_groups`` groups."""
+    NOT_ALLOWED = 6
+    """Presence refused: the group has more than the server's ``max_presence_members``."""
+
+
+class PresenceEvent(enum.IntEnum):
+    """What a ``PRESENCE`` frame reports about a member of a group."""
+
+    JOINED = 1
+    """The client joined the group."""
+    LEFT = 2
+    """The client left the group (by a leave, or by disconnecting: see the frame's reason)."""

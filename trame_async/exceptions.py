@@ -21,6 +21,7 @@
     │   └── BadValueError                     value refused by the receiver's value type
     ├── ConnectionClosed                      the connection is gone; carries the reason
     │   └── AuthenticationError               the server refused our token
+    ├── GroupRefused                          the server refused a group request (REPLY status)
     ├── ConnectError (OSError)                could not open the connection
     └── InvalidStateError (RuntimeError)      call not valid in the object's current state
         └── ParserFailedError (ValueError)    FrameParser fed again after it raised
@@ -35,7 +36,9 @@ programs.
 
 from __future__ import annotations
 
-from .codes import DisconnectReason, ErrorCode
+from typing import Final
+
+from .codes import DisconnectReason, ErrorCode, GroupOp, GroupStatus
 
 __all__ = [
     "AuthenticationError",
@@ -45,6 +48,7 @@ __all__ = [
     "ConnectError",
     "ConnectionClosed",
     "FrameTooLargeError",
+    "GroupRefused",
     "HandshakeError",
     "InvalidStateError",
     "InvalidTextError",
@@ -341,6 +345,61 @@ class ConnectionClosed(TrameError):
 
 class AuthenticationError(ConnectionClosed):
     """The server refused the authentication token."""
+
+
+#: What to do about each refusal, for GroupRefused's message.
+_GROUP_ADVICE: Final = {
+    GroupStatus.NOT_MEMBER: "join the group first",
+    GroupStatus.REFUSED: "the server application decides who may join",
+    GroupStatus.BAD_NAME: (
+        "use 1 to 64 bytes of UTF-8 (the server's max_group_name_length), no control "
+        "characters, not only whitespace"
+    ),
+    GroupStatus.TOO_MANY_GROUPS: "leave a group first, or raise the server's max_groups_per_client",
+    GroupStatus.SERVER_GROUP_LIMIT: "the server holds its max_groups groups; try again later",
+    GroupStatus.NOT_ALLOWED: (
+        "the group is above the server's max_presence_members: join without presence"
+    ),
+}
+
+
+class GroupRefused(TrameError):
+    """The server refused a group request: its REPLY carried a status other than OK.
+
+    Attributes:
+        status: The :class:`~trame_async.GroupStatus` (an int for a status this version does not
+            know).
+        reason: The server's short text (for ``REFUSED``, the application's own reason).
+        op: The :class:`~trame_async.GroupOp` refused, if known.
+        group: The group's name, if known.
+    """
+
+    def __init__(
+        self,
+        status: GroupStatus | int,
+        reason: str = "",
+        *,
+        op: GroupOp | None = None,
+        group: str | None = None,
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.op = op
+        self.group = group
+        super().__init__(status, reason)
+
+    def __str__(self) -> str:
+        what = f"{self.op.name.lower()} " if self.op is not None else "request "
+        if self.group is not None:
+            what += f"of group {self.group!r} "
+        name = self.status.name if isinstance(self.status, GroupStatus) else str(self.status)
+        text = f"{what}refused by the server: {name}"
+        if self.reason:
+            text += f" ({self.reason})"
+        advice = _GROUP_ADVICE.get(self.status) if isinstance(self.status, GroupStatus) else None
+        if advice:
+            text += f"; {advice}"
+        return text
 
 
 #: What a failed connect advises when nothing more specific is known.

@@ -26,12 +26,14 @@ from dataclasses import dataclass
 from typing import Final, TypeVar
 
 from .codec import REGISTRY, Message, Registry
-from .codes import DisconnectReason, ErrorCode
+from .codes import DisconnectReason, ErrorCode, GroupOp
 from .exceptions import (
     BadValueError,
     HandshakeError,
+    InvalidStateError,
     ProtocolError,
     TrameError,
+    TruncatedFrameError,
     UnexpectedFrameError,
     UnknownKindError,
 )
@@ -40,6 +42,8 @@ from .wire import (
     _PONG,
     DEFAULT_MAX_FRAME_SIZE,
     FLAG_ECHO,
+    FLAG_PRESENCE,
+    GROUP_HEAD,
     HANDSHAKE_MAX_FRAME_SIZE,
     HEADER_U32,
     MAGIC,
@@ -50,7 +54,13 @@ from .wire import (
     FrameParser,
     Goodbye,
     Hello,
+    Join,
     Kind,
+    Leave,
+    MemberList,
+    Members,
+    PresenceNotice,
+    Reply,
     Welcome,
     parse_dropped,
     parse_ping_id,
@@ -58,12 +68,25 @@ from .wire import (
     pong,
 )
 
-__all__ = ["ClientCore", "CoreState", "ServerCore", "ServerLimits"]
+__all__ = ["ClientCore", "CoreState", "GroupEvent", "ServerCore", "ServerLimits"]
 
 _MULTICAST: Final = int(Kind.MULTICAST)
 _DATA: Final = int(Kind.DATA)
 _RELAY: Final = int(Kind.RELAY)
 _KIND_RELAY: Final = Kind.RELAY
+_GROUP_MULTICAST: Final = int(Kind.GROUP_MULTICAST)
+_GROUP_RELAY: Final = int(Kind.GROUP_RELAY)
+_KIND_GROUP_RELAY: Final = Kind.GROUP_RELAY
+_GROUP_HEAD_UNPACK: Final = GROUP_HEAD.unpack_from
+#: Group requests a server core checks for structure and hands to the server, as the NamedTuple
+#: parsers that check them (the server parses them again: they are rare).
+_GROUP_REQUESTS: Final = {
+    int(Kind.JOIN): Join.parse,
+    int(Kind.LEAVE): Leave.parse,
+    int(Kind.MEMBERS): Members.parse,
+}
+#: What a client core hands its adapter in ClientCore.events.
+GroupEvent = Reply | PresenceNotice | MemberList
 _INF: Final = float("inf")
 _BANG: Final = ord("!")
 #: length[4] + kind[1] + magic[4]: what identifies a HELLO.
@@ -284,9 +307,13 @@ class ServerCore(_Core):
         self._formats: set[bytes] | None = None
 
     def receive_data(self, data: bytes, now: float) -> list[memoryview]:
-        """Feed bytes from the client; return its valid MULTICAST and DATA frames.
+        """Feed bytes from the client; return its valid MULTICAST, DATA and group frames.
 
-        Each returned frame is a memoryview from the kind byte, already checked to be well formed.
+        Group frames are JOIN, LEAVE, MEMBERS (checked for structure: the server parses them
+        with :class:`~.wire.Join`, :class:`~.wire.Leave`, :class:`~.wire.Members`) and
+        GROUP_MULTICAST (its data body from offset 5 checked as a MULTICAST's, ``!`` relayed as
+        ``>``). Each returned frame is a memoryview from the kind byte, already checked to be well
+        formed.
         Control frames are answered in :attr:`outgoing`. On a protocol error an ERROR frame is
         queued and :attr:`closed` becomes true; frames before the bad one are still returned.
         """
@@ -355,12 +382,48 @@ class ServerCore(_Core):
                 except TrameError as err:  # an unknown code is relayed, so this is a bug
                     self.fail(ProtocolError(str(err)))
                     break
-                if learned and self._learned(frame):
+                if learned and self._learned(frame, 1):
                     break
                 if frame[5] == _BANG:
                     # "!" and ">" are one order: relayed as ">", so that receivers see one
                     # spelling (the byte at 5 is the format's first: checked to be there).
                     frame = memoryview(b"".join((frame[:5], b">", frame[6:])))
+                out.append(frame)
+            elif kind == _GROUP_MULTICAST:
+                if self.state is not _OPEN:
+                    self.fail(UnexpectedFrameError("GROUP_MULTICAST", "before the handshake"))
+                    break
+                n = len(frame)
+                if n > 8:
+                    # The MULTICAST fast path, 4 bytes further on (the group id).
+                    value_at = 9 + frame[8]
+                    if known_size(frame[5:value_at]) == n - value_at:
+                        out.append(frame)
+                        continue
+                try:
+                    if n < 5:
+                        raise TruncatedFrameError("GROUP_MULTICAST group id", 4, n - 1)
+                    learned = check(frame, 5)
+                except ProtocolError as err:
+                    self.fail(err)
+                    break
+                except TrameError as err:
+                    self.fail(ProtocolError(str(err)))
+                    break
+                if learned and self._learned(frame, 5):
+                    break
+                if frame[9] == _BANG:
+                    frame = memoryview(b"".join((frame[:9], b">", frame[10:])))
+                out.append(frame)
+            elif kind in _GROUP_REQUESTS:
+                if self.state is not _OPEN:
+                    self.fail(UnexpectedFrameError(Kind(kind).name, "before the handshake"))
+                    break
+                try:
+                    _GROUP_REQUESTS[kind](frame[1:])
+                except ProtocolError as err:
+                    self.fail(err)
+                    break
                 out.append(frame)
             else:
                 try:
@@ -373,8 +436,10 @@ class ServerCore(_Core):
             self.fail(self.parser.error)
         return out
 
-    def _learned(self, frame: memoryview) -> bool:
+    def _learned(self, frame: memoryview, at: int) -> bool:
         """Count a format of an unregistered code that ``frame`` made the registry compile.
+
+        ``at`` is where the frame's data body starts (1, or 5 behind a group id).
 
         Returns whether the client went over ``max_unknown_formats`` (then refused): each new
         format costs the server a compiled struct, so a client sending endless new ones would make
@@ -388,7 +453,7 @@ class ServerCore(_Core):
             formats = self._formats = set()
         # The format alone counts: a publisher rotating through many codes of one format (the
         # relay's own business: it relays codes it never registered) stays at one.
-        fmt = bytes(frame[5 : 5 + frame[4]])
+        fmt = bytes(frame[at + 4 : at + 4 + frame[at + 3]])
         if fmt in formats:
             return False
         formats.add(fmt)
@@ -620,14 +685,19 @@ class ClientCore(_Core):
         "_next_probe",
         "_paused_at",
         "_probe",
+        "_request_seq",
         "_rtt_interval",
         "_silence_limit",
         "client_id",
+        "events",
+        "group_ids",
+        "group_names",
         "last_refused",
         "missed",
         "refused",
         "registry",
         "rtt",
+        "unknown_group",
         "welcome",
     )
 
@@ -657,6 +727,17 @@ class ClientCore(_Core):
         self.refused = 0
         #: (sender id, error) of the last of them.
         self.last_refused: tuple[int, BadValueError] | None = None
+        #: REPLY, PRESENCE and MEMBER_LIST frames received, parsed, in order: the adapter
+        #: drains this list after each call, as it does :attr:`outgoing`.
+        self.events: list[GroupEvent] = []
+        #: The groups this client is in: id -> name and name -> id, from the OK REPLYs of JOIN
+        #: and LEAVE (its own requests, or the server application's, request id 0).
+        self.group_names: dict[int, str] = {}
+        self.group_ids: dict[str, int] = {}
+        #: GROUP_RELAY frames dropped because their group id is not one of :attr:`group_names`
+        #: (relays in flight when the client left: never an error).
+        self.unknown_group = 0
+        self._request_seq = 0
         self._last_rx = now
         self._silence_limit = _INF
         self._rtt_interval = rtt_interval
@@ -711,6 +792,26 @@ class ClientCore(_Core):
                     self.fail(err)
                     break
                 out.append(msg)
+            elif kind == _GROUP_RELAY:
+                if self.state is not _OPEN:
+                    self.fail(UnexpectedFrameError("GROUP_RELAY", "before WELCOME"))
+                    break
+                if len(frame) < 9:
+                    self.fail(TruncatedFrameError("GROUP_RELAY", 8, len(frame) - 1))
+                    break
+                group = self.group_names.get(int.from_bytes(frame[5:9]))
+                if group is None:
+                    self.unknown_group += 1  # in flight when we left: dropped unread
+                    continue
+                try:
+                    msg = decode(frame, strict=False, group=group)
+                except BadValueError as err:
+                    self._refuse(SENDER.unpack_from(frame, 1)[0], err)
+                    continue
+                except ProtocolError as err:
+                    self.fail(err)
+                    break
+                out.append(msg)
             else:
                 try:
                     self._control(frame, kind, now)
@@ -723,7 +824,7 @@ class ClientCore(_Core):
         return out
 
     def _scan_relays(self, data: bytes, out: list[Message]) -> int:
-        """Decode the leading RELAY frames of known fixed-size trames straight from ``data``.
+        """Decode the leading RELAY and GROUP_RELAY frames of known fixed-size trames from ``data``.
 
         The hot path of a receiving client: no memoryview per frame, one dict lookup checks code
         and format. Returns where it stopped; the parser takes the rest (other kinds, unknown
@@ -740,18 +841,37 @@ class ClientCore(_Core):
         while end - pos > 13:
             length, kind, sender = unpack_head(data, pos)
             stop = pos + 4 + length
-            if stop > end or length > limit or kind != _RELAY:
+            if stop > end or length > limit:
                 break
-            value_at = pos + 13 + data[pos + 12]
-            trame = known(data[pos + 9 : value_at])
-            if trame is None or stop - value_at != trame.size:
-                break
-            try:
-                value = trame.unpack_from(data, value_at)
-            except BadValueError as err:  # a value its registered class refuses
-                self._refuse(sender, err)
+            if kind == _RELAY:
+                value_at = pos + 13 + data[pos + 12]
+                trame = known(data[pos + 9 : value_at])
+                if trame is None or stop - value_at != trame.size:
+                    break
+                try:
+                    value = trame.unpack_from(data, value_at)
+                except BadValueError as err:  # a value its registered class refuses
+                    self._refuse(sender, err)
+                else:
+                    out.append(make(Message, (sender, trame, value, relay, None)))
+            elif kind == _GROUP_RELAY and length > 12:
+                # The same, behind the group id; a group not (or no longer) ours is left to
+                # the parser path, which counts it.
+                group = self.group_names.get(_GROUP_HEAD_UNPACK(data, pos)[3])
+                if group is None:
+                    break
+                value_at = pos + 17 + data[pos + 16]
+                trame = known(data[pos + 13 : value_at])
+                if trame is None or stop - value_at != trame.size:
+                    break
+                try:
+                    value = trame.unpack_from(data, value_at)
+                except BadValueError as err:
+                    self._refuse(sender, err)
+                else:
+                    out.append(make(Message, (sender, trame, value, _KIND_GROUP_RELAY, group)))
             else:
-                out.append(make(Message, (sender, trame, value, relay)))
+                break
             pos = stop
         return pos
 
@@ -781,6 +901,18 @@ class ClientCore(_Core):
                 self._probe = None
         elif kind == Kind.DROPPED:
             self.missed += parse_dropped(body)
+        elif kind == Kind.REPLY:
+            reply = Reply.parse(body)
+            if reply.status == 0:
+                if reply.op == GroupOp.JOIN:
+                    self._add_group(reply.group_id, reply.text)
+                elif reply.op == GroupOp.LEAVE:
+                    self._drop_group(reply.group_id)
+            self.events.append(reply)
+        elif kind == Kind.PRESENCE:
+            self.events.append(PresenceNotice.parse(body))
+        elif kind == Kind.MEMBER_LIST:
+            self.events.append(MemberList.parse(body))
         elif kind == Kind.WELCOME:
             if self.state is not _HANDSHAKE:
                 raise UnexpectedFrameError("WELCOME", "after the handshake")
@@ -793,6 +925,56 @@ class ClientCore(_Core):
             raise UnexpectedFrameError(Kind(kind).name, "from the server")
         else:
             raise UnknownKindError(kind)
+
+    # --- groups ---------------------------------------------------------------------------------
+
+    def _add_group(self, group_id: int, name: str) -> None:
+        # One id per name and one name per id: an entry either shares is stale (a reused id, or
+        # a name the server gave a new id after the group emptied).
+        old_id = self.group_ids.pop(name, None)
+        if old_id is not None:
+            self.group_names.pop(old_id, None)
+        old_name = self.group_names.pop(group_id, None)
+        if old_name is not None:
+            self.group_ids.pop(old_name, None)
+        self.group_names[group_id] = name
+        self.group_ids[name] = group_id
+
+    def _drop_group(self, group_id: int) -> None:
+        name = self.group_names.pop(group_id, None)
+        if name is not None:
+            self.group_ids.pop(name, None)
+
+    def _next_request_id(self) -> int:
+        # 0 is the server's own (unsolicited REPLY): skipped when the counter wraps.
+        self._request_seq = self._request_seq % 0xFFFF_FFFF + 1
+        return self._request_seq
+
+    def _request(self, frame: bytes) -> None:
+        if self.state is not _OPEN:
+            raise InvalidStateError("group requests need an open connection")
+        self.outgoing.append(frame)
+
+    def request_join(self, name: bytes, presence: bool = False) -> int:
+        """Queue a JOIN of the group named ``name`` (raw UTF-8); return its request id.
+
+        The name is sent as it is: the server judges it (a bad one is answered BAD_NAME).
+        """
+        request_id = self._next_request_id()
+        self._request(Join(request_id, FLAG_PRESENCE if presence else 0, name).encode())
+        return request_id
+
+    def request_leave(self, group_id: int) -> int:
+        """Queue a LEAVE of ``group_id``; return its request id."""
+        request_id = self._next_request_id()
+        self._request(Leave(request_id, group_id).encode())
+        return request_id
+
+    def request_members(self, group_id: int, after: int = 0) -> int:
+        """Queue a MEMBERS request for the ids above ``after``; return its request id."""
+        request_id = self._next_request_id()
+        self._request(Members(request_id, group_id, after).encode())
+        return request_id
 
     def _welcome(self, welcome: Welcome, now: float) -> None:
         if welcome.version != PROTOCOL_VERSION:

@@ -20,14 +20,17 @@ refusing an oversized length from the header alone, before any body is buffered.
 from __future__ import annotations
 
 import enum
+import itertools
 import struct
+import unicodedata
 from typing import Final, NamedTuple
 
-from .codes import DisconnectReason, ErrorCode
+from .codes import DisconnectReason, ErrorCode, PresenceEvent
 from .exceptions import (
     FrameTooLargeError,
     HandshakeError,
     InvalidTextError,
+    MalformedFrameError,
     ParserFailedError,
     ProtocolError,
     TrailingDataError,
@@ -37,16 +40,29 @@ from .exceptions import (
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
+    "DEFAULT_MAX_GROUP_NAME_LENGTH",
+    "FLAG_PRESENCE",
+    "GROUP_HEAD",
     "HANDSHAKE_MAX_FRAME_SIZE",
     "HEADER",
     "MAGIC",
+    "MAX_GROUP_NAME_LENGTH",
+    "MAX_MEMBER_IDS",
     "PROTOCOL_VERSION",
     "ErrorFrame",
     "FrameParser",
     "Goodbye",
     "Hello",
+    "Join",
     "Kind",
+    "Leave",
+    "MemberList",
+    "Members",
+    "PresenceNotice",
+    "Reply",
     "Welcome",
+    "check_group_name",
+    "group_multicast",
 ]
 
 #: Opening bytes of HELLO and WELCOME bodies: a stray HTTP request or another protocol fails here.
@@ -89,6 +105,35 @@ RELAY_OVERHEAD: Final = 4
 #: HELLO flag: the client wants its own multicasts back.
 FLAG_ECHO: Final = 0x01
 
+# Groups (docs/protocol.md, "Groups"):
+#: JOIN flag: the member wants PRESENCE frames of the group's other members.
+FLAG_PRESENCE: Final = 0x01
+#: length u32 | kind u8 | sender u32 | group_id u32: the head of a GROUP_RELAY, which the server
+#: writes once per GROUP_MULTICAST: ``GROUP_HEAD.pack(len(frame) + 4, Kind.GROUP_RELAY, sender,
+#: group_id) + frame[5:]``, ``frame`` being the GROUP_MULTICAST from its kind byte.
+GROUP_HEAD: Final = struct.Struct(">IBII")
+#: GROUP_RELAY / GROUP_MULTICAST prefix: sender u32 | group_id u32 (from offset 1 of a GROUP_RELAY)
+_SENDER_GROUP: Final = struct.Struct(">II")
+#: JOIN: request_id u32 | flags u8 | name_len u8 | name[name_len]
+_JOIN: Final = struct.Struct(">IBB")
+#: LEAVE: request_id u32 | group_id u32
+_LEAVE: Final = struct.Struct(">II")
+#: MEMBERS: request_id u32 | group_id u32 | after u32
+_MEMBERS: Final = struct.Struct(">III")
+#: REPLY: request_id u32 | op u8 | status u16 | group_id u32 | text_len u8 | text[text_len]
+_REPLY: Final = struct.Struct(">IBHIB")
+#: PRESENCE: group_id u32 | event u8 | client_id u32 | reason u16
+_PRESENCE: Final = struct.Struct(">IBIH")
+#: MEMBER_LIST: request_id u32 | group_id u32 | more u8 | count u16 | client_id u32 * count
+_MEMBER_LIST: Final = struct.Struct(">IIBH")
+#: Most client ids in one MEMBER_LIST frame (4 KiB of ids).
+MAX_MEMBER_IDS: Final = 1024
+#: Longest group name the JOIN layout can carry (``name_len`` is a u8), in UTF-8 bytes.
+MAX_GROUP_NAME_LENGTH: Final = 255
+#: The server's default limit on group names, in UTF-8 bytes.
+DEFAULT_MAX_GROUP_NAME_LENGTH: Final = 64
+_U32_MAX: Final = 0xFFFF_FFFF
+
 
 class Kind(enum.IntEnum):
     """The function of a frame: its first byte after the length."""
@@ -110,6 +155,22 @@ class Kind(enum.IntEnum):
     DROPPED = 0x13
     """Server -> client: this many frames for the client were dropped by its slow-consumer policy,
     just before this point of the stream."""
+    JOIN = 0x14
+    """Client -> server: join a group by name (answered by REPLY)."""
+    LEAVE = 0x15
+    """Client -> server: leave a group by id (answered by REPLY)."""
+    GROUP_MULTICAST = 0x16
+    """Client -> server: a trame to relay to the other members of one of the client's groups."""
+    GROUP_RELAY = 0x17
+    """Server -> client: a group multicast as relayed, with the sender's id and the group's id."""
+    MEMBERS = 0x18
+    """Client -> server: list the ids of a group's members (answered by MEMBER_LIST or REPLY)."""
+    REPLY = 0x19
+    """Server -> client: the outcome of a group request, or a join/leave the server made."""
+    PRESENCE = 0x1A
+    """Server -> client: another member joined or left a group (to members that asked)."""
+    MEMBER_LIST = 0x1B
+    """Server -> client: a page of a group's member ids, ascending."""
     ERROR = 0x20
     """Either way: the sender found a protocol error and closes after this frame."""
     GOODBYE = 0x21
@@ -355,6 +416,207 @@ class Goodbye(NamedTuple):
             return DisconnectReason(self.reason)
         except ValueError:
             return DisconnectReason.GOODBYE
+
+
+# --- groups -----------------------------------------------------------------------------------
+
+
+def check_group_name(raw: bytes, max_length: int = MAX_GROUP_NAME_LENGTH) -> str | None:
+    """Return ``raw`` decoded if it is a valid group name, else None.
+
+    A valid name is 1 to ``max_length`` bytes of UTF-8 with no control character (Unicode
+    category Cc: C0, DEL and C1) and not only whitespace. Names are compared byte for byte: no
+    normalisation happens, so two spellings of one text are two groups.
+    """
+    if not 0 < len(raw) <= max_length:
+        return None
+    try:
+        name = str(raw, "utf-8")
+    except UnicodeDecodeError:
+        return None
+    if name.isspace():
+        return None
+    # isprintable() is false for every Cc character: a quick pass for the usual name.
+    if not name.isprintable() and any(unicodedata.category(ch) == "Cc" for ch in name):
+        return None
+    return name
+
+
+def group_multicast(group_id: int, multicast: bytes) -> bytes:
+    """Return the GROUP_MULTICAST to ``group_id`` of a whole MULTICAST frame's data body."""
+    # The GROUP_MULTICAST is 4 bytes longer: its length field is the MULTICAST's whole size.
+    return HEADER_U32.pack(len(multicast), Kind.GROUP_MULTICAST, group_id) + multicast[5:]
+
+
+class Join(NamedTuple):
+    """Body of a JOIN frame. ``name`` is raw bytes: the server judges it (REPLY ``BAD_NAME``)."""
+
+    request_id: int
+    flags: int
+    name: bytes
+
+    @property
+    def presence(self) -> bool:
+        """Whether the member asks for PRESENCE frames of this group."""
+        return bool(self.flags & FLAG_PRESENCE)
+
+    def encode(self) -> bytes:
+        """Return the whole JOIN frame."""
+        if len(self.name) > MAX_GROUP_NAME_LENGTH:
+            raise ValueError(f"group name longer than {MAX_GROUP_NAME_LENGTH} bytes")
+        return frame(Kind.JOIN, _JOIN.pack(self.request_id, self.flags, len(self.name)) + self.name)
+
+    @classmethod
+    def parse(cls, body: memoryview | bytes) -> Join:
+        """Parse a JOIN body (after the kind byte); reserved flag bits are malformed."""
+        if len(body) < _JOIN.size:
+            raise TruncatedFrameError("JOIN", _JOIN.size, len(body))
+        request_id, flags, n = _JOIN.unpack_from(body)
+        _exact(body, _JOIN.size + n, "JOIN")
+        if flags & ~FLAG_PRESENCE:
+            raise MalformedFrameError(
+                f"JOIN flags 0x{flags:02x} set reserved bits (only 0x01 PRESENCE is defined)"
+            )
+        return cls(request_id, flags, bytes(body[_JOIN.size :]))
+
+
+class Leave(NamedTuple):
+    """Body of a LEAVE frame."""
+
+    request_id: int
+    group_id: int
+
+    def encode(self) -> bytes:
+        """Return the whole LEAVE frame."""
+        return frame(Kind.LEAVE, _LEAVE.pack(self.request_id, self.group_id))
+
+    @classmethod
+    def parse(cls, body: memoryview | bytes) -> Leave:
+        """Parse a LEAVE body (after the kind byte)."""
+        _exact(body, _LEAVE.size, "LEAVE")
+        return cls(*_LEAVE.unpack_from(body))
+
+
+class Members(NamedTuple):
+    """Body of a MEMBERS frame: the member ids above ``after`` are asked for."""
+
+    request_id: int
+    group_id: int
+    after: int
+
+    def encode(self) -> bytes:
+        """Return the whole MEMBERS frame."""
+        return frame(Kind.MEMBERS, _MEMBERS.pack(self.request_id, self.group_id, self.after))
+
+    @classmethod
+    def parse(cls, body: memoryview | bytes) -> Members:
+        """Parse a MEMBERS body (after the kind byte)."""
+        _exact(body, _MEMBERS.size, "MEMBERS")
+        return cls(*_MEMBERS.unpack_from(body))
+
+
+class Reply(NamedTuple):
+    """Body of a REPLY frame: ``op`` a GroupOp, ``status`` a GroupStatus (0 OK).
+
+    For an OK JOIN ``text`` is the group's name; for a refusal, a short human reason.
+    """
+
+    request_id: int
+    op: int
+    status: int
+    group_id: int
+    text: str
+
+    @property
+    def ok(self) -> bool:
+        """Whether the request succeeded."""
+        return self.status == 0
+
+    def encode(self) -> bytes:
+        """Return the whole REPLY frame (text cut at 255 bytes on a character boundary)."""
+        raw = _short_text(self.text)
+        return frame(
+            Kind.REPLY,
+            _REPLY.pack(self.request_id, self.op, self.status, self.group_id, len(raw)) + raw,
+        )
+
+    @classmethod
+    def parse(cls, body: memoryview | bytes) -> Reply:
+        """Parse a REPLY body (after the kind byte)."""
+        if len(body) < _REPLY.size:
+            raise TruncatedFrameError("REPLY", _REPLY.size, len(body))
+        request_id, op, status, group_id, n = _REPLY.unpack_from(body)
+        _exact(body, _REPLY.size + n, "REPLY")
+        return cls(request_id, op, status, group_id, _text(body[_REPLY.size :], "REPLY text"))
+
+
+class PresenceNotice(NamedTuple):
+    """Body of a PRESENCE frame: ``event`` a PresenceEvent; ``reason`` 0, or the DisconnectReason
+    of a member that left by disconnecting."""
+
+    group_id: int
+    event: int
+    client_id: int
+    reason: int
+
+    def encode(self) -> bytes:
+        """Return the whole PRESENCE frame."""
+        return frame(
+            Kind.PRESENCE,
+            _PRESENCE.pack(self.group_id, self.event, self.client_id, self.reason),
+        )
+
+    @classmethod
+    def parse(cls, body: memoryview | bytes) -> PresenceNotice:
+        """Parse a PRESENCE body (after the kind byte); an unknown event is malformed."""
+        _exact(body, _PRESENCE.size, "PRESENCE")
+        group_id, event, client_id, reason = _PRESENCE.unpack_from(body)
+        if event not in _PRESENCE_EVENTS:
+            raise MalformedFrameError(f"PRESENCE event {event} is neither 1 JOINED nor 2 LEFT")
+        return cls(group_id, event, client_id, reason)
+
+
+_PRESENCE_EVENTS: Final = frozenset(int(e) for e in PresenceEvent)
+
+
+class MemberList(NamedTuple):
+    """Body of a MEMBER_LIST frame: ascending ids; ``more`` when the server holds further ones."""
+
+    request_id: int
+    group_id: int
+    more: bool
+    ids: tuple[int, ...]
+
+    def encode(self) -> bytes:
+        """Return the whole MEMBER_LIST frame."""
+        n = len(self.ids)
+        if n > MAX_MEMBER_IDS:
+            raise ValueError(f"a MEMBER_LIST carries at most {MAX_MEMBER_IDS} ids, not {n}")
+        return frame(
+            Kind.MEMBER_LIST,
+            _MEMBER_LIST.pack(self.request_id, self.group_id, int(self.more), n)
+            + struct.pack(f">{n}I", *self.ids),
+        )
+
+    @classmethod
+    def parse(cls, body: memoryview | bytes) -> MemberList:
+        """Parse a MEMBER_LIST body (after the kind byte).
+
+        Malformed: a count above :data:`MAX_MEMBER_IDS`, ``more`` other than 0 or 1 (or 1 with no
+        id: the asker could not go on), ids not strictly ascending.
+        """
+        if len(body) < _MEMBER_LIST.size:
+            raise TruncatedFrameError("MEMBER_LIST", _MEMBER_LIST.size, len(body))
+        request_id, group_id, more, n = _MEMBER_LIST.unpack_from(body)
+        _exact(body, _MEMBER_LIST.size + 4 * n, "MEMBER_LIST")
+        if n > MAX_MEMBER_IDS:
+            raise MalformedFrameError(f"MEMBER_LIST of {n} ids (at most {MAX_MEMBER_IDS})")
+        if more > 1 or (more and not n):
+            raise MalformedFrameError(f"MEMBER_LIST more={more} with {n} ids")
+        ids: tuple[int, ...] = struct.unpack_from(f">{n}I", body, _MEMBER_LIST.size)
+        if any(a >= b for a, b in itertools.pairwise(ids)):
+            raise MalformedFrameError("MEMBER_LIST ids are not strictly ascending")
+        return cls(request_id, group_id, bool(more), ids)
 
 
 # --- incremental parser -----------------------------------------------------------------------
