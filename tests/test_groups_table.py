@@ -10,7 +10,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from trame_async.groups import GroupLimits, GroupTable, check_group_name
+from trame_async.groups import GroupLimits, GroupTable
+from trame_async.wire import check_group_name
 
 
 @pytest.mark.parametrize(

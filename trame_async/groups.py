@@ -22,32 +22,14 @@ from __future__ import annotations
 
 import bisect
 import fnmatch
-import unicodedata
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-__all__ = ["Accept", "Group", "GroupLimits", "GroupTable", "Refuse", "check_group_name"]
+__all__ = ["Accept", "Group", "GroupLimits", "GroupTable", "Refuse"]
 
 _M = TypeVar("_M")
 _MAX_ID = 0xFFFF_FFFF
-
-
-def check_group_name(raw: bytes, max_length: int) -> str | None:
-    """Return ``raw`` decoded as a group name, or None when it is not a valid one.
-
-    Valid: 1 to ``max_length`` bytes of UTF-8, no control character (Unicode category Cc), not
-    only white space. Names are compared byte for byte.
-    """
-    if not 0 < len(raw) <= max_length:
-        return None
-    try:
-        name = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    if name.isspace() or any(unicodedata.category(c) == "Cc" for c in name):
-        return None
-    return name
 
 
 @dataclass(frozen=True, slots=True)

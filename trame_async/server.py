@@ -28,16 +28,16 @@ from typing import Any, Final, Literal, cast
 from .codec import REGISTRY, Message, Registry, TrameLike
 from .codes import DisconnectReason, ErrorCode, GroupOp, GroupStatus, PresenceEvent
 from .exceptions import GroupRefused, InvalidStateError, ProtocolError
-from .groups import Accept, Group, GroupLimits, GroupTable, Refuse, check_group_name
+from .groups import Accept, Group, GroupLimits, GroupTable, Refuse
 from .outbox import CUT, WRITE, Ledger, Outbox, OutboxLimits
 from .protocol import _OPEN, ServerCore, ServerLimits
 from .timers import TimerWheel
 from .wire import (
     DEFAULT_MAX_FRAME_SIZE,
-    HANDSHAKE_MAX_FRAME_SIZE,
-    MAX_LENGTH,
     FLAG_PRESENCE,
     GROUP_HEAD,
+    HANDSHAKE_MAX_FRAME_SIZE,
+    MAX_LENGTH,
     RELAY_OVERHEAD,
     SENDER,
     Join,
@@ -47,6 +47,7 @@ from .wire import (
     Members,
     PresenceNotice,
     Reply,
+    check_group_name,
 )
 
 __all__ = ["RemoteClient", "Server", "ServerConfig", "serve", "start_server"]
@@ -203,7 +204,7 @@ class ServerConfig:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
         if not 1 <= self.max_group_name_length <= 255:
             raise ValueError("max_group_name_length must be between 1 and 255 bytes")
-        if isinstance(self.last_value_groups, str):
+        if isinstance(self.last_value_groups, str):  # type: ignore[unreachable]
             raise ValueError("last_value_groups is a tuple of patterns, not one string")
         if self.max_unknown_formats is not None and self.max_unknown_formats < 1:
             raise ValueError("max_unknown_formats must be at least 1 (or None for no limit)")
@@ -1182,9 +1183,11 @@ class Server:
             group.encode("utf-8", "surrogatepass"), self.config.max_group_name_length
         )
         if name is None:
-            raise ValueError(f"{group!r} is not a valid group name (1 to "
-                             f"{self.config.max_group_name_length} bytes of UTF-8, no control "
-                             f"character, not only white space)")
+            raise ValueError(
+                f"{group!r} is not a valid group name (1 to "
+                f"{self.config.max_group_name_length} bytes of UTF-8, no control "
+                f"character, not only white space)"
+            )
         status = self._join_refusal(client, name, presence)
         if status is not None:
             raise GroupRefused(status, _STATUS_TEXT[status])
@@ -1269,22 +1272,25 @@ class Server:
             leave = Leave.parse(body)
             group = sender._groups.get(leave.group_id)
             if group is None:
-                self._reply(sender, leave.request_id, GroupOp.LEAVE, GroupStatus.NOT_MEMBER,
-                            leave.group_id)
+                self._reply(
+                    sender, leave.request_id, GroupOp.LEAVE, GroupStatus.NOT_MEMBER, leave.group_id
+                )
                 return False
             self._leave(sender, group, 0)
             sender._queue(
-                Reply(leave.request_id, GroupOp.LEAVE, GroupStatus.OK, group.id, group.name).encode()
+                Reply(
+                    leave.request_id, GroupOp.LEAVE, GroupStatus.OK, group.id, group.name
+                ).encode()
             )
             return False
         ask = Members.parse(body)  # the core passes no other kind here
         group = sender._groups.get(ask.group_id)
         if group is None:
-            self._reply(sender, ask.request_id, GroupOp.MEMBERS, GroupStatus.NOT_MEMBER,
-                        ask.group_id)
+            self._reply(
+                sender, ask.request_id, GroupOp.MEMBERS, GroupStatus.NOT_MEMBER, ask.group_id
+            )
         elif len(group.members) > self.config.max_presence_members:
-            self._reply(sender, ask.request_id, GroupOp.MEMBERS, GroupStatus.NOT_ALLOWED,
-                        group.id)
+            self._reply(sender, ask.request_id, GroupOp.MEMBERS, GroupStatus.NOT_ALLOWED, group.id)
         else:
             ids, more = self._groups.members_after(group, ask.after)
             sender._queue(MemberList(ask.request_id, group.id, more, tuple(ids)).encode())
@@ -1534,14 +1540,19 @@ class Server:
         if reason is DisconnectReason.SLOW_CONSUMER:
             self.slow_consumers += 1
         if client._groups:
-            code = int(reason) if reason is not None else 0
-            for group in list(client._groups.values()):
-                self._leave(client, group, code)
+            self._leave_all(client, reason)
         if self._open.pop(client.id, None) is not None:
             self._wheel.cancel(client)
 
+    def _leave_all(self, client: RemoteClient, reason: DisconnectReason | None) -> None:
+        code = int(reason) if reason is not None else 0
+        for group in list(client._groups.values()):
+            self._leave(client, group, code)
+
     def _lost(self, client: RemoteClient, reason: DisconnectReason, exc: Exception | None) -> None:
         opened = client._was_open
+        if client._groups:
+            self._leave_all(client, reason)
         self.disconnects[reason] += 1
         self._open.pop(client.id, None)
         self._wheel.cancel(client)
