@@ -234,6 +234,52 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="server-wide budget of bytes pending for all clients ('off': none)",
     )
+    grp = p.add_argument_group("groups")
+    grp.add_argument(
+        "--max-groups-per-client",
+        type=int,
+        default=d.max_groups_per_client,
+        metavar="N",
+        help="groups one client may be in at once",
+    )
+    grp.add_argument(
+        "--max-groups", type=int, default=d.max_groups, metavar="N", help="groups at once"
+    )
+    grp.add_argument(
+        "--max-group-name-length",
+        type=int,
+        default=d.max_group_name_length,
+        metavar="N",
+        help="longest group name, in bytes of UTF-8 (at most 255)",
+    )
+    grp.add_argument(
+        "--max-presence-members",
+        type=int,
+        default=d.max_presence_members,
+        metavar="N",
+        help="presence events and member lists only for groups up to N members",
+    )
+    grp.add_argument(
+        "--last-value-groups",
+        nargs="+",
+        default=list(d.last_value_groups),
+        metavar="PATTERN",
+        help="groups (fnmatch patterns, e.g. 'zone/*') that keep last values for late joiners",
+    )
+    grp.add_argument(
+        "--last-values-max-count",
+        type=int,
+        default=d.last_values_max_count,
+        metavar="N",
+        help="last values kept per group at most",
+    )
+    grp.add_argument(
+        "--last-values-max-bytes",
+        type=_size,
+        default=d.last_values_max_bytes,
+        metavar="N",
+        help="bytes of last values kept per group at most",
+    )
     sec.add_argument(
         "--max-unknown-formats",
         type=_count_or_off,
@@ -406,6 +452,13 @@ def _config(
             max_total_queue_bytes=args.max_total_queue_bytes,
             max_handshaking=args.max_handshaking,
             max_unknown_formats=args.max_unknown_formats,
+            max_groups_per_client=args.max_groups_per_client,
+            max_groups=args.max_groups,
+            max_group_name_length=args.max_group_name_length,
+            max_presence_members=args.max_presence_members,
+            last_value_groups=tuple(args.last_value_groups),
+            last_values_max_count=args.last_values_max_count,
+            last_values_max_bytes=args.last_values_max_bytes,
         )
     except ValueError as err:
         parser.error(_option_names(str(err)))
