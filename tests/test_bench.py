@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+import trame_async
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 
@@ -121,3 +123,35 @@ def test_isolation_bench_every_policy_and_bad_client(tmp_path: Path) -> None:
         assert run["lost"] == 0 and run["subscribers_cut"] == 0, run
         assert run["frames"] > 0 and run["server_exit"] == 0, run
     assert {e["policy"] for e in data["throughput_ratios"]} == {"keep-latest", "drop-oldest"}
+
+
+#: The groups benchmark on tiny settings: 2 scale cells, 2 fan-out cells, 2 join/leave runs.
+GROUPS_TINY = (
+    *("-N", "20", "40", "-k", "5", "-P", "2", "-S", "3", "--duration", "0.3"),
+    *("--jl-clients", "1", "--jl-window", "4", "--jl-duration", "0.3"),
+    *("--settle", "0.05", "--stall", "5"),
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not hasattr(trame_async.Kind, "JOIN"),
+    reason="multicast groups (issue 10) are not in this trame_async yet",
+)
+def test_groups_bench_every_part(tmp_path: Path) -> None:
+    data = run_script("groups.py", *GROUPS_TINY, out=tmp_path / "groups.json")
+    assert [r["clients"] for r in data["scale_medians"]] == [20, 40]
+    assert [(c["multicast"], c["groups"]) for c in data["scale"]] == [("group", 4), ("group", 8)]
+    assert {c["multicast"] for c in data["fanout"]} == {"all", "group"}
+    for cell in data["scale"] + data["fanout"]:
+        # Every frame reaches every member of the sender's group, and nobody else.
+        assert cell["frames"] > 0 and cell["loss"] == 0 and cell["stray"] == 0, cell
+        assert cell["subscribers_cut"] == 0 and cell["server_exit"] == 0, cell
+        assert not cell["unexpected_frames"] and cell["unsolicited_replies"] == 0, cell
+    (ratio,) = data["fanout_ratios"]
+    assert ratio["fanout"] == 3 and ratio["server_us_per_frame"] is not None, ratio
+    runs = {r["groups"]: r for r in data["joins"]}
+    assert set(runs) == {"new", "held"}
+    for run in runs.values():
+        assert run["ops"] > 0 and run["failed"] == 0 and run["unanswered"] == 0, run
+        assert run["clients_cut"] == 0 and run["server_exit"] == 0, run
