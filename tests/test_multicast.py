@@ -140,8 +140,10 @@ async def test_a_multicast_is_encoded_once_and_the_same_bytes_queued_for_every_r
         fanned: list[tuple[bytes, dict[int, list[bytes]], int]] = []
         real_fanout = server.fanout
 
-        def spy(relay_frame: bytes, exclude: RemoteClient | None = None, frames: int = 1) -> None:
-            real_fanout(relay_frame, exclude, frames)
+        def spy(
+            relay_frame: bytes, exclude: RemoteClient | None = None, frames: int = 1, **kw: Any
+        ) -> None:
+            real_fanout(relay_frame, exclude, frames, **kw)
             # Still inside the callback, before the end-of-iteration flush writes the queues.
             queued = {rid: list(r.outbox.frames) for rid, r in remotes.items()}
             fanned.append((relay_frame, queued, len(asyncio.all_tasks())))
