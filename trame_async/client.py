@@ -677,7 +677,7 @@ class Client:
     def _presence_event(self, core: ClientCore, notice: PresenceNotice) -> None:
         group = core.group_names.get(notice.group_id)
         if group is None:
-            return  # a group just left: as its relays, dropped
+            return  # the core kept it, but a LEAVE later in the same read dropped the group
         joined = notice.event == PresenceEvent.JOINED
         reason: DisconnectReason | None = None
         if notice.reason:

@@ -734,8 +734,8 @@ class ClientCore(_Core):
         #: and LEAVE (its own requests, or the server application's, request id 0).
         self.group_names: dict[int, str] = {}
         self.group_ids: dict[str, int] = {}
-        #: GROUP_RELAY frames dropped because their group id is not one of :attr:`group_names`
-        #: (relays in flight when the client left: never an error).
+        #: GROUP_RELAY and PRESENCE frames dropped because their group id is not one of
+        #: :attr:`group_names` (in flight when the client left: never an error).
         self.unknown_group = 0
         self._request_seq = 0
         self._last_rx = now
@@ -910,7 +910,13 @@ class ClientCore(_Core):
                     self._drop_group(reply.group_id)
             self.events.append(reply)
         elif kind == Kind.PRESENCE:
-            self.events.append(PresenceNotice.parse(body))
+            notice = PresenceNotice.parse(body)
+            # Judged here, in stream order, as GROUP_RELAY: a PRESENCE of a group not (yet, or
+            # no longer) ours is dropped, even if a REPLY later in the same read maps its id.
+            if notice.group_id in self.group_names:
+                self.events.append(notice)
+            else:
+                self.unknown_group += 1
         elif kind == Kind.MEMBER_LIST:
             self.events.append(MemberList.parse(body))
         elif kind == Kind.WELCOME:
