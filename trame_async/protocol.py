@@ -841,22 +841,12 @@ class ClientCore(_Core):
         while end - pos > 13:
             length, kind, sender = unpack_head(data, pos)
             stop = pos + 4 + length
-            if stop > end or length > limit:
-                break
-            if kind == _RELAY:
-                value_at = pos + 13 + data[pos + 12]
-                trame = known(data[pos + 9 : value_at])
-                if trame is None or stop - value_at != trame.size:
+            if stop > end or length > limit or kind != _RELAY:
+                # Off the RELAY path only: the RELAY loop runs the same code as before groups.
+                if kind != _GROUP_RELAY or stop > end or length > limit or length < 13:
                     break
-                try:
-                    value = trame.unpack_from(data, value_at)
-                except BadValueError as err:  # a value its registered class refuses
-                    self._refuse(sender, err)
-                else:
-                    out.append(make(Message, (sender, trame, value, relay, None)))
-            elif kind == _GROUP_RELAY and length > 12:
-                # The same, behind the group id; a group not (or no longer) ours is left to
-                # the parser path, which counts it.
+                # The same, behind the group id; a group not (or no longer) ours is left to the
+                # parser path, which counts it.
                 group = self.group_names.get(_GROUP_HEAD_UNPACK(data, pos)[3])
                 if group is None:
                     break
@@ -870,8 +860,18 @@ class ClientCore(_Core):
                     self._refuse(sender, err)
                 else:
                     out.append(make(Message, (sender, trame, value, _KIND_GROUP_RELAY, group)))
-            else:
+                pos = stop
+                continue
+            value_at = pos + 13 + data[pos + 12]
+            trame = known(data[pos + 9 : value_at])
+            if trame is None or stop - value_at != trame.size:
                 break
+            try:
+                value = trame.unpack_from(data, value_at)
+            except BadValueError as err:  # a value its registered class refuses
+                self._refuse(sender, err)
+            else:
+                out.append(make(Message, (sender, trame, value, relay, None)))
             pos = stop
         return pos
 
