@@ -22,8 +22,31 @@ from typing import Any, NamedTuple
 import pytest
 
 import trame_async
-from trame_async import REGISTRY, DisconnectReason, ErrorCode, Kind, decode, wire
-from trame_async.wire import ErrorFrame, Goodbye, Hello, Welcome, parse_dropped, parse_ping_id
+from trame_async import (
+    REGISTRY,
+    DisconnectReason,
+    ErrorCode,
+    GroupOp,
+    GroupStatus,
+    Kind,
+    PresenceEvent,
+    decode,
+    wire,
+)
+from trame_async.wire import (
+    ErrorFrame,
+    Goodbye,
+    Hello,
+    Join,
+    Leave,
+    MemberList,
+    Members,
+    PresenceNotice,
+    Reply,
+    Welcome,
+    parse_dropped,
+    parse_ping_id,
+)
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 
@@ -94,11 +117,23 @@ def layout(frame: bytes) -> list[bytes]:
         sizes += [2, 1, body[2]]
     elif kind == Kind.GOODBYE:
         sizes += [2, 4, 1, body[6]]
-    elif kind in (Kind.MULTICAST, Kind.RELAY, Kind.DATA):
-        if kind == Kind.RELAY:
-            sizes += [4]
-            body = body[4:]
+    elif kind in (Kind.MULTICAST, Kind.RELAY, Kind.DATA, Kind.GROUP_MULTICAST, Kind.GROUP_RELAY):
+        prefix = {Kind.RELAY: 1, Kind.GROUP_MULTICAST: 1, Kind.GROUP_RELAY: 2}.get(Kind(kind), 0)
+        sizes += [4] * prefix
+        body = body[4 * prefix :]
         sizes += [3, 1, body[3], len(body) - 4 - body[3]]
+    elif kind == Kind.JOIN:
+        sizes += [4, 1, 1, body[5]]
+    elif kind == Kind.LEAVE:
+        sizes += [4, 4]
+    elif kind == Kind.MEMBERS:
+        sizes += [4, 4, 4]
+    elif kind == Kind.REPLY:
+        sizes += [4, 1, 2, 4, 1, body[11]]
+    elif kind == Kind.PRESENCE:
+        sizes += [4, 1, 4, 2]
+    elif kind == Kind.MEMBER_LIST:
+        sizes += [4, 4, 1, 2] + [4] * int.from_bytes(body[9:11], "big")
     else:
         raise AssertionError(f"no layout for kind {kind}")
     fields = []
@@ -126,7 +161,15 @@ _PARSERS: dict[Kind, Callable[[bytes], Any]] = {
     Kind.DROPPED: parse_dropped,
     Kind.ERROR: ErrorFrame.parse,
     Kind.GOODBYE: Goodbye.parse,
+    Kind.JOIN: Join.parse,
+    Kind.LEAVE: Leave.parse,
+    Kind.MEMBERS: Members.parse,
+    Kind.REPLY: Reply.parse,
+    Kind.PRESENCE: PresenceNotice.parse,
+    Kind.MEMBER_LIST: MemberList.parse,
 }
+#: Where the group id sits in a group data frame (from the kind byte).
+_GROUP_ID_AT = {Kind.GROUP_MULTICAST: 1, Kind.GROUP_RELAY: 5}
 
 
 def parse_frame(frame: bytes) -> Any:
@@ -137,6 +180,10 @@ def parse_frame(frame: bytes) -> Any:
     kind = Kind(frames[0][0])
     if kind in _PARSERS:
         return _PARSERS[kind](frames[0][1:])
+    if kind in _GROUP_ID_AT:
+        at = _GROUP_ID_AT[kind]
+        group_id = int.from_bytes(frames[0][at : at + 4], "big")
+        return group_id, REGISTRY.decode_frame(frames[0], strict=False)
     return REGISTRY.decode_frame(frames[0], strict=False)
 
 
@@ -169,6 +216,8 @@ def test_example(example: Example) -> None:
     # A receiver parses the bytes into what the document says.
     expected = eval(example.decoded, names)
     assert parse_frame(data) == expected, where
+    if example.kind in _GROUP_ID_AT:
+        expected = expected[1]
     if example.kind in (Kind.MULTICAST, Kind.RELAY, Kind.DATA) and expected.trame in REGISTRY:
         assert (expected.trame, expected.value) == decode(data), where
     # Separators fall on the fields of the layout.
@@ -198,6 +247,23 @@ def _table_rows(heading: str) -> dict[str, int]:
 
 def test_error_codes_table_matches_the_code() -> None:
     assert _table_rows("### Error codes") == {code.name: code.value for code in ErrorCode}
+
+
+def test_group_tables_match_the_code() -> None:
+    assert _table_rows("#### Reply status codes") == {s.name: s.value for s in GroupStatus}
+    assert _table_rows("#### Group operations") == {op.name: op.value for op in GroupOp}
+    assert _table_rows("#### Presence events") == {e.name: e.value for e in PresenceEvent}
+
+
+def test_group_constants_are_documented() -> None:
+    text = TEXT[TEXT.index("## Groups\n") : TEXT.index("## Formats and trame types\n")]
+    assert f"0x{wire.FLAG_PRESENCE:02x}" in text
+    assert f"at most {wire.MAX_MEMBER_IDS}" in text
+    assert f"{wire.DEFAULT_MAX_GROUP_NAME_LENGTH} by default" in text
+    assert f"carries at most {wire.MAX_GROUP_NAME_LENGTH}" in text
+    # The wording a client relies on: never an error for a group it does not map.
+    assert "MUST drop, without any error, a GROUP_RELAY or PRESENCE" in text
+    assert "a server MUST NOT send it a group frame" in text
 
 
 def test_disconnect_reasons_table_matches_the_code() -> None:

@@ -34,7 +34,7 @@ from .codec import (
     register,
     registered,
 )
-from .codes import DisconnectReason, ErrorCode
+from .codes import DisconnectReason, ErrorCode, GroupOp, GroupStatus, PresenceEvent
 from .exceptions import (
     AuthenticationError,
     BadFormatError,
@@ -43,6 +43,7 @@ from .exceptions import (
     ConnectError,
     ConnectionClosed,
     FrameTooLargeError,
+    GroupRefused,
     HandshakeError,
     InvalidStateError,
     InvalidTextError,
@@ -62,7 +63,7 @@ from .exceptions import (
 from .wire import DEFAULT_MAX_FRAME_SIZE, PROTOCOL_VERSION, FrameParser, Kind
 
 if TYPE_CHECKING:
-    from .client import DEFAULT_MAX_QUEUE_BYTES, Backoff, Client, QueuePolicy, connect
+    from .client import DEFAULT_MAX_QUEUE_BYTES, Backoff, Client, Presence, QueuePolicy, connect
     from .netutil import get_host_ip
     from .server import RemoteClient, Server, ServerConfig, serve, start_server
 
@@ -72,6 +73,7 @@ _LAZY = {
     "DEFAULT_MAX_QUEUE_BYTES": "client",
     "Backoff": "client",
     "Client": "client",
+    "Presence": "client",
     "QueuePolicy": "client",
     "connect": "client",
     "get_host_ip": "netutil",
@@ -123,6 +125,9 @@ __all__ = [
     "ErrorCode",
     "FrameParser",
     "FrameTooLargeError",
+    "GroupOp",
+    "GroupRefused",
+    "GroupStatus",
     "HandshakeError",
     "InvalidStateError",
     "InvalidTextError",
@@ -131,6 +136,8 @@ __all__ = [
     "Message",
     "ParserFailedError",
     "Position",
+    "Presence",
+    "PresenceEvent",
     "ProtocolError",
     "QueuePolicy",
     "RegistrationError",

@@ -5,6 +5,12 @@ The connection is one ``asyncio.Protocol`` (:class:`_ClientProtocol`) driving a 
 server's heartbeat, and queues received multicasts. :meth:`Client.receive` is the one-shot receive of
 the original design: each call waits for the next message and re-arms; messages arriving between
 calls wait in a bounded queue, so none is lost.
+
+Groups (docs/protocol.md, "Groups"): :meth:`Client.join`, :meth:`Client.leave` and
+:meth:`Client.members` are requests, each a future of its connection resolved by the server's
+REPLY (or MEMBER_LIST) and failed with :class:`~trame_async.ConnectionClosed` when the connection
+ends; ``multicast(..., group=name)`` sends to one group. Presence events arrive as
+:class:`Presence`.
 """
 
 from __future__ import annotations
@@ -19,10 +25,10 @@ import socket
 import ssl as _ssl
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Any, Final, Literal, cast
+from typing import Any, Final, Literal, NamedTuple, cast
 
 from .codec import REGISTRY, Message, Registry, TrameLike
-from .codes import DisconnectReason
+from .codes import DisconnectReason, GroupOp, GroupStatus, PresenceEvent
 from .exceptions import (
     _CHECK_ADDRESS,
     AuthenticationError,
@@ -30,13 +36,31 @@ from .exceptions import (
     ConnectError,
     ConnectionClosed,
     FrameTooLargeError,
+    GroupRefused,
     InvalidStateError,
     TrameError,
 )
-from .protocol import _CLOSED, _OPEN, ClientCore
-from .wire import DEFAULT_MAX_FRAME_SIZE, LENGTH_SIZE, Kind
+from .protocol import _CLOSED, _OPEN, ClientCore, GroupEvent
+from .wire import (
+    DEFAULT_MAX_FRAME_SIZE,
+    LENGTH_SIZE,
+    MAX_GROUP_NAME_LENGTH,
+    Kind,
+    MemberList,
+    PresenceNotice,
+    Reply,
+    check_group_name,
+    group_multicast,
+)
 
-__all__ = ["DEFAULT_MAX_QUEUE_BYTES", "Backoff", "Client", "QueuePolicy", "connect"]
+__all__ = [
+    "DEFAULT_MAX_QUEUE_BYTES",
+    "Backoff",
+    "Client",
+    "Presence",
+    "QueuePolicy",
+    "connect",
+]
 
 logger = logging.getLogger("trame_async.client")
 
@@ -68,6 +92,23 @@ _PASS_CERT: Final = (
     "pass ssl= a context with load_cert_chain(certfile, keyfile) holding a certificate "
     "signed by a CA the server trusts"
 )
+
+
+class Presence(NamedTuple):
+    """Another member joined or left a group this client joined with ``presence=True``.
+
+    ``reason`` is None for a join and for a leave; for a member that left by disconnecting, the
+    :class:`~trame_async.DisconnectReason` the server saw.
+    """
+
+    group: str
+    client_id: int
+    joined: bool
+    reason: DisconnectReason | None
+
+
+#: A group request waiting for its answer: (future, op, group name, presence flag asked).
+_Request = tuple["asyncio.Future[Reply | MemberList]", GroupOp, str, bool]
 
 
 @dataclass(frozen=True)
@@ -122,6 +163,8 @@ class _ClientProtocol(asyncio.Protocol):
         self._pending_bytes = 0
         self._flush_handle: asyncio.Handle | None = None
         self._refused_seen = 0  # core.refused when last logged
+        # Group requests of this connection by request id; failed when it ends.
+        self.requests: dict[int, _Request] = {}
 
     # --- asyncio.Protocol -------------------------------------------------------------------------
 
@@ -140,6 +183,10 @@ class _ClientProtocol(asyncio.Protocol):
             self._write_outgoing()
         if core.refused != self._refused_seen:
             self._log_refused()
+        if core.events:
+            events = core.events
+            core.events = []
+            self._client._group_events(self, events)
         if messages:
             buffered = core.parser.buffered
             self._client._deliver(messages, self._unqueued + len(data) - buffered)
@@ -179,6 +226,11 @@ class _ClientProtocol(asyncio.Protocol):
         if not self.lost.done():
             self.lost.set_result(None)
         self.transport = None
+        requests, self.requests = self.requests, {}
+        for future, *_ in requests.values():
+            if not future.done():
+                future.set_exception(error)
+                future.exception()  # retrieved: a cancelled caller must not log it
         self._client._lost(self, error)
 
     def pause_writing(self) -> None:
@@ -337,6 +389,25 @@ class Client:
         self.on_disconnect: Callable[[ConnectionClosed], Any] | None = None
         self.on_reconnect: Callable[[Client], Any] | None = None
         self._on_message: Callable[[Message], Any] | None = None
+        # Groups joined by join() (not the server's joins), with their presence flag: rejoined
+        # after a reconnect.
+        self._rejoin: dict[str, bool] = {}
+        self._on_presence: Callable[[Presence], Any] | None = None
+        self._presence: collections.deque[Presence] = collections.deque()
+        self._presence_waiter: asyncio.Future[None] | None = None
+        #: Presence events dropped because next_presence() fell max_queue behind (oldest first).
+        self.presence_dropped = 0
+
+    @property
+    def on_presence(self) -> Callable[[Presence], Any] | None:
+        """Called with each :class:`Presence` event in the I/O callback instead of queueing it
+        for :meth:`next_presence` (a plain function; a coroutine function is refused)."""
+        return self._on_presence
+
+    @on_presence.setter
+    def on_presence(self, callback: Callable[[Presence], Any] | None) -> None:
+        _check_callback(callback, "on_presence", "await client.next_presence()")
+        self._on_presence = callback
 
     @property
     def on_message(self) -> Callable[[Message], Any] | None:
@@ -419,17 +490,231 @@ class Client:
             return None
         return proto.transport.get_extra_info("sockname")
 
-    async def multicast(self, trame: TrameLike, value: Any) -> None:
-        """Encode ``value`` as ``trame`` and multicast it through the server to every client.
+    async def multicast(self, trame: TrameLike, value: Any, group: str | None = None) -> None:
+        """Encode ``value`` as ``trame`` and multicast it through the server to every client,
+        or with ``group`` to the other members of that group (which this client must be in).
 
         Waits only when the transport's buffer is full (flow control).
 
         Raises:
             ConnectionClosed: the connection is closed.
+            InvalidStateError: ``group`` is not one of :attr:`groups`; nothing is sent.
             UnknownTrameError, ValueMismatchError: bad trame or value; nothing is sent.
             FrameTooLargeError: the frame exceeds the server's maximum; nothing is sent.
         """
-        await self.send(self.registry.encode(trame, value, _MULTICAST))
+        if group is None:
+            await self.send(self.registry.encode(trame, value, _MULTICAST))
+            return
+        proto = self._open_proto()
+        group_id = proto.core.group_ids.get(group)
+        if group_id is None:
+            raise InvalidStateError(
+                f"not a member of group {group!r}: join it first (await client.join(name))"
+            )
+        frame = group_multicast(group_id, self.registry.encode(trame, value, _MULTICAST))
+        await self._send_frame(proto, frame)
+
+    # --- groups ---------------------------------------------------------------------------------
+
+    @property
+    def groups(self) -> frozenset[str]:
+        """Names of the groups this client is in now (its joins and the server's)."""
+        proto = self._proto
+        if proto is None or self._down is not None or self._error is not None:
+            return frozenset()
+        return frozenset(proto.core.group_ids)
+
+    async def join(self, name: str, presence: bool = False) -> int:
+        """Join the group ``name``; return its id (the server's, for this group's life).
+
+        With ``presence`` this client also gets a :class:`Presence` event each time another
+        member joins or leaves. Joining a group again answers the same id and updates the
+        presence flag. Once this returns, every multicast to the group reaches this client, in
+        order, after the group's kept last values if the server keeps them. A reconnecting client
+        (``connect(reconnect=...)``) joins its groups again, with the same presence flags, before
+        it reports itself reconnected; groups the server application joined it to are the
+        server's to join again.
+
+        Raises:
+            ValueError: ``name`` is not a valid group name (empty, more than 255 bytes of
+                UTF-8, a control character, only whitespace); nothing is sent.
+            GroupRefused: the server refused (``status`` says why: ``REFUSED`` by its
+                application, ``BAD_NAME``, ``TOO_MANY_GROUPS``, ``SERVER_GROUP_LIMIT``,
+                ``NOT_ALLOWED`` for presence in a group too large for it).
+            ConnectionClosed: the connection ended before the answer.
+        """
+        raw = _group_name(name)
+        proto = self._open_proto()
+        answer = await self._request(proto, GroupOp.JOIN, name, presence, raw=raw)
+        return answer.group_id
+
+    async def leave(self, name: str) -> None:
+        """Leave the group ``name``; once this returns no more of its multicasts arrive.
+
+        While a reconnect is under way this only forgets the group (it is not joined again).
+
+        Raises:
+            InvalidStateError: this client is not in the group; nothing is sent.
+            GroupRefused: the server refused (``NOT_MEMBER``: it had already left, e.g. by the
+                server application).
+            ConnectionClosed: the connection ended before the answer.
+        """
+        self._rejoin.pop(name, None)
+        if self._down is not None and self._error is None:
+            return  # in no group now, and not to be rejoined
+        proto = self._open_proto()
+        if name not in proto.core.group_ids:
+            raise InvalidStateError(f"not a member of group {name!r}")
+        await self._request(proto, GroupOp.LEAVE, name, False)
+
+    async def members(self, name: str) -> list[int]:
+        """Return the client ids of the members of ``name`` (ascending, this client included).
+
+        Large groups come in pages of 1024 ids, asked for one after the other: a member that
+        joins or leaves meanwhile may or may not be listed.
+
+        Raises:
+            InvalidStateError: this client is not in the group; nothing is sent.
+            GroupRefused: the server refused (``NOT_MEMBER``).
+            ConnectionClosed: the connection ended before the answer.
+        """
+        ids: list[int] = []
+        after = 0
+        while True:
+            proto = self._open_proto()
+            if name not in proto.core.group_ids:
+                raise InvalidStateError(f"not a member of group {name!r}")
+            page = await self._request(proto, GroupOp.MEMBERS, name, False, after=after)
+            assert isinstance(page, MemberList)
+            ids.extend(page.ids)
+            if not page.more:
+                return ids
+            after = page.ids[-1]
+
+    async def next_presence(self, timeout: float | None = None) -> Presence:
+        """Return the next :class:`Presence` event (when no ``on_presence`` callback is set).
+
+        Raises:
+            TimeoutError: none arrived within ``timeout`` seconds.
+            ConnectionClosed: the connection is closed and no event is left.
+        """
+        async with asyncio.timeout(timeout):
+            while True:
+                if self._presence:
+                    return self._presence.popleft()
+                if self._error is not None:
+                    raise self._error
+                waiter = self._presence_waiter
+                if waiter is None or waiter.done():
+                    waiter = asyncio.get_running_loop().create_future()
+                    self._presence_waiter = waiter
+                await asyncio.shield(waiter)
+
+    async def _request(
+        self,
+        proto: _ClientProtocol,
+        op: GroupOp,
+        name: str,
+        presence: bool,
+        *,
+        raw: bytes = b"",
+        after: int = 0,
+    ) -> Reply | MemberList:
+        """Send one group request on ``proto`` and wait for its answer (raise if refused)."""
+        core = proto.core
+        if op is GroupOp.JOIN:
+            request_id = core.request_join(raw, presence)
+        elif op is GroupOp.LEAVE:
+            request_id = core.request_leave(core.group_ids[name])
+        else:
+            request_id = core.request_members(core.group_ids[name], after)
+        future: asyncio.Future[Reply | MemberList] = proto.loop.create_future()
+        proto.requests[request_id] = (future, op, name, presence)
+        proto._write_outgoing()  # after the data frames sent before it: one order
+        answer = await future
+        if isinstance(answer, Reply) and answer.status != GroupStatus.OK:
+            try:
+                status: GroupStatus | int = GroupStatus(answer.status)
+            except ValueError:
+                status = answer.status
+            raise GroupRefused(status, answer.text, op=op, group=name)
+        return answer
+
+    def _group_events(self, proto: _ClientProtocol, events: list[GroupEvent]) -> None:
+        """Resolve the requests answered by ``events``; hand on presence events."""
+        core = proto.core
+        for event in events:
+            if isinstance(event, PresenceNotice):
+                self._presence_event(core, event)
+                continue
+            request = proto.requests.pop(event.request_id, None) if event.request_id else None
+            if request is None:
+                if isinstance(event, Reply):
+                    self._unsolicited(event)
+                continue
+            future, op, name, presence = request
+            if isinstance(event, Reply) and event.status == GroupStatus.OK:
+                # Recorded here, not in join(): a caller cancelled meanwhile is still a member.
+                if op is GroupOp.JOIN:
+                    self._rejoin[name] = presence
+                elif op is GroupOp.LEAVE:
+                    self._rejoin.pop(name, None)
+            if not future.done():
+                future.set_result(event)
+
+    def _unsolicited(self, reply: Reply) -> None:
+        """Handle a REPLY with no request: a join/leave made by the server, a refused multicast."""
+        if reply.op == GroupOp.LEAVE and reply.status == GroupStatus.OK:
+            self._rejoin.pop(reply.text, None)  # the server's decision: not undone by a rejoin
+        elif reply.op == GroupOp.MULTICAST and reply.status != GroupStatus.OK:
+            logger.warning(
+                "the server refused a multicast to group id %d: status %d (%s)",
+                reply.group_id,
+                reply.status,
+                reply.text,
+            )
+
+    def _presence_event(self, core: ClientCore, notice: PresenceNotice) -> None:
+        group = core.group_names.get(notice.group_id)
+        if group is None:
+            return  # the core kept it, but a LEAVE later in the same read dropped the group
+        joined = notice.event == PresenceEvent.JOINED
+        reason: DisconnectReason | None = None
+        if notice.reason:
+            try:
+                reason = DisconnectReason(notice.reason)
+            except ValueError:
+                reason = DisconnectReason.GOODBYE  # as for a GOODBYE's unknown reason
+        event = Presence(group, notice.client_id, joined, reason)
+        callback = self._on_presence
+        if callback is not None:
+            try:
+                callback(event)
+            except Exception:
+                logger.exception("on_presence callback failed on %r", event)
+            return
+        queue = self._presence
+        queue.append(event)
+        if len(queue) > self.max_queue:
+            queue.popleft()
+            self.presence_dropped += 1
+        waiter = self._presence_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _rejoin_groups(self) -> None:
+        """Join again, on a new connection, the groups join() had joined (same presence flags).
+
+        A group the server now refuses is forgotten, with a warning.
+        """
+        proto = self._proto
+        assert proto is not None
+        for name, presence in list(self._rejoin.items()):
+            try:
+                await self._request(proto, GroupOp.JOIN, name, presence, raw=name.encode())
+            except GroupRefused as err:
+                self._rejoin.pop(name, None)
+                logger.warning("could not join group %r again after reconnecting: %s", name, err)
 
     async def send_data(self, trame: TrameLike, value: Any) -> None:
         """Send a DATA frame to the server alone (handled by its ``on_data`` hook)."""
@@ -445,6 +730,9 @@ class Client:
             raise CodecError(
                 "send() takes one whole MULTICAST or DATA frame, as trame_async.encode() returns"
             )
+        await self._send_frame(proto, message)
+
+    async def _send_frame(self, proto: _ClientProtocol, message: bytes) -> None:
         limit = proto.core.server_max_frame_size
         if len(message) - LENGTH_SIZE > limit:
             raise FrameTooLargeError(len(message) - LENGTH_SIZE, limit)
@@ -659,7 +947,7 @@ class Client:
     def _keep_latest(self) -> None:
         """Fold the queue into the newest message per stream, in their order of arrival.
 
-        A stream is a (sender, trame code, kind). What is kept is a subsequence of what arrived,
+        A stream is a (sender, trame code, kind, group). What is kept is a subsequence of what arrived,
         so each sender's order holds and each stream's newest value is its last. Past
         ``max_queue // 2`` streams (or half the byte budget) the oldest kept are dropped too: the
         headroom makes a fold cost O(1) per message received.
@@ -667,7 +955,7 @@ class Client:
         queue = self._queue
         newest: dict[tuple[Any, ...], int] = {}
         for i, msg in enumerate(queue):
-            newest[msg[0], msg[1], msg[3]] = i
+            newest[msg[0], msg[1], msg[3], msg[4]] = i
         kept = sorted(newest.values())
         if len(kept) < len(queue):
             # Bytes of the kept messages: each counts the average of the delivery it came in.
@@ -748,6 +1036,9 @@ class Client:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        waiter = self._presence_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _notify(self, hook: Callable[..., Any] | None, arg: Any) -> None:
         if hook is None:
@@ -778,6 +1069,14 @@ class Client:
                 retry_after = err.retry_after
                 continue
             except ConnectError:
+                continue
+            try:
+                await self._rejoin_groups()
+            except ConnectionClosed as err:
+                if err.reason in _FATAL:
+                    self._fail(err)
+                    return
+                retry_after = err.retry_after
                 continue
             self._down = None
             self.reconnects += 1
@@ -944,6 +1243,11 @@ def _tls_failure(err: _ssl.SSLError) -> tuple[str, str]:
 
 def _check_on_message(callback: Any) -> None:
     """Refuse an ``on_message`` that is not a plain callable (it runs in the I/O callback)."""
+    _check_callback(callback, "on_message", "iterate with 'async for message in client'")
+
+
+def _check_callback(callback: Any, name: str, instead: str) -> None:
+    """Refuse a callback that is not a plain callable (it runs in the I/O callback)."""
     if callback is None:
         return
     if (
@@ -952,9 +1256,22 @@ def _check_on_message(callback: Any) -> None:
         or inspect.iscoroutinefunction(getattr(callback, "__call__", None))  # noqa: B004
     ):
         raise TypeError(
-            "on_message must be a plain function (it runs inside the I/O callback); "
-            "for asynchronous handling, iterate with 'async for message in client'"
+            f"{name} must be a plain function (it runs inside the I/O callback); "
+            f"for asynchronous handling, {instead}"
         )
+
+
+def _group_name(name: object) -> bytes:
+    """Return ``name`` as UTF-8 if it is a valid group name; raise ValueError otherwise."""
+    if not isinstance(name, str):
+        raise TypeError(f"a group name is a str, not {type(name).__name__}")
+    raw = name.encode("utf-8", "surrogatepass")
+    if check_group_name(raw, MAX_GROUP_NAME_LENGTH) is None:
+        raise ValueError(
+            f"invalid group name {name!r}: 1 to {MAX_GROUP_NAME_LENGTH} bytes of UTF-8 (the "
+            f"server may allow fewer), no control characters, not only whitespace"
+        )
+    return raw
 
 
 async def _abort(proto: _ClientProtocol) -> None:
@@ -999,6 +1316,9 @@ class connect:
             it raises is logged and the next message still comes. Messages then do not go to
             :meth:`Client.receive`, which only reports the end of the connection. For
             asynchronous handling, use ``async for`` instead.
+        on_presence: A plain function called with each :class:`Presence` event (groups joined
+            with ``presence=True``) in the I/O callback; without it, events wait for
+            :meth:`Client.next_presence` (at most ``max_queue``, the oldest dropped first).
 
     Raises:
         ConnectError: the connection could not be opened (refused, timed out), TLS failed (the
@@ -1030,8 +1350,10 @@ class connect:
         on_disconnect: Callable[[ConnectionClosed], Any] | None = None,
         on_reconnect: Callable[[Client], Any] | None = None,
         on_message: Callable[[Message], Any] | None = None,
+        on_presence: Callable[[Presence], Any] | None = None,
     ) -> None:
         _check_on_message(on_message)  # before any connection is made
+        _check_callback(on_presence, "on_presence", "await client.next_presence()")
         self._client = Client(
             host,
             port,
@@ -1046,6 +1368,7 @@ class connect:
         self._client.on_disconnect = on_disconnect
         self._client.on_reconnect = on_reconnect
         self._client.on_message = on_message
+        self._client.on_presence = on_presence
         self._kwargs: dict[str, Any] = {
             "local_addr": local_addr,
             "ssl": ssl,

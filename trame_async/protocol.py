@@ -734,8 +734,8 @@ class ClientCore(_Core):
         #: and LEAVE (its own requests, or the server application's, request id 0).
         self.group_names: dict[int, str] = {}
         self.group_ids: dict[str, int] = {}
-        #: GROUP_RELAY frames dropped because their group id is not one of :attr:`group_names`
-        #: (relays in flight when the client left: never an error).
+        #: GROUP_RELAY and PRESENCE frames dropped because their group id is not one of
+        #: :attr:`group_names` (in flight when the client left: never an error).
         self.unknown_group = 0
         self._request_seq = 0
         self._last_rx = now
@@ -841,22 +841,12 @@ class ClientCore(_Core):
         while end - pos > 13:
             length, kind, sender = unpack_head(data, pos)
             stop = pos + 4 + length
-            if stop > end or length > limit:
-                break
-            if kind == _RELAY:
-                value_at = pos + 13 + data[pos + 12]
-                trame = known(data[pos + 9 : value_at])
-                if trame is None or stop - value_at != trame.size:
+            if stop > end or length > limit or kind != _RELAY:
+                # Off the RELAY path only: the RELAY loop runs the same code as before groups.
+                if kind != _GROUP_RELAY or stop > end or length > limit or length < 13:
                     break
-                try:
-                    value = trame.unpack_from(data, value_at)
-                except BadValueError as err:  # a value its registered class refuses
-                    self._refuse(sender, err)
-                else:
-                    out.append(make(Message, (sender, trame, value, relay, None)))
-            elif kind == _GROUP_RELAY and length > 12:
-                # The same, behind the group id; a group not (or no longer) ours is left to
-                # the parser path, which counts it.
+                # The same, behind the group id; a group not (or no longer) ours is left to the
+                # parser path, which counts it.
                 group = self.group_names.get(_GROUP_HEAD_UNPACK(data, pos)[3])
                 if group is None:
                     break
@@ -870,8 +860,18 @@ class ClientCore(_Core):
                     self._refuse(sender, err)
                 else:
                     out.append(make(Message, (sender, trame, value, _KIND_GROUP_RELAY, group)))
-            else:
+                pos = stop
+                continue
+            value_at = pos + 13 + data[pos + 12]
+            trame = known(data[pos + 9 : value_at])
+            if trame is None or stop - value_at != trame.size:
                 break
+            try:
+                value = trame.unpack_from(data, value_at)
+            except BadValueError as err:  # a value its registered class refuses
+                self._refuse(sender, err)
+            else:
+                out.append(make(Message, (sender, trame, value, relay, None)))
             pos = stop
         return pos
 
@@ -910,7 +910,13 @@ class ClientCore(_Core):
                     self._drop_group(reply.group_id)
             self.events.append(reply)
         elif kind == Kind.PRESENCE:
-            self.events.append(PresenceNotice.parse(body))
+            notice = PresenceNotice.parse(body)
+            # Judged here, in stream order, as GROUP_RELAY: a PRESENCE of a group not (yet, or
+            # no longer) ours is dropped, even if a REPLY later in the same read maps its id.
+            if notice.group_id in self.group_names:
+                self.events.append(notice)
+            else:
+                self.unknown_group += 1
         elif kind == Kind.MEMBER_LIST:
             self.events.append(MemberList.parse(body))
         elif kind == Kind.WELCOME:
