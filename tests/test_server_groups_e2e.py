@@ -1,0 +1,161 @@
+"""Groups end to end: the real client against the real server, over 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from helpers import eventually
+
+import trame_async
+from trame_async import INT, POS, STR, DisconnectReason, GroupRefused, Position
+from trame_async.codes import GroupStatus
+from trame_async.groups import Refuse
+
+
+@contextlib.asynccontextmanager
+async def running(**options: Any) -> AsyncIterator[trame_async.Server]:
+    server = await trame_async.start_server("127.0.0.1", 0, **options)
+    try:
+        yield server
+    finally:
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), 20)
+
+
+async def clients(
+    stack: contextlib.AsyncExitStack, port: int, n: int, **kw: Any
+) -> list[trame_async.Client]:
+    return [
+        await stack.enter_async_context(trame_async.connect("127.0.0.1", port, **kw))
+        for _ in range(n)
+    ]
+
+
+async def test_join_multicast_to_a_group_and_leave() -> None:
+    async with running() as server, contextlib.AsyncExitStack() as stack:
+        a, b, outsider = await clients(stack, server.port, 3)
+        gid = await a.join("lobby")
+        assert await b.join("lobby") == gid
+        assert a.groups == frozenset({"lobby"})
+        await a.multicast(POS, Position(1.0, 2.0), group="lobby")
+        got = await b.receive(timeout=5)
+        assert (got.sender, got.value, got.group) == (a.id, Position(1.0, 2.0), "lobby")
+        await a.multicast(INT, 5)  # the all-clients multicast, as ever
+        got = await outsider.receive(timeout=5)
+        assert (got.value, got.group) == (5, None)
+        assert (await b.receive(timeout=5)).group is None
+        await b.leave("lobby")
+        assert b.groups == frozenset()
+        await a.multicast(INT, 6, group="lobby")
+        await a.multicast(INT, 7)
+        assert (await b.receive(timeout=5)).value == 7  # nothing of the group came first
+
+
+async def test_a_refused_join_raises_with_the_servers_reason() -> None:
+    async with (
+        running(on_join=lambda c, g: Refuse("invitation only") if g == "vip" else None) as server,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        (a,) = await clients(stack, server.port, 1)
+        with pytest.raises(GroupRefused) as info:
+            await a.join("vip")
+        assert info.value.status is GroupStatus.REFUSED
+        assert "invitation only" in str(info.value)
+        assert await a.join("open") > 0  # the connection is kept
+        with pytest.raises(ValueError):
+            await a.join("bad\x00name")
+
+
+async def test_presence_events_and_member_lists() -> None:
+    async with running() as server, contextlib.AsyncExitStack() as stack:
+        watcher, a, b = await clients(stack, server.port, 3)
+        await watcher.join("room", presence=True)
+        await a.join("room")
+        event = await watcher.next_presence(timeout=5)
+        assert (event.group, event.client_id, event.joined) == ("room", a.id, True)
+        await b.join("room")
+        assert (await watcher.next_presence(timeout=5)).client_id == b.id
+        assert await a.members("room") == sorted([watcher.id, a.id, b.id])
+        await b.close()
+        gone = await watcher.next_presence(timeout=5)
+        assert (gone.client_id, gone.joined) == (b.id, False)
+        assert gone.reason is DisconnectReason.GOODBYE
+
+
+async def test_a_late_joiner_sees_the_last_values_then_the_live_stream() -> None:
+    async with (
+        running(last_value_groups=("zone/*",)) as server,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        robot1, robot2, dashboard = await clients(stack, server.port, 3)
+        await robot1.join("zone/1")
+        await robot2.join("zone/1")
+        for x in range(3):
+            await robot1.multicast(POS, Position(float(x), 0.0), group="zone/1")
+        await robot2.multicast(POS, Position(9.0, 9.0), group="zone/1")
+        await eventually(
+            lambda: server._groups.by_name["zone/1"].last_bytes > 0, 5.0, what="last values"
+        )
+        await eventually(
+            lambda: len(server._groups.by_name["zone/1"].last or ()) == 2, 5.0, what="both"
+        )
+        await dashboard.join("zone/1")
+        await robot1.multicast(POS, Position(5.0, 5.0), group="zone/1")
+        seen = [await dashboard.receive(timeout=5) for _ in range(3)]
+        assert [(m.sender, m.value) for m in seen] == [
+            (robot1.id, Position(2.0, 0.0)),
+            (robot2.id, Position(9.0, 9.0)),
+            (robot1.id, Position(5.0, 5.0)),
+        ]
+
+
+async def test_the_server_places_a_client_and_it_learns_the_name() -> None:
+    async with running() as server, contextlib.AsyncExitStack() as stack:
+        (a,) = await clients(stack, server.port, 1)
+        (remote,) = server.clients
+        server.join(remote, "table 3")
+        await eventually(lambda: a.groups == frozenset({"table 3"}), 5.0, what="placed")
+        server.multicast(STR, "welcome", group="table 3")
+        got = await a.receive(timeout=5)
+        assert (got.sender, got.value, got.group) == (0, "welcome", "table 3")
+
+
+async def test_a_multicast_to_a_group_not_joined_is_refused_before_sending() -> None:
+    async with running() as server, contextlib.AsyncExitStack() as stack:
+        (a,) = await clients(stack, server.port, 1)
+        with pytest.raises(trame_async.InvalidStateError):
+            await a.multicast(INT, 1, group="nowhere")
+
+
+async def test_a_reconnecting_client_rejoins_its_groups() -> None:
+    async with running() as server:
+        port = server.port
+        async with (
+            trame_async.connect("127.0.0.1", port) as member,
+            trame_async.connect(
+                "127.0.0.1", port, reconnect=trame_async.Backoff(initial=0.01, maximum=0.05)
+            ) as roamer,
+        ):
+            await member.join("g")
+            await roamer.join("g", presence=True)
+            old_id = roamer.id
+            for remote in list(server.clients):
+                if remote.id == old_id:
+                    remote._transport.abort()  # the network drops it
+            await eventually(
+                lambda: (
+                    roamer.connected
+                    and roamer.id != old_id
+                    and roamer.groups == frozenset({"g"})
+                    and any(c.id == roamer.id and c.groups for c in server.clients)
+                ),
+                5.0,
+                what="rejoined",
+            )
+            await member.multicast(INT, 3, group="g")
+            got = await roamer.receive(timeout=5)
+            assert (got.value, got.group) == (3, "g")
