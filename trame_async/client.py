@@ -844,6 +844,15 @@ class Client:
                 detail, hint = _tls_failure(err)
                 raise ConnectError(self.host, self.port, detail, hint=hint) from err
             raise ConnectError(self.host, self.port, err.strerror or str(err)) from err
+        except BaseException:
+            # Cancelled from outside (the timeout above is a TimeoutError): nobody will ever get
+            # this connection, so its socket must not outlive the call. A socket still inside
+            # create_connection() is closed by the loop; one past it is ours to close.
+            _discard(proto)
+            if proto.transport is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await proto.lost  # one loop turn: closed when the CancelledError arrives
+            raise
         with contextlib.suppress(OSError):
             sock = proto.transport.get_extra_info("socket") if proto.transport else None
             if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -957,10 +966,21 @@ def _check_on_message(callback: Any) -> None:
         )
 
 
-async def _abort(proto: _ClientProtocol) -> None:
+def _discard(proto: _ClientProtocol) -> None:
+    """Drop a connection that connect() will not return: reset its socket now.
+
+    ``proto.lost`` is then done at once (no transport was ever made: nothing is open) or within
+    one loop turn (the transport reports the loss), so close() never waits on it in vain.
+    """
     if proto.transport is not None:
         proto.transport.abort()
-        await proto.lost
+    elif not proto.lost.done():
+        proto.lost.set_result(None)
+
+
+async def _abort(proto: _ClientProtocol) -> None:
+    _discard(proto)
+    await proto.lost
 
 
 class connect:
@@ -999,6 +1019,9 @@ class connect:
             it raises is logged and the next message still comes. Messages then do not go to
             :meth:`Client.receive`, which only reports the end of the connection. For
             asynchronous handling, use ``async for`` instead.
+
+    Cancelling the ``await`` (or the task running it) closes the socket it opened: it is closed
+    by the time the ``CancelledError`` comes out.
 
     Raises:
         ConnectError: the connection could not be opened (refused, timed out), TLS failed (the

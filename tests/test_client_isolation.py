@@ -1,0 +1,221 @@
+"""What one caller does to a Client never leaks into another's: sockets, tasks, waits, connects.
+
+* A cancelled ``connect()`` closes its socket (not only one that hits its own ``timeout=``).
+* ``close()`` during a reconnect returns within its timeout, even in the middle of a TLS
+  handshake or while the server is down, and leaves no task and no socket behind.
+* Tasks waiting on one client wait independently: cancelling one never wakes, cancels or robs
+  another; messages go to the waiting tasks in the order they started waiting.
+* A ``connect(...)`` object opens one connection: a second ``await`` (or ``async with``) raises.
+
+Socket tests run a real server (or a raw asyncio one that holds its connections silent) on
+127.0.0.1 port 0, on the stock loop and on uvloop (see conftest.py). Nothing sleeps to
+synchronise: the tests wait on events, or poll with a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from helpers import TlsFiles, eventually, make_tls
+
+import trame_async
+from trame_async import (
+    Client,
+)
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    return make_tls(tmp_path_factory.mktemp("tls"))
+
+
+def trame_tasks() -> list[asyncio.Task[Any]]:
+    """Return the running tasks whose coroutine is trame_async's own (a reconnect loop, a hook)."""
+    package = Path(trame_async.__file__).parent
+    return [
+        task
+        for task in asyncio.all_tasks()
+        if (code := getattr(task.get_coro(), "cr_code", None)) is not None
+        and Path(code.co_filename).parent == package
+    ]
+
+
+def sockets_to(port: int) -> list[Any]:
+    """Return this process's open TCP sockets whose remote end is ``port`` (the client ends)."""
+    return [
+        conn
+        for conn in psutil.Process().net_connections(kind="tcp")
+        if conn.raddr and conn.raddr.port == port
+    ]
+
+
+class Holder:
+    """A server that accepts connections, reads their first bytes and never answers.
+
+    With ``ssl`` it completes the TLS handshake first (the client's HELLO then goes unanswered);
+    without, a TLS client's handshake never ends.
+    """
+
+    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.ssl = ssl_context
+        self.first_bytes = 0  # connections whose first bytes arrived
+        self.arrived = asyncio.Event()
+        self.expected = 1
+        self._writers: list[asyncio.StreamWriter] = []
+        self._handlers: set[asyncio.Task[Any]] = set()
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> Holder:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=self.ssl)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.transport.abort()
+        await self._server.wait_closed()
+        if self._handlers:
+            await asyncio.wait(self._handlers, timeout=5)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        self._writers.append(writer)
+        with contextlib.suppress(ConnectionError, OSError):
+            if await reader.read(1):
+                self.first_bytes += 1
+                if self.first_bytes >= self.expected:
+                    self.arrived.set()
+            await reader.read()  # hold the connection, silent, until the peer or the test ends it
+
+    async def wait_first_bytes(self, n: int, timeout: float = 10.0) -> None:
+        """Wait until ``n`` connections sent their first bytes (HELLO, or a TLS ClientHello)."""
+        self.expected = n
+        if self.first_bytes < n:
+            self.arrived.clear()
+            await asyncio.wait_for(self.arrived.wait(), timeout)
+
+
+class Relay:
+    """A TCP relay to ``target_port`` for its first connection; later ones go to a Holder.
+
+    :meth:`cut` aborts the relayed connection (both ends), as a network failure would: the
+    client then reconnects, through here, to the Holder.
+    """
+
+    def __init__(self, target_port: int, holder: Holder) -> None:
+        self.target_port = target_port
+        self.holder = holder
+        self.relayed = False
+        self.port = 0
+        self._ends: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[Any]] = set()
+
+    async def __aenter__(self) -> Relay:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.stop_listening()
+        self.cut()
+        if self._handlers:
+            await asyncio.wait(self._handlers, timeout=5)
+
+    def stop_listening(self) -> None:
+        """Refuse new connections from now on."""
+        if self._server is not None:
+            self._server.close()
+
+    def cut(self) -> None:
+        """Abort the relayed connection, both ends."""
+        for writer in self._ends:
+            writer.transport.abort()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        if self.relayed:
+            await self.holder._handle(reader, writer)
+            return
+        self.relayed = True
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._ends += [writer, up_writer]
+        await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
+
+
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(ConnectionError, OSError):
+        for _ in range(1_000_000):
+            data = await reader.read(1 << 16)
+            if not data:
+                break
+            writer.write(data)
+            await writer.drain()
+    writer.transport.abort()
+
+
+async def bounded(awaitable: Awaitable[Any], seconds: float, what: str) -> Any:
+    """Await ``awaitable``; fail (rather than hang) past ``seconds``."""
+    try:
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    except TimeoutError:
+        raise AssertionError(f"{what} took more than {seconds:g} s") from None
+
+
+# --- 1. a cancelled connect() closes its socket ------------------------------------------------
+
+
+@pytest.mark.parametrize("stall", ["hello", "hello over tls", "tls handshake"])
+async def test_cancelled_connects_leave_no_socket_open(stall: str, tls_files: TlsFiles) -> None:
+    n = 20
+    server_tls = tls_files.server_context() if stall == "hello over tls" else None
+    client_tls = tls_files.client_context() if stall != "hello" else None
+    async with Holder(server_tls) as holder:
+
+        async def opening() -> Client:
+            return await trame_async.connect("127.0.0.1", holder.port, ssl=client_tls)
+
+        tasks = [asyncio.create_task(opening()) for _ in range(n)]
+        # Every client is past TCP (and TLS, but for "tls handshake"), waiting for an answer.
+        await holder.wait_first_bytes(n)
+        assert len(sockets_to(holder.port)) == n
+        for task in tasks:
+            task.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(r, asyncio.CancelledError) for r in results), results
+        # Closed by the time the cancelled call returns: no wait, no poll.
+        assert sockets_to(holder.port) == []
+        assert trame_tasks() == []
+
+
+async def test_a_cancelled_connect_still_closes_its_socket_when_cancelled_twice() -> None:
+    # The cancelled connect() waits one loop turn for its socket to close; a second cancel
+    # meanwhile must not leave it open either.
+    async with Holder() as holder:
+
+        async def opening() -> Client:
+            return await trame_async.connect("127.0.0.1", holder.port)
+
+        task = asyncio.create_task(opening())
+        await holder.wait_first_bytes(1)
+        task.cancel()
+        await asyncio.sleep(0)  # one loop turn: the task sees the first cancel
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await eventually(lambda: sockets_to(holder.port) == [], what="the socket closed")
