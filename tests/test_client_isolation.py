@@ -23,11 +23,14 @@ from typing import Any
 
 import psutil
 import pytest
-from helpers import TlsFiles, eventually, make_tls
+from helpers import MS, TlsFiles, eventually, make_tls
 
 import trame_async
 from trame_async import (
+    Backoff,
     Client,
+    ConnectionClosed,
+    DisconnectReason,
 )
 
 
@@ -219,3 +222,89 @@ async def test_a_cancelled_connect_still_closes_its_socket_when_cancelled_twice(
         with pytest.raises(asyncio.CancelledError):
             await task
         await eventually(lambda: sockets_to(holder.port) == [], what="the socket closed")
+
+
+# --- 2. close() during a reconnect -------------------------------------------------------------
+
+#: A reconnect comes back at once: no wait worth the name before the next attempt.
+FAST = Backoff(initial=5 * MS, factor=1.0, maximum=5 * MS)
+CLOSE_TIMEOUT = 1.0
+
+
+async def check_closed_cleanly(client: Client, port: int) -> None:
+    """``client`` closed within CLOSE_TIMEOUT, for good, with nothing of it left running."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    await bounded(client.close(timeout=CLOSE_TIMEOUT), CLOSE_TIMEOUT + 2, "close()")
+    assert loop.time() - start <= CLOSE_TIMEOUT
+    assert client.closed and client.close_reason is DisconnectReason.CLOSED
+    assert not client.connected
+    assert trame_tasks() == []
+    assert sockets_to(port) == []
+    with pytest.raises(ConnectionClosed):
+        await client.receive(timeout=1)
+    await bounded(client.close(timeout=CLOSE_TIMEOUT), 1, "a second close()")  # idempotent
+
+
+async def test_close_during_a_reconnects_tls_handshake_returns_in_time(
+    tls_files: TlsFiles,
+) -> None:
+    async with (
+        trame_async.serve("127.0.0.1", 0, ssl=tls_files.server_context()) as server,
+        Holder() as holder,
+        Relay(server.port, holder) as relay,
+    ):
+        client = await trame_async.connect(
+            "127.0.0.1", relay.port, ssl=tls_files.client_context(), reconnect=FAST
+        )
+        try:
+            assert client.connected
+            relay.cut()
+            # The reconnect reaches the holder: TCP is up, its ClientHello is never answered.
+            await holder.wait_first_bytes(1)
+            assert not client.connected
+            await check_closed_cleanly(client, relay.port)
+        finally:
+            await bounded(client.close(timeout=CLOSE_TIMEOUT), CLOSE_TIMEOUT + 2, "close()")
+
+
+async def test_close_while_reconnecting_to_a_server_that_is_down_returns_in_time() -> None:
+    async with (
+        trame_async.serve("127.0.0.1", 0) as server,
+        Holder() as holder,
+        Relay(server.port, holder) as relay,
+    ):
+        client = await trame_async.connect("127.0.0.1", relay.port, reconnect=FAST)
+        try:
+            first = client._proto
+            relay.stop_listening()
+            relay.cut()
+            # Attempts are refused now; wait for the first one (then close() lands in the next
+            # attempt or in the wait between two).
+            await eventually(lambda: client._proto is not first, what="a reconnect attempt")
+            await check_closed_cleanly(client, relay.port)
+        finally:
+            await bounded(client.close(timeout=CLOSE_TIMEOUT), CLOSE_TIMEOUT + 2, "close()")
+
+
+async def test_close_cancelled_while_it_stops_a_reconnect_is_cancelled(
+    tls_files: TlsFiles,
+) -> None:
+    # close() waits for the reconnect task it cancelled; a cancellation of close() itself must
+    # propagate, not be swallowed as the reconnect task's own.
+    async with (
+        trame_async.serve("127.0.0.1", 0, ssl=tls_files.server_context()) as server,
+        Holder() as holder,
+        Relay(server.port, holder) as relay,
+    ):
+        client = await trame_async.connect(
+            "127.0.0.1", relay.port, ssl=tls_files.client_context(), reconnect=FAST
+        )
+        relay.cut()
+        await holder.wait_first_bytes(1)
+        closing = asyncio.create_task(client.close(timeout=CLOSE_TIMEOUT))
+        await asyncio.sleep(0)  # one loop turn: close() runs up to its first wait
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await bounded(closing, CLOSE_TIMEOUT + 2, "the cancelled close()")
+        await check_closed_cleanly(client, relay.port)

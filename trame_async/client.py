@@ -520,13 +520,24 @@ class Client:
                 await self._connected.wait()
 
     async def close(self, timeout: float = 5.0) -> None:
-        """Say goodbye to the server and close the connection (idempotent)."""
+        """Say goodbye to the server and close the connection (idempotent).
+
+        Returns within ``timeout`` seconds (plus a loop turn) whatever the connection is doing:
+        a reconnect under way is cancelled, its socket closed even in the middle of a TCP or TLS
+        handshake; a server that does not answer the GOODBYE in time is cut off (reset). No task
+        and no socket of this client outlives the call.
+        """
         self._closing = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         task = self._reconnect_task
         if task is not None and not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # asyncio.wait, not 'await task': a cancel of close() itself must propagate, and the
+            # task's own CancelledError must not. The task closes its socket as it ends.
+            await asyncio.wait((task,), timeout=timeout)
+            if not task.done():
+                logger.warning("the reconnect task did not end within %g s of close()", timeout)
         if self._down is not None and self._error is None:
             self._fail(ConnectionClosed(DisconnectReason.CLOSED, "closed while reconnecting"))
         proto = self._proto
@@ -537,13 +548,15 @@ class Client:
             core.goodbye(DisconnectReason.CLOSED)
             proto._write_outgoing()
             proto._end()
+        if proto.transport is None and not proto.lost.done():
+            return  # this connection was never made (an attempt that failed): nothing to wait for
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout_at(deadline):
                 await asyncio.shield(proto.lost)
         except TimeoutError:
             if proto.transport is not None:
-                proto.transport.abort()
-            await proto.lost
+                proto.transport.abort()  # connection_lost follows within a loop turn
+                await proto.lost
 
     async def wait_closed(self) -> None:
         """Wait until the connection is over."""
