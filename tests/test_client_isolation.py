@@ -27,11 +27,14 @@ from helpers import MS, TlsFiles, eventually, make_tls
 
 import trame_async
 from trame_async import (
+    INT,
     Backoff,
     Client,
     ConnectionClosed,
     DisconnectReason,
+    Message,
 )
+from trame_async.wire import Kind
 
 
 @pytest.fixture(scope="module")
@@ -308,3 +311,193 @@ async def test_close_cancelled_while_it_stops_a_reconnect_is_cancelled(
         with pytest.raises(asyncio.CancelledError):
             await bounded(closing, CLOSE_TIMEOUT + 2, "the cancelled close()")
         await check_closed_cleanly(client, relay.port)
+
+
+# --- 3. tasks waiting on one client ------------------------------------------------------------
+
+
+async def started(*tasks: asyncio.Task[Any]) -> None:
+    """Let new tasks run up to their first wait: one loop turn, no time passes."""
+    await asyncio.sleep(0)
+    assert not any(task.done() for task in tasks), [t for t in tasks if t.done()]
+
+
+async def next_message(client: Client) -> Message:
+    """Return the next message through ``async for`` (``__anext__``)."""
+    async for message in client:
+        return message
+    raise AssertionError("the iteration ended")
+
+
+@pytest.mark.parametrize("way", ["receive", "async for", "receive(timeout=)"])
+async def test_cancelling_one_waiting_task_leaves_the_other_waiting(way: str) -> None:
+    def wait(client: Client) -> asyncio.Task[Message]:
+        if way == "receive":
+            return asyncio.create_task(client.receive())
+        if way == "async for":
+            return asyncio.create_task(next_message(client))
+        return asyncio.create_task(client.receive(timeout=10))
+
+    async with (
+        trame_async.serve("127.0.0.1", 0) as server,
+        trame_async.connect("127.0.0.1", server.port) as client,
+    ):
+        first, second = wait(client), wait(client)
+        await started(first, second)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        await asyncio.sleep(0)  # one more turn: the cancelled one's cleanup has run
+        assert not second.done(), "cancelling one waiting task ended the other's wait"
+        server.multicast(INT, 1)
+        got = await bounded(second, 5, "the second task's message")
+        assert got.value == 1
+        # The cancelled task took nothing: the next message goes to the next caller.
+        server.multicast(INT, 2)
+        assert (await client.receive(timeout=5)).value == 2
+        assert client._gate == 0 and not client._waiters
+
+
+async def test_waiting_tasks_get_messages_in_the_order_they_started_waiting() -> None:
+    async with (
+        trame_async.serve("127.0.0.1", 0) as server,
+        trame_async.connect("127.0.0.1", server.port) as client,
+    ):
+        # One at a time: each message goes to the oldest waiter.
+        tasks = [asyncio.create_task(client.receive()) for _ in range(3)]
+        await started(*tasks)
+        for i, task in enumerate(tasks):
+            server.multicast(INT, i)
+            assert (await bounded(task, 5, f"message {i}")).value == i
+        # Several in one read: the oldest waiter gets the oldest message.
+        tasks = [
+            asyncio.create_task(client.receive()),
+            asyncio.create_task(next_message(client)),  # async for waits in the same line
+            asyncio.create_task(client.receive(timeout=10)),
+            asyncio.create_task(client.receive()),
+        ]
+        await started(*tasks)
+        for i in range(10, 14):
+            server.multicast(INT, i)  # one loop iteration: written, and read, together
+        got = [(await bounded(task, 5, "a message")).value for task in tasks]
+        assert got == [10, 11, 12, 13]
+        assert client.queued == 0
+
+
+async def test_a_caller_that_comes_late_does_not_take_a_waiters_message() -> None:
+    async with (
+        trame_async.serve("127.0.0.1", 0) as server,
+        trame_async.connect("127.0.0.1", server.port) as client,
+    ):
+        waiter = asyncio.create_task(client.receive())
+        await started(waiter)
+        # A message arrives (as data_received would hand it over): it is the waiter's, woken but
+        # not run yet. This task calls receive() before the waiter runs: it gets the next one.
+        client._deliver([Message(0, INT, 1, Kind.RELAY)], 20)
+        server.multicast(INT, 2)
+        assert (await client.receive(timeout=5)).value == 2
+        assert (await bounded(waiter, 5, "the waiter's message")).value == 1
+
+
+async def test_a_waiter_cancelled_after_it_was_woken_passes_its_message_on() -> None:
+    async with (
+        trame_async.serve("127.0.0.1", 0) as server,
+        trame_async.connect("127.0.0.1", server.port) as client,
+    ):
+        first, second = (asyncio.create_task(client.receive()) for _ in range(2))
+        await started(first, second)
+        # A message arrives (as data_received would hand it over) and, before the woken task
+        # runs, it is cancelled: the message goes to the next waiter, not nowhere.
+        client._deliver([Message(0, INT, 7, Kind.RELAY)], 20)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert (await bounded(second, 5, "the passed-on message")).value == 7
+        assert client.queued == 0
+        server.multicast(INT, 8)
+        assert (await client.receive(timeout=5)).value == 8
+        assert client._gate == 0 and not client._waiters
+
+
+async def test_two_consumers_share_a_stream_each_message_once() -> None:
+    n = 500
+    async with (
+        trame_async.serve("127.0.0.1", 0) as server,
+        trame_async.connect("127.0.0.1", server.port) as client,
+    ):
+        seen: dict[str, list[int]] = {"receive": [], "async for": []}
+        done = asyncio.Event()
+
+        async def by_receive() -> None:
+            with contextlib.suppress(ConnectionClosed):
+                for _ in range(n):
+                    message = await client.receive()
+                    seen["receive"].append(message.value)
+                    if message.value == n - 1:
+                        done.set()
+
+        async def by_iteration() -> None:
+            async for message in client:
+                seen["async for"].append(message.value)
+                if message.value == n - 1:
+                    done.set()
+
+        consumers = [asyncio.create_task(by_receive()), asyncio.create_task(by_iteration())]
+        await started(*consumers)
+        for i in range(n):
+            server.multicast(INT, i)
+            if i % 7 == 0:
+                await asyncio.sleep(0)  # let some arrive alone, others in bursts
+        await bounded(done.wait(), 10, "the last message")
+        await client.close()
+        await bounded(asyncio.gather(*consumers), 5, "the consumers' end")
+        got = seen["receive"] + seen["async for"]
+        assert sorted(got) == list(range(n))  # each message once, none lost
+        assert seen["receive"] == sorted(seen["receive"])
+        assert seen["async for"] == sorted(seen["async for"])
+        assert seen["receive"] and seen["async for"]
+
+
+async def test_two_consumers_drain_a_full_queue_and_reading_resumes() -> None:
+    # Backpressure pauses reading while the queue is full; the consumers' pops resume it. The
+    # waiters' turns and the paused reading share the receive() gate: both must settle.
+    n = 300
+    async with (
+        trame_async.serve("127.0.0.1", 0) as server,
+        trame_async.connect("127.0.0.1", server.port, max_queue=10) as client,
+        trame_async.connect("127.0.0.1", server.port) as publisher,
+    ):
+        for i in range(n):
+            await publisher.multicast(INT, i)
+        await eventually(lambda: client._read_paused, what="the client paused reading")
+        got: list[list[int]] = [[], []]
+
+        async def consume(mine: list[int]) -> None:
+            while len(got[0]) + len(got[1]) < n:
+                mine.append((await client.receive()).value)
+
+        consumers = [asyncio.create_task(consume(mine)) for mine in got]
+        await bounded(
+            asyncio.wait(consumers, return_when=asyncio.FIRST_COMPLETED), 10, "all messages"
+        )
+        for task in consumers:
+            task.cancel()  # the other one waits for a message that will not come
+        await asyncio.gather(*consumers, return_exceptions=True)
+        assert sorted(got[0] + got[1]) == list(range(n))
+        assert not client._read_paused and client._gate == 0 and not client._waiters
+        server.multicast(INT, -1)
+        assert (await client.receive(timeout=5)).value == -1
+
+
+async def test_every_waiting_task_learns_of_the_end() -> None:
+    async with trame_async.serve("127.0.0.1", 0) as server:
+        client = await trame_async.connect("127.0.0.1", server.port)
+        receivers = [asyncio.create_task(client.receive()) for _ in range(3)]
+        iterator = asyncio.create_task(next_message(client))
+        await started(*receivers, iterator)
+        await client.close()
+        for task in receivers:
+            with pytest.raises(ConnectionClosed):
+                await bounded(task, 5, "a waiter's end")
+        with pytest.raises(AssertionError, match="iteration ended"):  # a clean end: no error
+            await bounded(iterator, 5, "the iterator's end")
