@@ -23,15 +23,17 @@ from typing import Any
 
 import psutil
 import pytest
-from helpers import MS, TlsFiles, eventually, make_tls
+from helpers import MS, TlsFiles, eventually, make_tls, receive_n
 
 import trame_async
 from trame_async import (
     INT,
     Backoff,
     Client,
+    ConnectError,
     ConnectionClosed,
     DisconnectReason,
+    InvalidStateError,
     Message,
 )
 from trame_async.wire import Kind
@@ -501,3 +503,65 @@ async def test_every_waiting_task_learns_of_the_end() -> None:
                 await bounded(task, 5, "a waiter's end")
         with pytest.raises(AssertionError, match="iteration ended"):  # a clean end: no error
             await bounded(iterator, 5, "the iterator's end")
+
+
+# --- 4. one connect() object, one connection ---------------------------------------------------
+
+
+async def test_a_connect_object_cannot_be_awaited_twice() -> None:
+    async with trame_async.serve("127.0.0.1", 0) as server:
+        opening = trame_async.connect("127.0.0.1", server.port)
+        client = await opening
+        try:
+            with pytest.raises(InvalidStateError, match="already used") as info:
+                await opening
+            assert "connect(...) again" in str(info.value)
+            with pytest.raises(InvalidStateError, match="already used"):
+                async with opening:
+                    raise AssertionError("entered a used connect object")
+            # The first connection is the only one, and it is untouched.
+            assert len(server.clients) == 1 and client.connected
+            server.multicast(INT, 5)
+            assert (await client.receive(timeout=5)).value == 5
+        finally:
+            await client.close()
+
+
+async def test_a_connect_object_awaited_by_two_tasks_at_once_opens_one_connection() -> None:
+    async with trame_async.serve("127.0.0.1", 0) as server:
+        opening = trame_async.connect("127.0.0.1", server.port)
+
+        async def use() -> Client:
+            return await opening
+
+        results = await asyncio.gather(use(), use(), return_exceptions=True)
+        clients = [r for r in results if isinstance(r, Client)]
+        errors = [r for r in results if isinstance(r, InvalidStateError)]
+        assert len(clients) == 1 and len(errors) == 1, results
+        try:
+            await eventually(lambda: len(server.clients) == 1, what="one server-side client")
+            assert clients[0].connected
+        finally:
+            await clients[0].close()
+
+
+async def test_a_connect_object_that_failed_cannot_be_retried() -> None:
+    listener = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    listener.close()
+    await listener.wait_closed()
+    opening = trame_async.connect("127.0.0.1", port)
+    with pytest.raises(ConnectError):
+        await opening
+    with pytest.raises(InvalidStateError, match="already used"):
+        await opening
+
+
+async def test_a_client_can_be_used_in_async_with_after_await() -> None:
+    # The documented way to manage a client got by 'await connect(...)'.
+    async with trame_async.serve("127.0.0.1", 0) as server:
+        client = await trame_async.connect("127.0.0.1", server.port)
+        async with client:
+            server.multicast(INT, 3)
+            assert [m.value for m in await receive_n(client, 1)] == [3]
+        assert client.closed

@@ -1121,6 +1121,12 @@ class connect:
             :meth:`Client.receive`, which only reports the end of the connection. For
             asynchronous handling, use ``async for`` instead.
 
+    One ``connect(...)`` object opens one connection, as a coroutine runs once: await it (or
+    enter ``async with`` on it) once. Using it again, whether the first use succeeded, failed
+    or is still under way, raises :class:`~trame_async.InvalidStateError` and opens nothing; call
+    ``connect(...)`` again for another connection. To manage a client got with ``await``, use
+    ``async with client:`` on the :class:`Client` itself.
+
     Cancelling the ``await`` (or the task running it) closes the socket it opened: it is closed
     by the time the ``CancelledError`` comes out.
 
@@ -1131,6 +1137,7 @@ class connect:
             client); ``detail`` and ``hint`` say which and what to do.
         AuthenticationError: the server refused the token.
         ConnectionClosed: the server refused the connection for another reason.
+        InvalidStateError: this ``connect(...)`` object was awaited (or entered) before.
     """
 
     def __init__(
@@ -1180,8 +1187,16 @@ class connect:
             "rtt_interval": rtt_interval,
             "max_frame_size": max_frame_size,
         }
+        self._used = False
 
     async def _open(self) -> Client:
+        if self._used:
+            raise InvalidStateError(
+                f"this connect() object for {self._client.host}:{self._client.port} was already "
+                "used: it opens one connection, once; call connect(...) again for another "
+                "connection, or 'async with client:' to manage the client the first await returned"
+            )
+        self._used = True
         self._client._connect_kwargs = self._kwargs
         await self._client._connect(**self._kwargs)
         return self._client
