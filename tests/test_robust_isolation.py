@@ -533,3 +533,93 @@ def test_struct_header_of_a_relay_is_eight_bytes_over_the_multicast_value() -> N
     m = trame_async.REGISTRY.encode(INT, 1, Kind.MULTICAST)
     r = trame_async.REGISTRY.encode(INT, 1, Kind.RELAY)
     assert len(r) - len(m) == 4 and struct.unpack(">I", r[:4])[0] == len(r) - 4
+
+
+# --- found in review -----------------------------------------------------------------------------
+
+
+async def test_an_async_on_connect_that_raises_refuses_the_client_and_relays_nothing() -> None:
+    async def on_connect(client: RemoteClient) -> None:
+        await asyncio.sleep(0)
+        raise RuntimeError("not today")
+
+    async with running() as server:
+        async with trame_async.connect("127.0.0.1", server.port) as watcher:
+            got: list[Message] = []
+            watcher.on_message = got.append
+            server.on_connect = on_connect
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            try:
+                writer.write(HELLO + trame_async.REGISTRY.encode(INT, 7, Kind.MULTICAST))
+                await writer.drain()
+                kinds = []
+                with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+                    async with asyncio.timeout(5):
+                        for _ in range(10):
+                            kinds.append((await read_frame(reader))[0])
+                assert kinds[-1] == Kind.GOODBYE
+            finally:
+                writer.close()
+            server.on_connect = None
+            async with trame_async.connect("127.0.0.1", server.port) as other:
+                await other.multicast(STR, "marker")
+                await eventually(lambda: got, 5.0, what="the marker")
+            assert [m.value for m in got] == ["marker"]
+            assert [c.id for c in server.clients] == [watcher.id]
+
+
+async def test_a_client_refused_at_max_clients_never_gets_a_welcome() -> None:
+    async with running(max_clients=1) as server:
+        async with trame_async.connect("127.0.0.1", server.port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            try:
+                writer.write(HELLO)
+                await writer.drain()
+                kind, body = await asyncio.wait_for(read_frame(reader), 5)
+                assert kind == Kind.ERROR, f"got kind {kind:#x} first"
+                assert ErrorFrame.parse(body).error_code is ErrorCode.TOO_MANY_CLIENTS
+            finally:
+                writer.close()
+
+
+async def test_pace_mode_a_congested_client_that_says_goodbye_does_not_hold_publishers() -> None:
+    async with (
+        running(
+            flow_control="pace",
+            max_publisher_pause=0.1,
+            drain_timeout=5.0,
+            send_buffer_size=32 << 10,
+        ) as server,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        quitter = await RawConn.connect(server.port, rcvbuf=4096)
+        stack.callback(quitter.close)
+        quitter_id = await quitter.handshake()
+        publisher, subscribers = await healthy_group(stack, server.port, 2)
+        rounds = Rounds(publisher, subscribers)
+        (remote,) = [c for c in server.clients if c.id == quitter_id]
+        for _ in range(1000):  # bounded: until it is congested
+            await rounds.run(1, 20)
+            if remote.outbox.congested:
+                break
+        assert remote.outbox.congested
+        # Congested, it says goodbye: the server must not keep waiting for it to drain.
+        await quitter.send(trame_async.wire.Goodbye(DisconnectReason.GOODBYE, None, "").encode())
+        await rounds.run(30, 20)
+        assert max(rounds.latencies[-30:]) < 0.1 + 0.4, max(rounds.latencies[-30:])
+        assert not server.stats()["publishers_paused"]
+
+
+async def test_frames_in_counts_each_frame_once_with_an_async_on_data() -> None:
+    async def on_data(client: RemoteClient, message: Message) -> None:
+        await asyncio.sleep(0)
+
+    async with running(on_data=on_data) as server:
+        async with trame_async.connect("127.0.0.1", server.port) as client:
+            for i in range(3):
+                await client.send_data(INT, i)
+                await client.multicast(INT, i)
+            await eventually(lambda: server.frames_in >= 6, 5.0, what="six frames")
+            await client.multicast(INT, 99)
+            await eventually(lambda: server.frames_in >= 7, 5.0, what="the last one")
+            assert server.frames_in == 7

@@ -373,7 +373,15 @@ class Client:
         self._chunks: collections.deque[tuple[int, int, int]] = collections.deque()
         self._delivered = 0
         self._chunk_bytes = 0
-        self._waiter: asyncio.Future[None] | None = None
+        # Tasks waiting for a message, oldest first: one future each, so that cancelling one
+        # never touches another's. A delivery wakes one per queued message not yet promised;
+        # those woken that have not taken theirs yet are owed the head of the queue, and a
+        # caller that did not wait gets only what lies past it.
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        # Zero when receive() may just pop the queue (its one test per message): otherwise one
+        # per woken waiter owed a message (see _woken), plus one while reading is paused (a pop
+        # may resume it).
+        self._gate = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._read_paused = False
         self._error: ConnectionClosed | None = None
@@ -745,52 +753,117 @@ class Client:
         Messages received before the connection closed are returned first; then
         :class:`~trame_async.ConnectionClosed` is raised with the reason.
 
+        Several tasks may wait on one client (with ``receive()`` or ``async for``, mixed): each
+        message goes to one of them, the one that has waited longest, and a caller that finds a
+        message queued gets it at once unless a waiting task is owed it. Each wait is its own:
+        cancelling one task's ``receive()`` (or its timeout expiring) never ends, wakes or robs
+        another's, and a message handed to a task cancelled before it could take it goes to the
+        next waiter.
+
         Raises:
             TimeoutError: nothing arrived within ``timeout`` seconds.
             ConnectionClosed: the connection is closed and no message is left.
         """
+        queue = self._queue
+        if queue and not self._gate:
+            return queue.popleft()  # no task owed a message, reading not paused: the common case
+        woken = False  # whether this call was woken for a message (the queue's head is owed it)
+        deadline: float | None = None
         while True:
-            if self._queue:
+            if queue and (woken or len(queue) > self._woken):
                 if not self._read_paused:
-                    return self._queue.popleft()
+                    return queue.popleft()
                 return self._pop()
             if self._error is not None:
                 raise self._error
-            waiter = self._arm_waiter()
-            if timeout is None:
-                await waiter
-            else:
-                async with asyncio.timeout(timeout):
-                    await asyncio.shield(waiter)
-
-    def _arm_waiter(self) -> asyncio.Future[None]:
-        """Return the future the next delivery (or the end) resolves, made anew once used."""
-        waiter = self._waiter
-        if waiter is None or waiter.done():
             loop = self._loop
             if loop is None:
                 # Kept: get_running_loop() per message showed in profiles (a getpid() each call).
                 loop = self._loop = asyncio.get_running_loop()
-            waiter = self._waiter = loop.create_future()
-        return waiter
+            waiter = loop.create_future()
+            if woken:  # woken for a message a drop policy removed: keep the turn, in front
+                self._waiters.appendleft(waiter)
+            else:
+                self._waiters.append(waiter)
+            try:
+                if timeout is None:
+                    await waiter
+                else:
+                    if deadline is None:
+                        deadline = loop.time() + timeout
+                    async with asyncio.timeout_at(deadline):
+                        await waiter
+            except BaseException:
+                self._leave(waiter)
+                raise
+            self._gate -= 1  # no longer owed: it takes the head now, or waits again in front
+            woken = True
+
+    def _leave(self, waiter: asyncio.Future[None]) -> None:
+        """Forget the wait of a caller that gave up (cancelled, timed out)."""
+        if waiter.done() and not waiter.cancelled():
+            # Woken for a message, then cancelled before it ran: the next waiter takes it.
+            self._gate -= 1
+            self._wake()
+        else:
+            waiter.cancel()
+            with contextlib.suppress(ValueError):  # already taken off by _wake()
+                self._waiters.remove(waiter)
+
+    @property
+    def _woken(self) -> int:
+        """Waiters woken for a message that have not taken it yet."""
+        return self._gate - self._read_paused
+
+    def _wake(self) -> None:
+        """Wake the oldest waiters: one per queued message not yet promised to a woken one."""
+        waiters = self._waiters
+        spare = len(self._queue) - self._gate + self._read_paused  # not owed to a woken one
+        while spare > 0 and waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():  # a cancelled one is gone already (see _leave)
+                waiter.set_result(None)
+                self._gate += 1
+                spare -= 1
 
     def __aiter__(self) -> Client:
         return self
 
     async def __anext__(self) -> Message:
-        """Iterate over messages; stop on a clean close or server shutdown, raise on other ends."""
+        """Iterate over messages; stop on a clean close or server shutdown, raise on other ends.
+
+        Waits as :meth:`receive` does, in turn with the other waiting tasks.
+        """
         queue = self._queue
-        if not queue and self._error is None:
+        if queue and not self._gate:
+            return queue.popleft()  # the common case at high rates, as in receive()
+        woken = False
+        while True:
+            if queue and (woken or len(queue) > self._woken):
+                if not self._read_paused:
+                    return queue.popleft()
+                return self._pop()
+            error = self._error
+            if error is not None:
+                if error.reason in _ITER_END:
+                    raise StopAsyncIteration
+                raise error
             # Wait here rather than in receive(): no second coroutine per message at low rates.
-            await self._arm_waiter()
-        if queue and not self._read_paused:
-            return queue.popleft()  # the common case at high rates, without a second coroutine
-        try:
-            return await self.receive()
-        except ConnectionClosed as err:
-            if err.reason in _ITER_END:
-                raise StopAsyncIteration from None
-            raise
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+            waiter = loop.create_future()
+            if woken:
+                self._waiters.appendleft(waiter)
+            else:
+                self._waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                self._leave(waiter)
+                raise
+            self._gate -= 1  # no longer owed: it takes the head now, or waits again in front
+            woken = True
 
     @property
     def connected(self) -> bool:
@@ -808,13 +881,24 @@ class Client:
                 await self._connected.wait()
 
     async def close(self, timeout: float = 5.0) -> None:
-        """Say goodbye to the server and close the connection (idempotent)."""
+        """Say goodbye to the server and close the connection (idempotent).
+
+        Returns within ``timeout`` seconds (plus a loop turn) whatever the connection is doing:
+        a reconnect under way is cancelled, its socket closed even in the middle of a TCP or TLS
+        handshake; a server that does not answer the GOODBYE in time is cut off (reset). No task
+        and no socket of this client outlives the call.
+        """
         self._closing = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         task = self._reconnect_task
         if task is not None and not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # asyncio.wait, not 'await task': a cancel of close() itself must propagate, and the
+            # task's own CancelledError must not. The task closes its socket as it ends.
+            await asyncio.wait((task,), timeout=timeout)
+            if not task.done():
+                logger.warning("the reconnect task did not end within %g s of close()", timeout)
         if self._down is not None and self._error is None:
             self._fail(ConnectionClosed(DisconnectReason.CLOSED, "closed while reconnecting"))
         proto = self._proto
@@ -825,13 +909,15 @@ class Client:
             core.goodbye(DisconnectReason.CLOSED)
             proto._write_outgoing()
             proto._end()
+        if proto.transport is None and not proto.lost.done():
+            return  # this connection was never made (an attempt that failed): nothing to wait for
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout_at(deadline):
                 await asyncio.shield(proto.lost)
         except TimeoutError:
             if proto.transport is not None:
-                proto.transport.abort()
-            await proto.lost
+                proto.transport.abort()  # connection_lost follows within a loop turn
+                await proto.lost
 
     async def wait_closed(self) -> None:
         """Wait until the connection is over."""
@@ -870,6 +956,8 @@ class Client:
 
     def _set_reading(self, reading: bool) -> None:
         proto = self._proto
+        if self._read_paused is reading:  # a change: the fast path of receive() is (un)gated
+            self._gate += -1 if reading else 1
         self._read_paused = not reading
         if proto is not None and proto.transport is not None:
             if reading:
@@ -933,9 +1021,17 @@ class Client:
         if len(queue) > self.max_queue or self._chunk_bytes > self.max_queue_bytes:
             if self._over():
                 self._overflow()
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        waiters = self._waiters
+        if waiters:
+            if self._gate or len(waiters) > 1:
+                self._wake()
+            else:
+                # _wake() inlined for the common case (one consumer waits, no one is owed a
+                # message): this runs once per read, and the call showed in the profile.
+                waiter = waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+                    self._gate += 1
 
     def _drop_oldest(self, max_count: int, max_bytes: int) -> None:
         """Drop messages from the front down to both bounds; the newest one always stays."""
@@ -1033,12 +1129,16 @@ class Client:
         self._connected.set()
         if error.reason not in _CLEAN:
             logger.info("connection to %s:%d closed: %s", self.host, self.port, error)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-        waiter = self._presence_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        # Every waiter learns of the end (those owed a message still get it first).
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                self._gate += 1
+        presence_waiter = self._presence_waiter
+        if presence_waiter is not None and not presence_waiter.done():
+            presence_waiter.set_result(None)
 
     def _notify(self, hook: Callable[..., Any] | None, arg: Any) -> None:
         if hook is None:
@@ -1111,6 +1211,7 @@ class Client:
         self._error = None
         if self._read_paused:
             self._read_paused = False  # a new transport reads until the queue is full again
+            self._gate -= 1
         kwargs: dict[str, Any] = {}
         if ssl is not None:
             kwargs["ssl"] = ssl
@@ -1143,6 +1244,15 @@ class Client:
                 detail, hint = _tls_failure(err)
                 raise ConnectError(self.host, self.port, detail, hint=hint) from err
             raise ConnectError(self.host, self.port, err.strerror or str(err)) from err
+        except BaseException:
+            # Cancelled from outside (the timeout above is a TimeoutError): nobody will ever get
+            # this connection, so its socket must not outlive the call. A socket still inside
+            # create_connection() is closed by the loop; one past it is ours to close.
+            _discard(proto)
+            if proto.transport is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await proto.lost  # one loop turn: closed when the CancelledError arrives
+            raise
         with contextlib.suppress(OSError):
             sock = proto.transport.get_extra_info("socket") if proto.transport else None
             if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -1274,10 +1384,21 @@ def _group_name(name: object) -> bytes:
     return raw
 
 
-async def _abort(proto: _ClientProtocol) -> None:
+def _discard(proto: _ClientProtocol) -> None:
+    """Drop a connection that connect() will not return: reset its socket now.
+
+    ``proto.lost`` is then done at once (no transport was ever made: nothing is open) or within
+    one loop turn (the transport reports the loss), so close() never waits on it in vain.
+    """
     if proto.transport is not None:
         proto.transport.abort()
-        await proto.lost
+    elif not proto.lost.done():
+        proto.lost.set_result(None)
+
+
+async def _abort(proto: _ClientProtocol) -> None:
+    _discard(proto)
+    await proto.lost
 
 
 class connect:
@@ -1320,6 +1441,15 @@ class connect:
             with ``presence=True``) in the I/O callback; without it, events wait for
             :meth:`Client.next_presence` (at most ``max_queue``, the oldest dropped first).
 
+    One ``connect(...)`` object opens one connection, as a coroutine runs once: await it (or
+    enter ``async with`` on it) once. Using it again, whether the first use succeeded, failed
+    or is still under way, raises :class:`~trame_async.InvalidStateError` and opens nothing; call
+    ``connect(...)`` again for another connection. To manage a client got with ``await``, use
+    ``async with client:`` on the :class:`Client` itself.
+
+    Cancelling the ``await`` (or the task running it) closes the socket it opened: it is closed
+    by the time the ``CancelledError`` comes out.
+
     Raises:
         ConnectError: the connection could not be opened (refused, timed out), TLS failed (the
             server's certificate, or the server refused this client's), or the server closed it
@@ -1327,6 +1457,7 @@ class connect:
             client); ``detail`` and ``hint`` say which and what to do.
         AuthenticationError: the server refused the token.
         ConnectionClosed: the server refused the connection for another reason.
+        InvalidStateError: this ``connect(...)`` object was awaited (or entered) before.
     """
 
     def __init__(
@@ -1379,8 +1510,16 @@ class connect:
             "rtt_interval": rtt_interval,
             "max_frame_size": max_frame_size,
         }
+        self._used = False
 
     async def _open(self) -> Client:
+        if self._used:
+            raise InvalidStateError(
+                f"this connect() object for {self._client.host}:{self._client.port} was already "
+                "used: it opens one connection, once; call connect(...) again for another "
+                "connection, or 'async with client:' to manage the client the first await returned"
+            )
+        self._used = True
         self._client._connect_kwargs = self._kwargs
         await self._client._connect(**self._kwargs)
         return self._client

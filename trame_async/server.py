@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import inspect
 import logging
 import socket
@@ -60,6 +61,7 @@ _HELLO_BASE: Final = 9
 _RELAY_HEAD: Final = struct.Struct(">IBI")
 _RELAY: Final = int(Kind.RELAY)
 _DATA: Final = int(Kind.DATA)
+_WELCOME: Final = int(Kind.WELCOME)
 _MULTICAST: Final = int(Kind.MULTICAST)
 _GROUP_MULTICAST: Final = int(Kind.GROUP_MULTICAST)
 _GROUP_RELAY: Final = int(Kind.GROUP_RELAY)
@@ -316,6 +318,7 @@ class RemoteClient(asyncio.Protocol):
         "_dirty",
         "_groups",
         "_held",
+        "_held_at",
         "_hook_task",
         "_in_handshake",
         "_paused_by",
@@ -348,7 +351,8 @@ class RemoteClient(asyncio.Protocol):
         # Frames received but not yet dispatched because a hook of this client is running: hooks
         # run one at a time per client, in order, and its reading waits meanwhile.
         self._held: list[memoryview] | None = None
-        self._hook_task: asyncio.Task[None] | None = None
+        self._held_at = 0
+        self._hook_task: asyncio.Task[bool] | None = None
         # Why reading from this client is paused (_BY_HOOK | _BY_FLOW); 0 when it is not.
         self._paused_by = 0
 
@@ -420,17 +424,23 @@ class RemoteClient(asyncio.Protocol):
         core = self._core
         try:
             was_open = core.state is _OPEN
-            frames = core.receive_data(data, self._server._loop.time())
+            server = self._server
+            frames = core.receive_data(data, server._loop.time())
+            if frames:
+                server.frames_in += len(frames)
+            opened = not was_open and core.state is _OPEN
+            if opened and not server._admit(self):
+                frames = []  # refused at max_clients: the ERROR replaced the WELCOME
             if core.outgoing:
                 self._write_control()
-            if not was_open and core.state is _OPEN:
+            if opened and core.state is _OPEN:
                 # on_connect runs before anything that came with the HELLO is dispatched: a
                 # client it refuses gets nothing relayed, and an async one holds the rest.
-                self._server._opened(self, frames)
+                server._opened(self, frames)
             elif self._held is not None:
                 self._held.extend(frames)  # a hook runs: these wait behind it, in order
             elif frames:
-                self._server._dispatch(self, frames)
+                server._dispatch(self, frames)
             if core.state is not _OPEN:
                 if core.closed:
                     self._finish()
@@ -585,26 +595,34 @@ class RemoteClient(asyncio.Protocol):
             transport.resume_reading()
         self._core.reading_paused(bool(now_by), self._server._loop.time())
 
-    def _run_hook(self, name: str, awaitable: Awaitable[Any], held: list[memoryview]) -> None:
-        """Run an async hook of this client; what it sent meanwhile waits (reading paused)."""
+    def _run_hook(
+        self, name: str, awaitable: Awaitable[Any], held: list[memoryview], at: int
+    ) -> None:
+        """Run an async hook of this client; ``held[at:]``, and what it sends meanwhile, wait
+        (its reading paused)."""
         server = self._server
         task = server._loop.create_task(_guard(name, awaitable))
         server._tasks.add(task)
         self._hook_task = task
         self._held = held
+        self._held_at = at
         self._set_paused(_BY_HOOK, True)
-        task.add_done_callback(self._hook_done)
+        task.add_done_callback(functools.partial(self._hook_done, name))
 
-    def _hook_done(self, task: asyncio.Task[None]) -> None:
+    def _hook_done(self, name: str, task: asyncio.Task[bool]) -> None:
         self._server._tasks.discard(task)
         self._hook_task = None
-        held = self._held
+        held, at = self._held, self._held_at
         self._held = None
         if self._core.state is not _OPEN:
             return  # refused or gone meanwhile: nothing of it is dispatched
+        if name == "on_connect" and (task.cancelled() or not task.result()):
+            # An on_connect that raised refuses the client, as a plain one does.
+            self.disconnect("refused by the server")
+            return
         try:
-            if held:
-                self._server._dispatch(self, held)
+            if held is not None and at < len(held):
+                self._server._dispatch(self, held, at)
         except Exception as err:
             self._failed(err)
             return
@@ -628,15 +646,16 @@ class RemoteClient(asyncio.Protocol):
         transport = self._transport
         if transport is None or self._close_timer is not None:
             return
-        if self._core.close_reason in _ABORT_REASONS:
+        server = self._server
+        if self._core.close_reason in _ABORT_REASONS or (server._pace and self.outbox.congested):
+            # Pace mode: a congested client holds the publishers until it is gone, and a closing
+            # one is no longer checked for progress: it goes at once.
             transport.abort()
             return
         if not transport.is_closing():
             transport.close()
         # close() waits for the buffer to flush, forever if the peer never reads.
-        self._close_timer = self._server._loop.call_later(
-            self._server.config.drain_timeout, transport.abort
-        )
+        self._close_timer = server._loop.call_later(server._drain_timeout, transport.abort)
 
 
 _BY_HOOK: Final = 1
@@ -725,7 +744,7 @@ class Server:
         self._wheel: TimerWheel[RemoteClient] = TimerWheel(_resolution(config))
         self._tick_handle: asyncio.TimerHandle | None = None
         self._tick_at = float("inf")
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._publishers: set[RemoteClient] = set()
         self._n_congested = 0
         # Publishers wait for congested readers only in the opt-in pace mode; by default one
@@ -744,6 +763,8 @@ class Server:
         #: Clients shed (cut, or emptied under the drop policies) for the server-wide budget.
         self.budget_sheds = 0
         self._batch_relays = config.slow_consumer_policy == "disconnect"
+        # How long a closing client may take to drain (the shutdown's override, once it runs).
+        self._drain_timeout = config.drain_timeout
         #: Clients cut as slow consumers since the start.
         self.slow_consumers = 0
         #: MULTICAST and DATA frames received from clients since the start.
@@ -923,6 +944,7 @@ class Server:
         # One deadline for the drain and the hooks together; past it every connection is aborted
         # and every hook task cancelled, and _GRACE more bounds the wait for them to go.
         deadline = self.config.drain_timeout if drain_timeout is None else drain_timeout
+        self._drain_timeout = deadline
         end = self._loop.time() + deadline
         try:
             hint = self.config.retry_after if retry_after is None else retry_after
@@ -1084,7 +1106,7 @@ class Server:
         client.outbox.clear()
         client._finish()
 
-    def _dispatch(self, sender: RemoteClient, frames: list[memoryview]) -> None:
+    def _dispatch(self, sender: RemoteClient, frames: list[memoryview], start: int = 0) -> None:
         """Relay a sender's MULTICAST frames and hand its DATA frames to ``on_data``.
 
         Under the disconnect policy, consecutive multicasts of one chunk are relayed as one
@@ -1098,7 +1120,6 @@ class Server:
         """
         if not sender._publisher:
             self._add_publisher(sender)
-        self.frames_in += len(frames)
         on_multicast = self.on_multicast
         exclude = None if sender._core.echo else sender
         pack_head = _RELAY_HEAD.pack
@@ -1113,7 +1134,8 @@ class Server:
         parts: list[bytes | memoryview] = []
         to: dict[int, RemoteClient] | None = None
         batch_groups = batch and on_multicast is None
-        for i, frame in enumerate(frames):
+        for i in range(start, len(frames)):
+            frame = frames[i]
             kind = frame[0]
             if kind == _GROUP_MULTICAST and batch_groups:
                 gid = _U32(frame, 1)[0]
@@ -1428,7 +1450,7 @@ class Server:
             logger.exception("on_data hook failed for client %d", sender.id)
             return False
         if inspect.isawaitable(result):
-            sender._run_hook("on_data", result, frames[rest:])
+            sender._run_hook("on_data", result, frames, rest)
             return True
         return False
 
@@ -1524,22 +1546,28 @@ class Server:
             return
         self._reschedule(client)
 
-    def _opened(self, client: RemoteClient, frames: list[memoryview]) -> None:
-        """A client completed its HELLO: count it, run ``on_connect``, then its first frames."""
+    def _admit(self, client: RemoteClient) -> bool:
+        """A client's HELLO was accepted: count it against max_clients before its WELCOME goes.
+
+        Refused, the WELCOME waiting in its core's outgoing frames is replaced by the ERROR.
+        """
         if client._in_handshake:
             client._in_handshake = False
             self._handshaking -= 1
         max_clients = self.config.max_clients
-        if max_clients is not None and len(self._open) >= max_clients:
-            core = client._core
-            core.refuse(
-                ErrorCode.TOO_MANY_CLIENTS,
-                DisconnectReason.TOO_MANY_CLIENTS,
-                f"server is at max_clients={max_clients}",
-            )
-            core.outgoing[:] = core.outgoing[-1:]  # the refusal, not the WELCOME
-            client._write_control()
-            return
+        if max_clients is None or len(self._open) < max_clients:
+            return True
+        core = client._core
+        core.outgoing[:] = [f for f in core.outgoing if f[4] != _WELCOME]
+        core.refuse(
+            ErrorCode.TOO_MANY_CLIENTS,
+            DisconnectReason.TOO_MANY_CLIENTS,
+            f"server is at max_clients={max_clients}",
+        )
+        return False
+
+    def _opened(self, client: RemoteClient, frames: list[memoryview]) -> None:
+        """A client completed its HELLO: run ``on_connect``, then dispatch its first frames."""
         client._was_open = True
         self._open[client.id] = client
         self._reschedule(client)
@@ -1555,7 +1583,7 @@ class Server:
                 client.disconnect("refused by the server")
                 return
             if inspect.isawaitable(result):
-                client._run_hook("on_connect", result, frames)
+                client._run_hook("on_connect", result, frames, 0)
                 return
             if client._core.state is not _OPEN:
                 return  # refused by the hook: nothing it sent is dispatched
@@ -1691,13 +1719,16 @@ class Server:
             task.add_done_callback(self._tasks.discard)
 
 
-async def _guard(name: str, awaitable: Awaitable[Any]) -> None:
+async def _guard(name: str, awaitable: Awaitable[Any]) -> bool:
+    """Await a hook; log its failure. Return whether it succeeded."""
     try:
         await awaitable
     except asyncio.CancelledError:
         raise
     except Exception:
         logger.exception("%s hook failed", name)
+        return False
+    return True
 
 
 def _resolution(config: ServerConfig) -> float:
