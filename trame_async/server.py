@@ -1241,7 +1241,7 @@ class Server:
         status = self._join_refusal(client, name, presence)
         if status is not None:
             raise GroupRefused(status, _STATUS_TEXT[status])
-        return self._admit(client, 0, name, presence, last_values)
+        return self._admit_member(client, 0, name, presence, last_values)
 
     def leave(self, client: RemoteClient, group: str) -> bool:
         """Take ``client`` out of ``group``; return whether it was in (it is told, as after its
@@ -1302,7 +1302,7 @@ class Server:
                 return False
             hook = self.on_join
             if hook is None:
-                self._admit(sender, rid, name, presence, None)
+                self._admit_member(sender, rid, name, presence, None)
                 return False
             try:
                 verdict = hook(sender, name)
@@ -1313,7 +1313,8 @@ class Server:
                 sender._run_hook(
                     "on_join",
                     self._join_later(sender, rid, name, presence, verdict),
-                    frames[rest:],
+                    frames,
+                    rest,
                 )
                 return True
             self._decide(sender, rid, name, presence, verdict)
@@ -1368,9 +1369,9 @@ class Server:
         self, client: RemoteClient, rid: int, name: str, presence: bool, verdict: Any
     ) -> None:
         if verdict is None or verdict is True:
-            self._admit(client, rid, name, presence, None)
+            self._admit_member(client, rid, name, presence, None)
         elif isinstance(verdict, Accept):
-            self._admit(client, rid, name, presence, verdict.last_values)
+            self._admit_member(client, rid, name, presence, verdict.last_values)
         else:
             if isinstance(verdict, Refuse):
                 reason = verdict.reason
@@ -1391,7 +1392,7 @@ class Server:
         why = self._groups.refusal(len(client._groups), name, presence)
         return None if why is None else GroupStatus[why]
 
-    def _admit(
+    def _admit_member(
         self, client: RemoteClient, rid: int, name: str, presence: bool, last_values: bool | None
     ) -> int:
         """Add a client to a group: the OK REPLY, then the last values, then live frames (all
