@@ -571,8 +571,9 @@ def test_register_duplicate_code_refused() -> None:
 
 @pytest.mark.parametrize("code", ["INT", "FLT", "BOL", "STR", "BYT", "POS"])
 def test_register_builtin_code_refused(code: str) -> None:
+    fmt = "<hh" if code == "INT" else "<q"  # INT is "<q": registering it again would be a no-op
     with pytest.raises(RegistrationError, match="already registered"):
-        Registry().register(code, "<q")
+        Registry().register(code, fmt)
 
 
 @pytest.mark.parametrize(
@@ -727,8 +728,41 @@ def test_global_register_and_registered(global_code: str) -> None:
     message, fmt = encode(global_code, (1, -1))
     assert fmt == "<hh"
     assert decode(message) == (trame, (1, -1))
+    # The same registration again (a re-run notebook cell) is a no-op; another format is not.
+    assert trame_async.register(global_code, "<hh") is trame
     with pytest.raises(RegistrationError, match="already registered"):
-        trame_async.register(global_code, "<hh")
+        trame_async.register(global_code, "<hH")
+
+
+def test_registering_the_same_class_again_rebinds_it(global_code: str) -> None:
+    """A reloaded module defines its NamedTuple again: the new class decodes from then on."""
+    first = None
+    for _ in range(2):
+
+        @trame_async.register(global_code, "<ff")
+        class Velocity(NamedTuple):
+            dx: float
+            dy: float
+
+        first = first or Velocity
+    assert Velocity is not first
+    assert type(decode(encode(global_code, Velocity(1.0, 2.0))[0])[1]) is Velocity
+
+    class Other(NamedTuple):
+        dx: float
+        dy: float
+
+    with pytest.raises(RegistrationError, match="already"):
+        trame_async.register(global_code, "<ff", Other)
+
+
+def test_a_value_that_does_not_fit_names_the_trame_its_fields_and_what_was_given() -> None:
+    with pytest.raises(ValueMismatchError) as info:
+        encode(POS, 1.0)
+    assert "'POS'" in str(info.value) and "2 items (x, y)" in str(info.value)
+    assert "got a single float" in str(info.value) and "partial" not in str(info.value)
+    with pytest.raises(ValueMismatchError, match=r"2 items \(x, y\), got 3"):
+        encode(POS, (1.0, 2.0, 3.0))
 
 
 def test_global_register_as_decorator(global_code: str) -> None:

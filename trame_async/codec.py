@@ -276,9 +276,13 @@ class Trame(str):
                 f"cls of trame {self.code!r} must be a class, not {value_cls!r}"
             )
         if self.cls is not None:
-            raise RegistrationError(
-                f"trame {self.code!r} already has cls {self.cls.__name__}; register it once"
-            )
+            if not _same_class(self.cls, value_cls):
+                raise RegistrationError(
+                    f"trame {self.code!r} already has cls {self.cls.__qualname__}, not "
+                    f"{value_cls.__qualname__}; register each code with one class"
+                )
+            # The same class defined again (a re-run notebook cell, a reloaded module): rebind.
+            self.cls = None
         if self._variable:
             if value_cls not in (str, bytes):
                 raise RegistrationError(
@@ -324,7 +328,20 @@ class Trame(str):
     # --- values ---------------------------------------------------------------------------------
 
     def _mismatch(self, value: object, err: BaseException) -> ValueMismatchError:
-        return ValueMismatchError(self.code, self.fmt, value, str(err) or type(err).__name__)
+        return ValueMismatchError(self.code, self.fmt, value, self._wanted(value, err))
+
+    def _wanted(self, value: object, err: BaseException) -> str:
+        """Say what the trame takes and what was given, in its own terms (not struct's)."""
+        n = self._items
+        fields = _field_names(self.cls)
+        want = f"{n} item{'' if n == 1 else 's'}"
+        if fields:
+            want += f" ({', '.join(fields)})"
+        if n > 1 and not isinstance(value, (tuple, list)):
+            return f"it takes {want}, got a single {type(value).__name__}"
+        if isinstance(value, (tuple, list)) and n > 1 and len(value) != n:
+            return f"it takes {want}, got {len(value)}"
+        return f"it takes {want}: {str(err) or type(err).__name__}"
 
     def _variable_bytes(self, value: object) -> bytes:
         if self._text:
@@ -752,13 +769,22 @@ class Registry:
                 ``*`` other than in ``"<*s"``, a value too large for any frame).
         """
         raw = _check_code(code)
+        normalized = _normalize_format(code, fmt)
         if raw in self._by_code:
             have = self._by_code[raw]
+            if have.fmt == normalized and (cls is None or _same_class(have.cls, cls)):
+                # The same registration again (a re-run cell, a reloaded module): a no-op, but
+                # the newest definition of the class decodes from now on.
+                if cls is not None and cls is not have.cls:
+                    have._bind(cls)
+                return have
+            held = f" and class {have.cls.__qualname__}" if have.cls is not None else ""
             raise RegistrationError(
-                f"trame code {code!r} is already registered with format {have.fmt!r}; "
-                f"pick another code"
+                f"trame code {code!r} is already registered with format {have.fmt!r}{held}; "
+                f"registering it again with another format or class would change what the "
+                f"frames mean: pick another code"
             )
-        trame = Trame(code, _normalize_format(code, fmt))
+        trame = Trame(code, normalized)
         if trame.size is not None:
             # The largest frame of the type is its RELAY; the length field must hold it.
             room = MAX_LENGTH - 1 - RELAY_OVERHEAD - len(trame.head)
@@ -1086,6 +1112,26 @@ POS: Final = _builtin("POS", "<dd", Position)
 #: The registry used by default by :func:`register`, :func:`encode`, :func:`decode`, servers and
 #: clients.
 REGISTRY: Final = Registry()
+
+
+def _same_class(a: type[Any] | None, b: type[Any] | None) -> bool:
+    """Whether two classes are one definition (the same object, or one defined again)."""
+    if a is None or b is None:
+        return a is b
+    return a is b or (
+        a.__module__ == b.__module__
+        and a.__qualname__ == b.__qualname__
+        and _field_names(a) == _field_names(b)
+    )
+
+
+def _field_names(cls: type[Any] | None) -> tuple[str, ...] | None:
+    if cls is None:
+        return None
+    if dataclasses.is_dataclass(cls):
+        return tuple(f.name for f in dataclasses.fields(cls))
+    fields = getattr(cls, "_fields", None)
+    return tuple(fields) if isinstance(fields, tuple) else None
 
 
 def register(code: str, fmt: str, cls: type[Any] | None = None) -> Trame:
