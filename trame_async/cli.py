@@ -20,12 +20,11 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from . import __version__
+from .client import TOKEN_ENV
 from .netutil import get_host_ip
 from .server import ServerConfig, start_server
 
 __all__ = ["main"]
-
-TOKEN_ENV = "TRAME_TOKEN"
 
 logger = logging.getLogger("trame_async.cli")
 

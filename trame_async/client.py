@@ -20,6 +20,7 @@ import collections
 import contextlib
 import inspect
 import logging
+import os
 import random
 import socket
 import ssl as _ssl
@@ -52,6 +53,9 @@ from .wire import (
     check_group_name,
     group_multicast,
 )
+
+#: The environment variable holding the shared secret, for connect() and trame-serve alike.
+TOKEN_ENV: Final = "TRAME_TOKEN"
 
 __all__ = [
     "DEFAULT_MAX_QUEUE_BYTES",
@@ -357,6 +361,8 @@ class Client:
             )
         if queue_policy not in _POLICIES:
             raise ValueError(f"queue_policy must be one of {', '.join(_POLICIES)}")
+        #: Whether connect() was given a token (for the message of an AuthenticationError).
+        self._token_given = False
         self.host = host
         self.port = port
         self.registry = registry
@@ -1100,8 +1106,15 @@ class Client:
         detail = core.close_detail
         if exc is not None and reason is DisconnectReason.CONNECTION_LOST:
             detail = f"{detail}: {exc}"
-        cls = AuthenticationError if reason is DisconnectReason.AUTH_FAILED else ConnectionClosed
-        return cls(reason, detail, error_code=core.error_code, retry_after=core.retry_after)
+        if reason is DisconnectReason.AUTH_FAILED:
+            auth = AuthenticationError(
+                reason, detail, error_code=core.error_code, retry_after=core.retry_after
+            )
+            auth.token_given = bool(self._token_given)
+            return auth
+        return ConnectionClosed(
+            reason, detail, error_code=core.error_code, retry_after=core.retry_after
+        )
 
     def _lost(self, proto: _ClientProtocol, error: ConnectionClosed) -> None:
         if proto is not self._proto or self._down is not None:
@@ -1485,6 +1498,9 @@ class connect:
     ) -> None:
         _check_on_message(on_message)  # before any connection is made
         _check_callback(on_presence, "on_presence", "await client.next_presence()")
+        if token is None:
+            # As trame-serve does: the shared secret from the environment, never a command line.
+            token = os.environ.get(TOKEN_ENV) or None
         self._client = Client(
             host,
             port,
@@ -1500,6 +1516,7 @@ class connect:
         self._client.on_reconnect = on_reconnect
         self._client.on_message = on_message
         self._client.on_presence = on_presence
+        self._client._token_given = bool(token)
         self._kwargs: dict[str, Any] = {
             "local_addr": local_addr,
             "ssl": ssl,

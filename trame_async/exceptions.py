@@ -334,17 +334,32 @@ class ConnectionClosed(TrameError):
 
     def __str__(self) -> str:
         text = f"connection closed: {self.reason}"
-        if self.peer_error_code is not None:
-            text += f" (peer error {self.peer_error_code.name})"
+        code = self.peer_error_code
         if self.detail:
             text += f": {self.detail}"
+            if code is not None and code.name not in self.detail:
+                text += f" (peer error {code.name})"
+        elif code is not None:
+            text += f" (peer error {code.name})"
         if self.retry_after is not None:
             text += f"; the server asks to retry after {self.retry_after:g} s"
         return text
 
 
 class AuthenticationError(ConnectionClosed):
-    """The server refused the authentication token."""
+    """The server refused the authentication token (``token_given`` says whether one was sent)."""
+
+    #: Whether this client sent a token at all.
+    token_given: bool = True
+
+    def __str__(self) -> str:
+        if self.token_given:
+            what = "the server refused this client's token (AUTH_FAILED)"
+            fix = "pass the server's token as connect(..., token=...) or in TRAME_TOKEN"
+        else:
+            what = "the server requires a token and this client sent none (AUTH_FAILED)"
+            fix = "pass it as connect(..., token=...) or set TRAME_TOKEN"
+        return f"{what}: {fix}"
 
 
 #: What to do about each refusal, for GroupRefused's message.

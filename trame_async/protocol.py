@@ -239,9 +239,10 @@ class _Core:
         reason = DisconnectReason.ERROR_RECEIVED
         if code is not None:
             reason = _REASON_FOR_ERROR.get(code, reason)
-        self._close(
-            reason, f"peer sent error {code.name if code else err.code}: {err.reason}{broken}"
-        )
+        name = code.name if code else str(err.code)
+        # The server's text, unless it only repeats the code ("auth failed" for AUTH_FAILED).
+        said = "" if err.reason.replace(" ", "_").upper() == name else f": {err.reason}"
+        self._close(reason, f"peer sent error {name}{said}{broken}")
 
     def _peer_goodbye(self, body: memoryview) -> None:
         bye, broken = _salvage(Goodbye, body)  # never answered either

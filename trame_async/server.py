@@ -22,7 +22,7 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal, cast
 
@@ -1017,21 +1017,27 @@ class Server:
 
     # --- multicast ------------------------------------------------------------------------------
 
-    def multicast(self, trame: TrameLike, value: Any, group: str | None = None) -> None:
+    def multicast(self, trame: TrameLike, value: Any, group: str | None = None) -> _Done:
         """Send a server-originated multicast (sender 0) to every connected client, or to the
-        members of ``group`` (nothing when it has none). Encoded once; does not await."""
+        members of ``group`` (nothing when it has none). Encoded once.
+
+        It never waits: the frames are queued before it returns. It returns an awaitable that
+        is already done, so ``await server.multicast(...)`` works too, as
+        ``await client.multicast(...)`` does.
+        """
         relay = self.registry.encode(trame, value, _RELAY)
         if group is None:
             self.fanout(relay)
-            return
+            return _DONE
         target = self._groups.by_name.get(group)
         if target is None:
-            return
+            return _DONE
         # RELAY: length | kind | sender | body  ->  GROUP_RELAY: length | kind | sender | gid | body
         frame = GROUP_HEAD.pack(len(relay), _GROUP_RELAY, 0, target.id) + relay[9:]
         self.fanout(frame, to=target.members)
         if target.last is not None:
             self._groups.keep_last(target, 0, frame[13:16], frame)
+        return _DONE
 
     def fanout(
         self,
@@ -1718,6 +1724,23 @@ class Server:
             task = self._loop.create_task(_guard(name, result))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+
+class _Done:
+    """What :meth:`Server.multicast` returns: done already, and awaitable for symmetry with
+    ``Client.multicast`` (awaiting it does not yield to the loop)."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return
+        yield  # a generator that ends at once
+
+    def __repr__(self) -> str:
+        return "<multicast queued>"
+
+
+_DONE: Final = _Done()
 
 
 async def _guard(name: str, awaitable: Awaitable[Any]) -> bool:
