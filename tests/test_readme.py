@@ -241,7 +241,7 @@ def test_server_command_works_in_a_fresh_virtualenv(tmp_path: Path) -> None:
     server = Proc([trame_serve, "--host", "127.0.0.1", "--port", "0"], cwd=tmp_path, env=env)
     try:
         line = server.wait_line("listening on")
-        assert re.match(r"listening on 127\.0\.0\.1:\d+ ", line), line
+        assert re.fullmatch(r"listening on 127\.0\.0\.1:\d+", line.strip()), line
         server.interrupt()  # Ctrl+C
         assert server.wait() == 0, server.describe()
     finally:

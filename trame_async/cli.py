@@ -17,7 +17,7 @@ import signal
 import ssl
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 from . import __version__
 from .client import TOKEN_ENV
@@ -29,17 +29,49 @@ __all__ = ["main"]
 logger = logging.getLogger("trame_async.cli")
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """An argument parser whose errors are one line naming the option, exit status 2.
+
+    argparse's own prints the whole usage first: with this many options, a screenful that hides
+    the one line that matters.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``prog: message`` and a pointer to --help on stderr, then exit with status 2."""
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _is_off(text: str) -> bool:
     """Whether an option's value disables it: ``off``, ``none`` or ``0``."""
     return text.lower() in ("none", "off", "0")
 
 
 def _seconds(text: str) -> float | None:
-    if _is_off(text):
+    if text.lower() in ("none", "off"):
         return None
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a number of seconds: {text!r} (e.g. 5, 0.5, or 'off')"
+        ) from None
+    if value == 0:
+        # Zero used to mean 'off' silently: say it, so that nobody switches a limit off by mistake.
+        raise argparse.ArgumentTypeError("0 is not a duration: write 'off' to disable it")
     if not value > 0:
         raise argparse.ArgumentTypeError("must be a positive number of seconds (or 'off')")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"{value} is not a TCP port: use 1 to 65535, or 0 to let the OS choose"
+        )
     return value
 
 
@@ -84,7 +116,7 @@ def _count_or_off(text: str) -> int | None:
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of ``trame-serve`` (every option documented)."""
     d = ServerConfig()
-    p = argparse.ArgumentParser(
+    p = OneLineErrors(
         prog="trame-serve",
         description=(
             "Run a trame_async relay: every client's multicast reaches every connected client. "
@@ -94,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"trame-serve {__version__}")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all IPv4)")
-    p.add_argument("--port", type=int, default=8765, help="TCP port; 0 lets the OS choose")
+    p.add_argument("--port", type=_port, default=8765, help="TCP port; 0 lets the OS choose")
     p.add_argument(
         "--heartbeat-interval",
         type=_seconds,
@@ -132,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     sec = p.add_argument_group("limits and security")
     sec.add_argument(
         "--token",
-        default=None,
+        default=argparse.SUPPRESS,  # its default is the environment's, said in the help
         help=f"shared secret clients must present (default: ${TOKEN_ENV} if set); never logged",
     )
     sec.add_argument(
@@ -362,20 +394,37 @@ def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None
     return factory
 
 
-def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+def _tls_context(
+    args: argparse.Namespace, parser: argparse.ArgumentParser
+) -> ssl.SSLContext | None:
     if not args.tls_cert and not args.tls_key:
         if args.tls_client_ca:
-            raise SystemExit("trame-serve: --tls-client-ca needs --tls-cert and --tls-key")
+            parser.error("--tls-client-ca needs --tls-cert and --tls-key")
         return None
     if not (args.tls_cert and args.tls_key):
-        raise SystemExit("trame-serve: give both --tls-cert and --tls-key")
+        parser.error("give both --tls-cert and --tls-key")
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(args.tls_cert, args.tls_key)
+    try:
+        ctx.load_cert_chain(args.tls_cert, args.tls_key)
+    except (OSError, ssl.SSLError) as err:
+        parser.error(
+            f"--tls-cert {args.tls_cert} / --tls-key {args.tls_key}: {_why(err)} (PEM files "
+            f"of the certificate chain and its private key)"
+        )
     if args.tls_client_ca:
-        ctx.load_verify_locations(args.tls_client_ca)
+        try:
+            ctx.load_verify_locations(args.tls_client_ca)
+        except (OSError, ssl.SSLError) as err:
+            parser.error(f"--tls-client-ca {args.tls_client_ca}: {_why(err)}")
         ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
+
+
+def _why(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        return f"{err.strerror}" + (f": {err.filename}" if err.filename else "")
+    return str(err) or type(err).__name__
 
 
 def _frame_limits(args: argparse.Namespace) -> tuple[int, int]:
@@ -463,6 +512,13 @@ def _config(
         parser.error(_option_names(str(err)))
 
 
+def _start_logging(args: argparse.Namespace) -> None:
+    logging.basicConfig(
+        level=getattr(logging, args.log_level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
 def _loop_name(loop: asyncio.AbstractEventLoop) -> str:
     cls = type(loop)
     return f"{cls.__module__}.{cls.__qualname__}"
@@ -470,7 +526,6 @@ def _loop_name(loop: asyncio.AbstractEventLoop) -> str:
 
 async def _serve(args: argparse.Namespace, config: ServerConfig, tls: ssl.SSLContext | None) -> int:
     loop = asyncio.get_running_loop()
-    logger.info("event loop: %s", _loop_name(loop))
     try:
         server = await start_server(args.host, args.port, config=config, ssl=tls)
     except OSError as err:
@@ -483,7 +538,12 @@ async def _serve(args: argparse.Namespace, config: ServerConfig, tls: ssl.SSLCon
     host = sockname[0]
     shown = f"[{host}]" if ":" in host else host
     scheme = " (TLS)" if tls is not None else ""
-    print(f"listening on {shown}:{sockname[1]}{scheme} lan {get_host_ip()}", flush=True)
+    # The LAN address only where clients on the LAN can reach it: not for a loopback server.
+    lan = "" if _is_loopback(host) else f" lan {get_host_ip()}"
+    print(f"listening on {shown}:{sockname[1]}{scheme}{lan}", flush=True)
+    # Logging starts after the line that says where to connect, so that it comes first.
+    _start_logging(args)
+    logger.info("event loop: %s", _loop_name(loop))
     try:
         await stop.wait()
     finally:
@@ -498,11 +558,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``trame-serve``; return the exit status (0 after a clean shutdown)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
+    given = getattr(args, "token", None)
+    token = given if given is not None else os.environ.get(TOKEN_ENV) or None
     if not token and not args.allow_anonymous and not _is_loopback(args.host):
         print(
             f"trame-serve: refusing to listen on non-loopback address {args.host} without a "
@@ -512,7 +569,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     config = _config(args, parser, token)
-    tls = _tls_context(args)
+    tls = _tls_context(args, parser)
     runner_kwargs: dict[str, Any] = {"loop_factory": _loop_factory(args.loop)}
     with asyncio.Runner(**runner_kwargs) as runner:
         return runner.run(_serve(args, config, tls))

@@ -215,7 +215,7 @@ class _Core:
 
     def connection_lost(self) -> DisconnectReason:
         """Note that the transport ended; return the reason to report (the first cause wins)."""
-        self._close(DisconnectReason.CONNECTION_LOST, "connection lost (EOF or reset)")
+        self._close(DisconnectReason.CONNECTION_LOST, "EOF or reset")
         assert self.close_reason is not None
         return self.close_reason
 
