@@ -7,8 +7,9 @@ Each block is preceded by a marker comment saying how to check it::
     <!-- tutorial: compile -->             a fragment: compile it only
 
 and optionally ``| expect: TEXT`` (repeatable): each TEXT must appear in the program's output.
-Snippets that run their own server use port 8765 in the text and ``server.port`` for their
-clients, so that the test can bind port 0 instead.
+The reader leaves trame-serve running on 8765 (section 2), so snippets that run their own server
+listen on port 0 and give their clients ``server.port``; those that use trame-serve connect to
+``"127.0.0.1", 8765``, which the test points at a trame-serve of its own on a free port.
 """
 
 from __future__ import annotations
@@ -45,6 +46,15 @@ def snippets() -> list[tuple[int, str, list[str], str]]:
 
 
 SNIPPETS = snippets()
+
+
+def test_programs_with_their_own_server_leave_8765_to_trame_serve() -> None:
+    for line, _, _, code in SNIPPETS:
+        own = re.search(r"\b(?:serve|start_server)\(\s*\"[^\"]*\",\s*(\w+)", code)
+        assert own is None or own.group(1) == "0", (
+            f"docs/tutorial.md line {line}: a server of the program's own listens on port 0: "
+            "the reader's trame-serve holds 8765"
+        )
 
 
 def test_every_python_block_is_marked() -> None:
