@@ -74,9 +74,29 @@ def _default_name() -> str:
         return f"user{os.getpid()}"
 
 
+#: On a terminal, what is being typed is kept on its own line under what arrives (readline).
+TTY = sys.stdin.isatty() and sys.stdout.isatty()
+PROMPT = "> "
+#: Set once input() shows its prompt: before that, emit() has no prompt to draw again.
+PROMPTING = threading.Event()
+
+
+def emit(text: str) -> None:
+    """Print a line that arrived; on a terminal, above the line being typed, which stays whole."""
+    if not TTY:
+        print(text, flush=True)
+        return
+    import readline
+
+    # Clear the prompt line, print the text, then draw the prompt and what was typed again.
+    again = f"{PROMPT}{readline.get_line_buffer()}" if PROMPTING.is_set() else ""
+    sys.stdout.write(f"\r\x1b[K{text}\n{again}")
+    sys.stdout.flush()
+
+
 def say(text: str) -> None:
     """Print a notice of the chat itself (``* ...``)."""
-    print(f"* {text}", flush=True)
+    emit(f"* {text}")
 
 
 class AnnouncedBackoff(trame_async.Backoff):
@@ -117,7 +137,20 @@ def read_lines(loop: asyncio.AbstractEventLoop) -> asyncio.Queue[str | None]:
             put(pending)  # a last line without a newline
         put(None)
 
-    threading.Thread(target=pump, name="stdin", daemon=True).start()
+    def pump_tty() -> None:
+        # readline's input(): line editing, and get_line_buffer() for emit() to redraw.
+        import readline  # noqa: F401  (input() uses it once imported)
+
+        while True:
+            PROMPTING.set()
+            try:
+                line = input(PROMPT)
+            except (EOFError, OSError):
+                break
+            put(line)
+        put(None)
+
+    threading.Thread(target=pump_tty if TTY else pump, name="stdin", daemon=True).start()
     return lines
 
 
@@ -194,7 +227,7 @@ class Chat:
                 handle.cancel()
                 say(f"{self._who(message.sender)} joined #{message.group}")
             return
-        print(show(message), flush=True)
+        emit(show(message))
 
     def _joined(self, room: str, client_id: int) -> None:
         handle = self.unnamed.pop((room, client_id), None)

@@ -34,8 +34,9 @@ from collections.abc import AsyncIterator
 import trame_async
 from trame_async import POS, Position
 
-GRID_WIDTH = 41
-GRID_HEIGHT = 15
+GRID_HEIGHT = 17
+# A terminal cell is about twice as tall as it is wide: twice the columns keeps circles round.
+GRID_WIDTH = 2 * (GRID_HEIGHT - 1) + 1
 #: The groups of the zones, ``zone/0``, ``zone/1``, ...: the pattern the server keeps last values of.
 ZONE_GROUPS = "zone/*"
 #: Seconds the late joiner waits for the last values, at most.
@@ -135,10 +136,18 @@ def draw(viewer: Peer, peers: list[Peer]) -> str:
 
 
 async def show_every_second(peers: list[Peer]) -> None:
-    """Draw what the first peer sees, once a second."""
+    """Draw what the first peer sees, once a second: in place on a terminal, else one after the
+    other (a pipe or a log keeps every frame)."""
+    live = sys.stdout.isatty()
+    drawn = 0
     while True:
         await asyncio.sleep(1.0)
-        print(draw(peers[0], peers), flush=True)
+        picture = draw(peers[0], peers)
+        if live and drawn:
+            # Back to the top of the last picture and clear below it (ANSI: no dependency).
+            print(f"\x1b[{drawn}F\x1b[J", end="")
+        print(picture, flush=True)
+        drawn = picture.count("\n") + 1
 
 
 @contextlib.asynccontextmanager
