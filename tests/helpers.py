@@ -6,12 +6,13 @@ Nothing here sleeps to synchronise: waits are on futures, or bounded polls with 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
 import ssl
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -286,3 +287,15 @@ def make_tls(directory: Path) -> TlsFiles:
     for i, pem in enumerate(cert.cert_chain_pems):
         pem.write_to_path(str(files.cert_file), append=i > 0)
     return files
+
+
+@contextlib.asynccontextmanager
+async def running(**options: Any) -> AsyncIterator[trame_async.Server]:
+    """A server on 127.0.0.1, port 0, with ``options`` (ServerConfig fields and hooks); it is
+    closed, and waited for, when the block ends."""
+    server = await trame_async.start_server("127.0.0.1", 0, **options)
+    try:
+        yield server
+    finally:
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), 20)

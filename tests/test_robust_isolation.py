@@ -11,12 +11,13 @@ import asyncio
 import contextlib
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 from conftest import MS
 from helpers import eventually, raw_handshake, read_frame
+from helpers import running as running_server
 from robust_helpers import HELLO, RawConn
 
 import trame_async
@@ -39,15 +40,10 @@ from trame_async.wire import ErrorFrame
 PAD = b"x" * 2000
 
 
-@contextlib.asynccontextmanager
-async def running(**options: Any) -> AsyncIterator[trame_async.Server]:
+def running(**options: Any) -> contextlib.AbstractAsyncContextManager[trame_async.Server]:
+    # Budgets below the default frame limit: bring the frame limit down with them.
     options.setdefault("max_frame_size", 64 << 10)
-    server = await trame_async.start_server("127.0.0.1", 0, **options)
-    try:
-        yield server
-    finally:
-        server.close()
-        await asyncio.wait_for(server.wait_closed(), 20)
+    return running_server(**options)
 
 
 class Rounds:

@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
-from helpers import eventually
+from helpers import eventually, running
 from robust_helpers import RawConn
 
 import trame_async
@@ -29,16 +27,6 @@ from trame_async.wire import (
     Reply,
     group_multicast,
 )
-
-
-@contextlib.asynccontextmanager
-async def running(**options: Any) -> AsyncIterator[trame_async.Server]:
-    server = await trame_async.start_server("127.0.0.1", 0, **options)
-    try:
-        yield server
-    finally:
-        server.close()
-        await asyncio.wait_for(server.wait_closed(), 20)
 
 
 class Peer:

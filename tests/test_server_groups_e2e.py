@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from helpers import eventually
+from helpers import eventually, running
 
 import trame_async
 from trame_async import INT, POS, STR, DisconnectReason, GroupRefused, Position
 from trame_async.codes import GroupStatus
 from trame_async.groups import Refuse
-
-
-@contextlib.asynccontextmanager
-async def running(**options: Any) -> AsyncIterator[trame_async.Server]:
-    server = await trame_async.start_server("127.0.0.1", 0, **options)
-    try:
-        yield server
-    finally:
-        server.close()
-        await asyncio.wait_for(server.wait_closed(), 20)
 
 
 async def clients(
