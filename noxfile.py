@@ -46,7 +46,8 @@ def docs(session: nox.Session) -> None:
 
     Arguments after ``--`` replace ``-d site`` (``nox -s docs -- -d /tmp/site``).
     """
-    session.install("-e", ".[docs]")
+    # ruff lays out the reference's long signatures (mkdocstrings uses it when it is installed).
+    session.install("-e", ".[docs]", "ruff>=0.6")
     # The Material theme prints a banner about MkDocs 2 on every build; it is not a warning.
     env = {"NO_MKDOCS_2_WARNING": "1"}
     session.run("mkdocs", "build", "--strict", *(session.posargs or ["-d", "site"]), env=env)
