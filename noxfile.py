@@ -1,4 +1,4 @@
-"""Sessions: ``nox -s tests`` (the whole suite), ``lint``, ``typecheck``, ``bench``.
+"""Sessions: ``nox -s tests`` (the whole suite), ``lint``, ``typecheck``, ``bench``, ``docs``.
 
 Each session installs what it needs in its own virtualenv; extra arguments after ``--`` go to the
 tool (``nox -s tests -- -k heartbeat``).
@@ -38,3 +38,16 @@ def bench(session: nox.Session) -> None:
     """Run the benchmarks; they print tables (``-- --json out.json`` to save figures)."""
     session.install("-e", ".[uvloop]", "websockets>=13", "psutil>=5.9", "matplotlib>=3.8")
     session.run("python", "bench/run_all.py", *session.posargs)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the docs site into ``site/`` with ``mkdocs build --strict`` (any warning fails).
+
+    Arguments after ``--`` replace ``-d site`` (``nox -s docs -- -d /tmp/site``).
+    """
+    # ruff lays out the reference's long signatures (mkdocstrings uses it when it is installed).
+    session.install("-e", ".[docs]", "ruff>=0.6")
+    # The Material theme prints a banner about MkDocs 2 on every build; it is not a warning.
+    env = {"NO_MKDOCS_2_WARNING": "1"}
+    session.run("mkdocs", "build", "--strict", *(session.posargs or ["-d", "site"]), env=env)

@@ -1418,7 +1418,8 @@ class connect:
     """Open a connection: ``client = await connect(...)`` or ``async with connect(...) as client``.
 
     Args:
-        host, port: The server's address.
+        host: The server's host name or IP address.
+        port: The server's TCP port.
         local_addr: ``(host_ip, port)`` to bind the local end to, as the original
             ``connect(host_ip, port, server_host, server_port)`` did.
         token: Shared secret the server asks for (str or bytes); never logged.
