@@ -76,7 +76,17 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("site")
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(MKDOCS_YML), "-d", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "mkdocs",
+            "build",
+            "--strict",
+            "-f",
+            str(MKDOCS_YML),
+            "-d",
+            str(out),
+        ],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -97,7 +107,9 @@ def test_reference_pages_hold_the_docstrings(site: Path) -> None:
     for module in public_modules() | {"__init__"}:
         name = "trame_async" if module == "__init__" else module
         page = site / "reference" / name / "index.html"
-        module_obj = trame_async if module == "__init__" else sys.modules.get(f"trame_async.{module}")
+        module_obj = (
+            trame_async if module == "__init__" else sys.modules.get(f"trame_async.{module}")
+        )
         if module_obj is None:
             module_obj = __import__(f"trame_async.{module}", fromlist=["_"])
         summary = (inspect.getdoc(module_obj) or "").splitlines()[0]

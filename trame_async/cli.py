@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import dataclasses
 import ipaddress
+import json
 import logging
 import os
 import re
@@ -61,6 +62,14 @@ def _seconds(text: str) -> float | None:
     if not value > 0:
         raise argparse.ArgumentTypeError("must be a positive number of seconds (or 'off')")
     return value
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host = "127.0.0.1"
+    host = host.strip("[]") or "127.0.0.1"
+    return host, _port(port)
 
 
 def _port(text: str) -> int:
@@ -153,6 +162,22 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "asyncio", "uvloop"),
         default="auto",
         help="event loop: uvloop when installed with 'auto'",
+    )
+    p.add_argument(
+        "--metrics",
+        type=_address,
+        default=None,
+        metavar="[HOST:]PORT",
+        help=(
+            "serve Prometheus metrics (/metrics) and a JSON snapshot (/stats.json) on this "
+            "address (a bare port: loopback); needs trame-async[metrics]"
+        ),
+    )
+    p.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="log lines as text, or as one JSON object per line (for log collectors)",
     )
     p.add_argument(
         "--log-level",
@@ -513,10 +538,43 @@ def _config(
 
 
 def _start_logging(args: argparse.Namespace) -> None:
+    if args.log_format == "json":
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonFormatter())
+        logging.basicConfig(level=getattr(logging, args.log_level), handlers=[handler])
+        return
     logging.basicConfig(
         level=getattr(logging, args.log_level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+
+
+#: LogRecord attributes that are not fields a log call added with ``extra=``.
+_RECORD_ATTRS: Final = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
+    "message",
+    "asctime",
+    "taskName",
+}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and the record's ``extra=``
+    fields (``event``, ``client``, ``reason``...), the form log collectors expect."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Return ``record`` as one line of JSON."""
+        entry: dict[str, Any] = {
+            "time": record.created,
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _RECORD_ATTRS and not key.startswith("_"):
+                entry[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
 
 
 def _loop_name(loop: asyncio.AbstractEventLoop) -> str:
@@ -541,7 +599,24 @@ async def _serve(args: argparse.Namespace, config: ServerConfig, tls: ssl.SSLCon
     # The LAN address only where clients on the LAN can reach it: not for a loopback server.
     lan = "" if _is_loopback(host) else f" lan {get_host_ip()}"
     print(f"listening on {shown}:{sockname[1]}{scheme}{lan}", flush=True)
-    # Logging starts after the line that says where to connect, so that it comes first.
+    metrics = None
+    if args.metrics is not None:
+        from .metrics import serve_metrics
+
+        try:
+            metrics = await serve_metrics(server, *args.metrics)
+        except OSError as err:
+            print(
+                f"trame-serve: --metrics {args.metrics[0]}:{args.metrics[1]}: {err}",
+                file=sys.stderr,
+            )
+            server.close()
+            await server.wait_closed()
+            return 1
+        mhost = args.metrics[0]
+        mshown = f"[{mhost}]" if ":" in mhost else mhost
+        print(f"metrics on http://{mshown}:{metrics.port}/metrics", flush=True)
+    # Logging starts after the lines that say where to connect, so that they come first.
     _start_logging(args)
     logger.info("event loop: %s", _loop_name(loop))
     try:
@@ -549,6 +624,9 @@ async def _serve(args: argparse.Namespace, config: ServerConfig, tls: ssl.SSLCon
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        if metrics is not None:
+            metrics.close()
+            await metrics.wait_closed()
         server.close()
         await server.wait_closed()
     return 0
@@ -560,6 +638,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     given = getattr(args, "token", None)
     token = given if given is not None else os.environ.get(TOKEN_ENV) or None
+    metrics_host = args.metrics[0] if args.metrics else None
+    if (
+        metrics_host is not None
+        and not token
+        and not args.allow_anonymous
+        and not _is_loopback(metrics_host)
+    ):
+        parser.error(
+            f"--metrics {metrics_host}: refusing to show who is connected on a non-loopback "
+            f"address without a token; set --token (or ${TOKEN_ENV}) or --allow-anonymous"
+        )
     if not token and not args.allow_anonymous and not _is_loopback(args.host):
         print(
             f"trame-serve: refusing to listen on non-loopback address {args.host} without a "

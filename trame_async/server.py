@@ -68,6 +68,9 @@ _GROUP_RELAY: Final = int(Kind.GROUP_RELAY)
 _JOIN: Final = int(Kind.JOIN)
 _LEAVE: Final = int(Kind.LEAVE)
 _U32: Final = SENDER.unpack_from
+_DATA_KINDS: Final = frozenset((int(Kind.MULTICAST), int(Kind.DATA), int(Kind.GROUP_MULTICAST)))
+#: Trame codes counted apart by the metrics (the rest is "other": bounded label cardinality).
+_MAX_TRAME_CODES: Final = 64
 
 if sys.platform == "linux":
     import fcntl
@@ -327,7 +330,9 @@ class RemoteClient(asyncio.Protocol):
         "_transport",
         "_was_open",
         "address",
+        "bytes_in",
         "connected_since",
+        "frames_in",
         "id",
         "outbox",
     )
@@ -337,6 +342,9 @@ class RemoteClient(asyncio.Protocol):
         self.id = client_id
         self.address: Any = None
         self.connected_since = time.time()
+        #: MULTICAST/DATA/group frames and bytes received from this client (counted per read).
+        self.frames_in = 0
+        self.bytes_in = 0
         self._transport: asyncio.Transport | None = None
         # Built at the accept (before any TLS handshake): handshake_timeout counts from here.
         self._core = ServerCore(client_id, server._limits, server._loop.time(), server.registry)
@@ -426,8 +434,12 @@ class RemoteClient(asyncio.Protocol):
             was_open = core.state is _OPEN
             server = self._server
             frames = core.receive_data(data, server._loop.time())
+            self.bytes_in += len(data)
             if frames:
                 server.frames_in += len(frames)
+                self.frames_in += len(frames)
+                if server.track_trames:
+                    server._count_trames(frames)
             opened = not was_open and core.state is _OPEN
             if opened and not server._admit(self):
                 frames = []  # refused at max_clients: the ERROR replaced the WELCOME
@@ -758,6 +770,12 @@ class Server:
         self._total_low = self._total_limit // 2
         self._over_total = False
         self._total_handle: asyncio.TimerHandle | None = None
+        #: Clients that completed their handshake since the start.
+        self.connects = 0
+        #: Frames and bytes received per trame code, while :attr:`track_trames` (the metrics
+        #: endpoint turns it on): at most 64 codes, the rest under "other".
+        self.trames_in: dict[str, list[int]] = {}
+        self.track_trames = False
         #: Times the server-wide budget was passed (publishers paused) since the start.
         self.budget_pauses = 0
         #: Clients shed (cut, or emptied under the drop policies) for the server-wide budget.
@@ -1106,7 +1124,12 @@ class Server:
         core = client._core
         if core.closed:
             return
-        logger.warning("client %d is a slow consumer, cutting it: %s", client.id, detail)
+        logger.warning(
+            "client %d is a slow consumer, cutting it: %s",
+            client.id,
+            detail,
+            extra={"event": "slow-consumer", "client": client.id, "action": "cut"},
+        )
         core.refuse(ErrorCode.SLOW_CONSUMER, DisconnectReason.SLOW_CONSUMER, detail)
         core.outgoing.clear()  # it would sit behind the backlog that caused the cut
         client.outbox.clear()
@@ -1461,6 +1484,23 @@ class Server:
             return True
         return False
 
+    def _count_trames(self, frames: list[memoryview]) -> None:
+        """Count frames and bytes per trame code (metrics only: one dict update per frame)."""
+        table = self.trames_in
+        for frame in frames:
+            kind = frame[0]
+            at = 5 if kind == _GROUP_MULTICAST else 1
+            if kind not in _DATA_KINDS or len(frame) < at + 3:
+                continue
+            code = bytes(frame[at : at + 3]).decode("ascii", "replace")
+            entry = table.get(code)
+            if entry is None:
+                if len(table) >= _MAX_TRAME_CODES:
+                    code = "other"
+                entry = table.setdefault(code, [0, 0])
+            entry[0] += 1
+            entry[1] += len(frame) + 4
+
     def _mark_dirty(self, client: RemoteClient) -> None:
         self._dirty.append(client)
         if self._flush_handle is None:
@@ -1503,7 +1543,12 @@ class Server:
                 if policy == "disconnect":
                     self._cut(client, detail)
                 else:
-                    logger.warning("client %d: dropping its backlog: %s", client.id, detail)
+                    logger.warning(
+                        "client %d: dropping its backlog: %s",
+                        client.id,
+                        detail,
+                        extra={"event": "slow-consumer", "client": client.id, "action": "shed"},
+                    )
                     client.outbox.shed()
         self._total_ok()
 
@@ -1576,9 +1621,16 @@ class Server:
     def _opened(self, client: RemoteClient, frames: list[memoryview]) -> None:
         """A client completed its HELLO: run ``on_connect``, then dispatch its first frames."""
         client._was_open = True
+        self.connects += 1
         self._open[client.id] = client
         self._reschedule(client)
-        logger.info("client %d connected from %s", client.id, _format_address(client.address))
+        address = _format_address(client.address)
+        logger.info(
+            "client %d connected from %s",
+            client.id,
+            address,
+            extra={"event": "connect", "client": client.id, "address": address},
+        )
         hook = self.on_connect
         if hook is not None:
             try:
@@ -1631,7 +1683,16 @@ class Server:
             detail = f"{detail}: {exc}"
         if opened:
             logger.info(
-                "client %d disconnected: %s%s", client.id, reason, f" ({detail})" if detail else ""
+                "client %d disconnected: %s%s",
+                client.id,
+                reason,
+                f" ({detail})" if detail else "",
+                extra={
+                    "event": "disconnect",
+                    "client": client.id,
+                    "reason": str(reason),
+                    "detail": detail,
+                },
             )
             if self.on_disconnect is not None:
                 self._call_hook("on_disconnect", self.on_disconnect, client, reason)
@@ -1641,6 +1702,7 @@ class Server:
                 _format_address(client.address),
                 reason,
                 detail,
+                extra={"event": "refused", "reason": str(reason), "detail": detail},
             )
 
     def _congested(self, client: RemoteClient, congested: bool) -> None:
