@@ -119,7 +119,8 @@ def render(
             return float(client["rtt"]) if client["rtt"] is not None else -1.0
         if sort == "queue":
             return float(client["queued_bytes"])
-        return per.get(client["id"], (0.0, 0.0))[0]
+        rate: float = per.get(client["id"], (0.0, 0.0))[0]
+        return rate
 
     for client in sorted(current.get("clients", []), key=key, reverse=True)[:limit]:
         rate_in, rate_out = per.get(client["id"], (0.0, 0.0))
