@@ -74,6 +74,7 @@ async def test_metrics_and_stats_json_report_what_happened() -> None:
             with pytest.raises(urllib.error.HTTPError) as info:
                 await get(metrics.port, "/nowhere")
             assert info.value.code == 404
+            info.value.close()  # it holds the response: close its socket now, not at GC
         finally:
             metrics.close()
             await metrics.wait_closed()
