@@ -24,9 +24,9 @@ import os
 import random
 import socket
 import ssl as _ssl
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal, NamedTuple, cast
+from typing import Any, Final, Literal, NamedTuple, TypeAlias, cast
 
 from .codec import REGISTRY, Message, Registry, TrameLike
 from .codes import DisconnectReason, GroupOp, GroupStatus, PresenceEvent
@@ -97,6 +97,104 @@ _PASS_CERT: Final = (
     "signed by a CA the server trusts"
 )
 
+#: What connect()'s first argument takes: one address (``"host"``, ``"host:port"``,
+#: ``"[v6]:port"``, a ``(host, port)`` pair), a comma-separated string of them, or a sequence.
+Addresses: TypeAlias = "str | tuple[str, int] | Sequence[str | tuple[str, int]]"
+
+
+def _parse_address(text: str, default_port: int) -> tuple[str, int]:
+    """Return ``(host, port)`` from ``"host"``, ``"host:port"``, ``"[v6]"`` or ``"[v6]:port"``.
+
+    A string with more than one colon and no brackets is a bare IPv6 address (``"::1"``): it
+    takes ``default_port``, as ``connect("::1", 8765)`` always did.
+    """
+    item = text.strip()
+    port_text: str | None = None
+    if item.startswith("["):
+        end = item.find("]")
+        rest = item[end + 1 :]
+        if end < 0 or (rest and not rest.startswith(":")):
+            raise ValueError(f"bad address {text!r}: an IPv6 address in brackets is [addr]:port")
+        host = item[1:end]
+        port_text = rest[1:] if rest else None
+    elif item.count(":") == 1:
+        host, port_text = item.split(":")
+    else:
+        host = item
+    if not host:
+        raise ValueError(f"bad address {text!r}: no host (write host:port, or [IPv6]:port)")
+    if port_text is None:
+        return host, default_port
+    if not (port_text.isascii() and port_text.isdigit() and 1 <= int(port_text) <= 65535):
+        raise ValueError(f"bad address {text!r}: the port must be a number from 1 to 65535")
+    return host, int(port_text)
+
+
+def _parse_addresses(host: Addresses, port: int) -> tuple[tuple[str, int], ...]:
+    """Return the addresses ``connect(host, port)`` names, in order, without repeats."""
+    items: list[Any]
+    if isinstance(host, str):
+        items = host.split(",")  # no host name or IP literal holds a comma: never ambiguous
+    elif isinstance(host, tuple) and len(host) == 2 and isinstance(host[1], int):
+        items = [host]  # one (host, port) pair
+    elif isinstance(host, Sequence):
+        items = list(host)
+    else:
+        raise TypeError(f"host must be a str or a sequence of addresses, not {type(host).__name__}")
+    addresses: dict[tuple[str, int], None] = {}
+    for item in items:
+        if isinstance(item, str):
+            if "," in item and not isinstance(host, str):
+                raise ValueError(f"bad address {item!r}: one address per item of the sequence")
+            address = _parse_address(item, port)
+        elif (
+            isinstance(item, tuple | list)
+            and len(item) == 2
+            and isinstance(item[0], str)
+            and isinstance(item[1], int)
+            and not isinstance(item[1], bool)
+        ):
+            address = (item[0], item[1])
+        else:
+            raise TypeError(
+                f"bad address {item!r}: each address is a 'host', 'host:port' or '[IPv6]:port' "
+                "string, or a (host, port) pair"
+            )
+        addresses.setdefault(address)
+    if not addresses:
+        raise ValueError("connect() needs at least one server address")
+    return tuple(addresses)
+
+
+class _EveryAddressFailed(ConnectError):
+    """No address of several answered: :attr:`errors` says why each failed, in the order tried.
+
+    A :class:`~trame_async.ConnectError` (``host`` and ``port`` are the first address tried).
+    """
+
+    def __init__(self, errors: list[tuple[tuple[str, int], Exception]]) -> None:
+        hints = {err.hint for _, err in errors if isinstance(err, ConnectError)}
+        (host, port), _ = errors[0]
+        self.errors = errors
+        detail = "; ".join(f"{h}:{p}: {_why(err)}" for (h, p), err in errors)
+        super().__init__(host, port, detail, hint=hints.pop() if len(hints) == 1 else None)
+
+    def __str__(self) -> str:
+        return (
+            f"cannot connect to any of the {len(self.errors)} addresses ({self.detail}); "
+            f"{self.hint}"
+        )
+
+
+def _show(addresses: Sequence[tuple[str, int]]) -> str:
+    """Return addresses as ``host:port`` (``[v6]:port``) strings, comma-separated."""
+    return ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in addresses)
+
+
+def _why(err: Exception) -> str:
+    """Return why one address failed, for the message of :class:`_EveryAddressFailed`."""
+    return err.detail if isinstance(err, ConnectError) else str(err)
+
 
 class Presence(NamedTuple):
     """Another member joined or left a group this client joined with ``presence=True``.
@@ -121,7 +219,8 @@ class Backoff:
 
     Attempt ``n`` waits ``uniform(0, min(maximum, initial * factor**n))``, so a crowd of clients that
     lost the same server spreads its attempts instead of storming back at once. A retry-after hint
-    from the server's GOODBYE is waited first.
+    from the server's GOODBYE is waited first. With several addresses, attempt ``n`` is round ``n``
+    through them, and a hint holds back only the address of the server that gave it.
     """
 
     initial: float = 0.5
@@ -336,7 +435,10 @@ class Client:
     """A connection to a trame_async server. Get one from :func:`connect`.
 
     Attributes:
-        host, port: The server's address as given to :func:`connect`.
+        host, port: The address of the server this client is connected to: one of
+            :attr:`addresses`; while a reconnect is under way, the last one that answered.
+        addresses: Every server address given to :func:`connect`, in the order they are tried
+            (shuffled once at connect() unless ``shuffle=False``).
         dropped: Messages dropped by the receive queue's policy (``drop-oldest``/``keep-latest``).
     """
 
@@ -365,6 +467,9 @@ class Client:
         self._token_given = False
         self.host = host
         self.port = port
+        self.addresses: tuple[tuple[str, int], ...] = ((host, port),)
+        # Index in addresses of the one connected (or last connected): a reconnect starts after it.
+        self._index = 0
         self.registry = registry
         self.max_queue = max_queue
         self.max_queue_bytes = max_queue_bytes
@@ -495,6 +600,15 @@ class Client:
     def server_settings(self) -> Any:
         """The WELCOME the server sent: heartbeat interval/timeout and max frame size."""
         return self._proto.core.welcome if self._proto is not None else None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The ``(host, port)`` of the server connected to now, one of :attr:`addresses`.
+
+        While a reconnect is under way, the last one that answered (the one lost, until another
+        completes its handshake).
+        """
+        return self.host, self.port
 
     @property
     def local_address(self) -> Any:
@@ -1131,7 +1245,7 @@ class Client:
             logger.info("connection to %s:%d lost (%s); reconnecting", self.host, self.port, error)
             self._notify(self.on_disconnect, error)
             self._reconnect_task = asyncio.get_running_loop().create_task(
-                self._reconnect_loop(error.retry_after)
+                self._reconnect_loop(error)
             )
             return
         self._fail(error)
@@ -1165,41 +1279,93 @@ class Client:
         except Exception:
             logger.exception("client hook failed")
 
-    async def _reconnect_loop(self, retry_after: float | None) -> None:
+    async def _open_first(self, kwargs: dict[str, Any]) -> None:
+        """Make the first connection: try each address in order until one answers.
+
+        With one address its error is raised as it is; with several, a failure moves on to the
+        next address, and when none answered one :class:`~trame_async.ConnectError` lists them
+        all. A refusal that every server would repeat (a refused token) is raised at once.
+        """
+        addresses = self.addresses
+        if len(addresses) == 1:
+            await self._connect(*addresses[0], **kwargs)
+            return
+        errors: list[tuple[tuple[str, int], Exception]] = []
+        for index, address in enumerate(addresses):
+            try:
+                await self._connect(*address, **kwargs)
+            except ConnectionClosed as err:
+                if err.reason in _FATAL:
+                    raise
+                errors.append((address, err))
+            except ConnectError as err:
+                errors.append((address, err))
+            else:
+                self._index = index
+                return
+            logger.debug("could not connect to %s:%d: %s", *address, errors[-1][1])
+        raise _EveryAddressFailed(errors)
+
+    async def _reconnect_loop(self, lost: ConnectionClosed) -> None:
+        """Connect again, going through the addresses from the one after the one lost.
+
+        A round tries every address once, in order, with no wait between them; the backoff's
+        full-jitter delay comes before each round. An address whose server asked to retry after
+        some time (a shutdown GOODBYE, a refusal at the handshake) is left out of the rounds
+        until then; when every address waits so, the round waits for the first of them.
+        """
         backoff = self._reconnect
         assert backoff is not None
+        loop = asyncio.get_running_loop()
+        addresses = self.addresses
+        count = len(addresses)
+        # Loop time before which each address is not tried: its server's retry-after hint.
+        not_before = [0.0] * count
+
+        def wait_for_hint(index: int, err: ConnectionClosed) -> None:
+            if err.retry_after is not None and err.retry_after > 0:
+                not_before[index] = loop.time() + err.retry_after
+
+        wait_for_hint(self._index, lost)
+        order = [(self._index + 1 + i) % count for i in range(count)]  # the lost one comes last
         attempt = 0
         while True:
-            await asyncio.sleep(backoff.delay(attempt, retry_after))
-            retry_after = None
+            hint = min(not_before) - loop.time()
+            delay = backoff.delay(attempt, hint if hint > 0 else None)
+            # Timers may fire a little early (uvloop's are in milliseconds): an address whose
+            # hint ends by the planned start of the round belongs to it.
+            start = loop.time() + delay
+            await asyncio.sleep(delay)
             attempt += 1
-            try:
-                await self._connect(**self._connect_kwargs)
-            except ConnectionClosed as err:
-                if err.reason in _FATAL:
-                    self._fail(err)
-                    return
-                retry_after = err.retry_after
-                continue
-            except ConnectError:
-                continue
-            try:
-                await self._rejoin_groups()
-            except ConnectionClosed as err:
-                if err.reason in _FATAL:
-                    self._fail(err)
-                    return
-                retry_after = err.retry_after
-                continue
-            self._down = None
-            self.reconnects += 1
-            self._connected.set()
-            logger.info("reconnected to %s:%d as client %d", self.host, self.port, self.id)
-            self._notify(self.on_reconnect, self)
-            return
+            for index in order:
+                if not_before[index] > max(start, loop.time()):
+                    continue
+                host, port = addresses[index]
+                try:
+                    await self._connect(host, port, **self._connect_kwargs)
+                    await self._rejoin_groups()
+                except ConnectionClosed as err:
+                    if err.reason in _FATAL:
+                        self._fail(err)
+                        return
+                    logger.debug("reconnecting to %s:%d failed: %s", host, port, err)
+                    wait_for_hint(index, err)
+                    continue
+                except ConnectError as err:
+                    logger.debug("reconnecting to %s:%d failed: %s", host, port, err)
+                    continue
+                self._index = index
+                self._down = None
+                self.reconnects += 1
+                self._connected.set()
+                logger.info("reconnected to %s:%d as client %d", self.host, self.port, self.id)
+                self._notify(self.on_reconnect, self)
+                return
 
     async def _connect(
         self,
+        host: str,
+        port: int,
         *,
         local_addr: tuple[str, int] | None,
         ssl: Any,
@@ -1235,17 +1401,15 @@ class Client:
         try:
             async with asyncio.timeout(timeout):
                 await loop.create_connection(
-                    lambda: proto, self.host, self.port, local_addr=local_addr, **kwargs
+                    lambda: proto, host, port, local_addr=local_addr, **kwargs
                 )
                 await proto.handshake
         except TimeoutError as err:
             proto.opened = False  # a WELCOME in the last instant: connect() fails all the same
             await _abort(proto)
-            raise ConnectError(
-                self.host, self.port, f"no answer within {timeout:g} s (timed out)"
-            ) from err
+            raise ConnectError(host, port, f"no answer within {timeout:g} s (timed out)") from err
         except ConnectionClosed as err:
-            refused = self._refusal(proto, err, tls=ssl is not None)
+            refused = self._refusal(host, port, proto, err, tls=ssl is not None)
             if refused is None:
                 raise
             raise refused from proto.lost_exc or err
@@ -1255,8 +1419,8 @@ class Client:
                 raise
             if isinstance(err, _ssl.SSLError):
                 detail, hint = _tls_failure(err)
-                raise ConnectError(self.host, self.port, detail, hint=hint) from err
-            raise ConnectError(self.host, self.port, err.strerror or str(err)) from err
+                raise ConnectError(host, port, detail, hint=hint) from err
+            raise ConnectError(host, port, err.strerror or str(err)) from err
         except BaseException:
             # Cancelled from outside (the timeout above is a TimeoutError): nobody will ever get
             # this connection, so its socket must not outlive the call. A socket still inside
@@ -1266,13 +1430,14 @@ class Client:
                 with contextlib.suppress(asyncio.CancelledError):
                     await proto.lost  # one loop turn: closed when the CancelledError arrives
             raise
+        self.host, self.port = host, port
         with contextlib.suppress(OSError):
             sock = proto.transport.get_extra_info("socket") if proto.transport else None
             if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def _refusal(
-        self, proto: _ClientProtocol, err: ConnectionClosed, *, tls: bool
+        self, host: str, port: int, proto: _ClientProtocol, err: ConnectionClosed, *, tls: bool
     ) -> ConnectError | None:
         """Explain a connection that ended before WELCOME without a word from a trame_async server.
 
@@ -1286,7 +1451,7 @@ class Client:
         # An EOF inside TLS says no more than a TCP one: explained below with it.
         if lost and isinstance(exc, _ssl.SSLError) and not isinstance(exc, _ssl.SSLEOFError):
             detail, hint = _tls_failure(exc)
-            return ConnectError(self.host, self.port, detail, hint=hint)
+            return ConnectError(host, port, detail, hint=hint)
         head = proto.head
         if not head:
             if not lost:
@@ -1296,16 +1461,16 @@ class Client:
                 # With TLS 1.3 the server checks the client's certificate after this side's
                 # handshake is over; an asyncio server then closes without sending its alert.
                 return ConnectError(
-                    self.host,
-                    self.port,
+                    host,
+                    port,
                     f"the server closed the TLS connection before the trame handshake, "
                     f"without a byte or a TLS alert{why}",
                     hint="a server that requires a client certificate does this when none or "
                     f"an untrusted one is sent: {_PASS_CERT}",
                 )
             return ConnectError(
-                self.host,
-                self.port,
+                host,
+                port,
                 f"the server closed the connection before the handshake, without a byte{why}",
                 hint="a TLS port does this to a plaintext client: if the server serves TLS, pass "
                 f"ssl= an ssl.SSLContext that trusts its certificate; otherwise {_CHECK_ADDRESS}",
@@ -1313,15 +1478,15 @@ class Client:
         shown = head.hex(" ")
         if not tls and len(head) >= 2 and 0x14 <= head[0] <= 0x17 and head[1] == 3:
             return ConnectError(
-                self.host,
-                self.port,
+                host,
+                port,
                 f"the server answered with a TLS record (bytes {shown}), not a trame_async frame",
                 hint="it serves TLS: pass ssl= an ssl.SSLContext that trusts its certificate",
             )
         if len(head) == _HEAD_SIZE and head[LENGTH_SIZE] not in _FIRST_KINDS:
             return ConnectError(
-                self.host,
-                self.port,
+                host,
+                port,
                 f"the server's first bytes ({shown}) are not a trame_async frame",
             )
         return None
@@ -1418,14 +1583,24 @@ class connect:
     """Open a connection: ``client = await connect(...)`` or ``async with connect(...) as client``.
 
     Args:
-        host: The server's host name or IP address.
-        port: The server's TCP port.
+        host: The server's host name or IP address. It may also name several servers (the
+            nodes of a cluster): a sequence of addresses, each a ``(host, port)`` pair or a
+            ``"host"``, ``"host:port"`` or ``"[IPv6]:port"`` string, or one string of them
+            separated by commas (``"h1:8765,h2:8765"``). A string
+            with several colons and no brackets is one bare IPv6 address (``"::1"``), as before.
+            Repeated addresses count once.
+        port: The server's TCP port, for a host given without one.
+        shuffle: With several addresses, try them in an order of this client's own, drawn at
+            random once (``random.shuffle``): a crowd of clients given the same list spreads
+            over the servers, and so do the clients of a server that goes down. False: in the
+            order given (the first is the primary).
         local_addr: ``(host_ip, port)`` to bind the local end to, as the original
             ``connect(host_ip, port, server_host, server_port)`` did.
         token: Shared secret the server asks for (str or bytes); never logged.
         echo: Receive this client's own multicasts too.
         ssl: An ``ssl.SSLContext`` (or True) for TLS; ``server_hostname`` overrides the name checked.
-        timeout: Seconds allowed for the TCP connect, TLS and trame handshakes together.
+        timeout: Seconds allowed for the TCP connect, TLS and trame handshakes together, at
+            each address tried.
         max_queue: Messages held for :meth:`Client.receive` before ``queue_policy`` applies.
         max_queue_bytes: Bytes held for :meth:`Client.receive` (frames as received) before
             ``queue_policy`` applies; at least ``max_frame_size``.
@@ -1442,6 +1617,12 @@ class connect:
             authentication failure), with full-jitter exponential backoff; True for the default
             :class:`Backoff`, or a :class:`Backoff`. ``receive()`` keeps waiting meanwhile; sends
             raise :class:`~trame_async.ConnectionClosed` (at-most-once: nothing is buffered).
+            With several addresses, each round of attempts goes through all of them, starting
+            with the one after the address lost (which comes last), with no wait between two
+            addresses; the backoff's full-jitter delay comes before each round. A server's
+            retry-after hint (its shutdown GOODBYE) keeps its own address out of the rounds
+            until then, never the others. Groups joined with :meth:`Client.join` are joined
+            again on the server reached, before ``on_reconnect``.
         on_disconnect: Called with the :class:`~trame_async.ConnectionClosed` error each time the
             connection is lost while reconnecting is on (function or coroutine function).
         on_reconnect: Called with the client after each successful reconnect.
@@ -1461,6 +1642,11 @@ class connect:
     ``connect(...)`` again for another connection. To manage a client got with ``await``, use
     ``async with client:`` on the :class:`Client` itself.
 
+    With several addresses, the first connection tries them one after the other (each within
+    ``timeout``) until one completes the handshake: a refused or unreachable address, a failed
+    TLS handshake, or a server that turns the connection away (shutting down, full) moves on to
+    the next. :attr:`Client.address` tells which one answered.
+
     Cancelling the ``await`` (or the task running it) closes the socket it opened: it is closed
     by the time the ``CancelledError`` comes out.
 
@@ -1468,17 +1654,26 @@ class connect:
         ConnectError: the connection could not be opened (refused, timed out), TLS failed (the
             server's certificate, or the server refused this client's), or the server closed it
             before the handshake without a trame_async answer (as a TLS port does to a plaintext
-            client); ``detail`` and ``hint`` say which and what to do.
-        AuthenticationError: the server refused the token.
-        ConnectionClosed: the server refused the connection for another reason.
+            client); ``detail`` and ``hint`` say which and what to do. With several addresses,
+            raised when none answered: one error that names every address tried and why each
+            failed, whose ``errors`` attribute lists ``((host, port), exception)`` in the order
+            tried (a ``ConnectError`` or a ``ConnectionClosed`` each).
+        AuthenticationError: the server refused the token. With several addresses, raised
+            at once: the nodes of one cluster share their token, so the others would refuse it
+            too (and the token is not sent to them).
+        ConnectionClosed: the server refused the connection for another reason. With several
+            addresses, only when that reason is final (``CLOSED``: its application turned this
+            client away); otherwise the next address is tried.
         InvalidStateError: this ``connect(...)`` object was awaited (or entered) before.
+        TypeError, ValueError: ``host`` names no valid address (an empty list, a bad port).
     """
 
     def __init__(
         self,
-        host: str = "127.0.0.1",
+        host: Addresses = "127.0.0.1",
         port: int = 8765,
         *,
+        shuffle: bool = True,
         local_addr: tuple[str, int] | None = None,
         token: str | bytes | None = None,
         echo: bool = False,
@@ -1502,15 +1697,18 @@ class connect:
         if token is None:
             # As trame-serve does: the shared secret from the environment, never a command line.
             token = os.environ.get(TOKEN_ENV) or None
+        addresses = list(_parse_addresses(host, port))
+        if shuffle:
+            random.shuffle(addresses)  # each client its own order: a crowd spreads over them
         self._client = Client(
-            host,
-            port,
+            *addresses[0],
             registry=registry,
             max_queue=max_queue,
             queue_policy=queue_policy,
             max_queue_bytes=max_queue_bytes,
             max_frame_size=max_frame_size,
         )
+        self._client.addresses = tuple(addresses)
         if reconnect:
             self._client._reconnect = reconnect if isinstance(reconnect, Backoff) else Backoff()
         self._client.on_disconnect = on_disconnect
@@ -1533,13 +1731,13 @@ class connect:
     async def _open(self) -> Client:
         if self._used:
             raise InvalidStateError(
-                f"this connect() object for {self._client.host}:{self._client.port} was already "
+                f"this connect() object for {_show(self._client.addresses)} was already "
                 "used: it opens one connection, once; call connect(...) again for another "
                 "connection, or 'async with client:' to manage the client the first await returned"
             )
         self._used = True
         self._client._connect_kwargs = self._kwargs
-        await self._client._connect(**self._kwargs)
+        await self._client._open_first(self._kwargs)
         return self._client
 
     def __await__(self) -> Generator[Any, None, Client]:
