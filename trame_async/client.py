@@ -175,9 +175,9 @@ class _EveryAddressFailed(ConnectError):
     def __init__(self, errors: list[tuple[tuple[str, int], Exception]]) -> None:
         hints = {err.hint for _, err in errors if isinstance(err, ConnectError)}
         (host, port), _ = errors[0]
-        self.errors = errors
         detail = "; ".join(f"{h}:{p}: {_why(err)}" for (h, p), err in errors)
         super().__init__(host, port, detail, hint=hints.pop() if len(hints) == 1 else None)
+        self.errors = errors
 
     def __str__(self) -> str:
         return (

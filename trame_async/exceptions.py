@@ -425,7 +425,8 @@ class ConnectError(TrameError, OSError):
     """The connection could not be opened (refused, timed out, unreachable, TLS refused).
 
     :attr:`hint` says what to do; by default, to check the address, which a TLS failure replaces
-    with advice about certificates.
+    with advice about certificates. With several server addresses, :attr:`errors` says why each
+    failed.
     """
 
     def __init__(self, host: str, port: int, detail: str, *, hint: str | None = None) -> None:
@@ -433,6 +434,9 @@ class ConnectError(TrameError, OSError):
         self.port = port
         self.detail = detail
         self.hint = hint or _CHECK_ADDRESS
+        #: With several server addresses, ``((host, port), error)`` of each one tried, in order
+        #: (empty for a single address).
+        self.errors: list[tuple[tuple[str, int], Exception]] = []
         super().__init__(host, port, detail)
 
     def __str__(self) -> str:
