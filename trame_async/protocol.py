@@ -360,7 +360,6 @@ class ServerCore(_Core):
         if self.limits.frame_timeout is not None:
             self._track_partial(bool(frames), now)
         out: list[memoryview] = []
-        check = self.registry.check_body
         known_size = self.registry.sizes.get
         is_open = self.state is _OPEN
         for frame in frames:
@@ -375,21 +374,10 @@ class ServerCore(_Core):
                 if self.state is not _OPEN:
                     self.fail(UnexpectedFrameError(Kind(kind).name, "before the handshake"))
                     break
-                try:
-                    learned = check(frame, 1)
-                except ProtocolError as err:
-                    self.fail(err)
+                checked = self._checked(frame, 1)
+                if checked is None:
                     break
-                except TrameError as err:  # an unknown code is relayed, so this is a bug
-                    self.fail(ProtocolError(str(err)))
-                    break
-                if learned and self._learned(frame, 1):
-                    break
-                if frame[5] == _BANG:
-                    # "!" and ">" are one order: relayed as ">", so that receivers see one
-                    # spelling (the byte at 5 is the format's first: checked to be there).
-                    frame = memoryview(b"".join((frame[:5], b">", frame[6:])))
-                out.append(frame)
+                out.append(checked)
             elif kind == _GROUP_MULTICAST:
                 if self.state is not _OPEN:
                     self.fail(UnexpectedFrameError("GROUP_MULTICAST", "before the handshake"))
@@ -401,21 +389,13 @@ class ServerCore(_Core):
                     if known_size(frame[5:value_at]) == n - value_at:
                         out.append(frame)
                         continue
-                try:
-                    if n < 5:
-                        raise TruncatedFrameError("GROUP_MULTICAST group id", 4, n - 1)
-                    learned = check(frame, 5)
-                except ProtocolError as err:
-                    self.fail(err)
+                if n < 5:
+                    self.fail(TruncatedFrameError("GROUP_MULTICAST group id", 4, n - 1))
                     break
-                except TrameError as err:
-                    self.fail(ProtocolError(str(err)))
+                checked = self._checked(frame, 5)
+                if checked is None:
                     break
-                if learned and self._learned(frame, 5):
-                    break
-                if frame[9] == _BANG:
-                    frame = memoryview(b"".join((frame[:9], b">", frame[10:])))
-                out.append(frame)
+                out.append(checked)
             elif kind in _GROUP_REQUESTS:
                 if self.state is not _OPEN:
                     self.fail(UnexpectedFrameError(Kind(kind).name, "before the handshake"))
@@ -436,6 +416,26 @@ class ServerCore(_Core):
         if self.parser.error is not None:
             self.fail(self.parser.error)
         return out
+
+    def _checked(self, frame: memoryview, at: int) -> memoryview | None:
+        """Check the data body at ``frame[at:]`` in full (the slow path); return the frame to
+        relay, or None when the client was refused (the core is then closed)."""
+        try:
+            learned = self.registry.check_body(frame, at)
+        except ProtocolError as err:
+            self.fail(err)
+            return None
+        except TrameError as err:  # an unknown code is relayed, so this is a bug
+            self.fail(ProtocolError(str(err)))
+            return None
+        if learned and self._learned(frame, at):
+            return None
+        fmt_at = at + 4
+        if frame[fmt_at] == _BANG:
+            # "!" and ">" are one order: relayed as ">", so that receivers see one spelling (the
+            # format's first byte: checked to be there).
+            return memoryview(b"".join((frame[:fmt_at], b">", frame[fmt_at + 1 :])))
+        return frame
 
     def _learned(self, frame: memoryview, at: int) -> bool:
         """Count a format of an unregistered code that ``frame`` made the registry compile.
