@@ -142,3 +142,29 @@ def test_metrics_on_a_public_address_needs_a_token() -> None:
     )
     assert result.returncode == 2
     assert "--metrics" in result.stderr and "token" in result.stderr
+
+
+async def test_an_endpoint_with_a_token_refuses_requests_without_it() -> None:
+    async with running() as server:
+        metrics = await serve_metrics(server, "127.0.0.1", 0, token="s3cret")
+        try:
+            with pytest.raises(urllib.error.HTTPError) as info:
+                await get(metrics.port, "/stats.json")
+            assert info.value.code == 401
+            info.value.close()
+
+            def fetch(token: str) -> int:
+                request = urllib.request.Request(f"http://127.0.0.1:{metrics.port}/stats.json")
+                request.add_header("Authorization", f"Bearer {token}")
+                try:
+                    with urllib.request.urlopen(request, timeout=10) as response:
+                        return int(response.status)
+                except urllib.error.HTTPError as err:
+                    err.close()
+                    return int(err.code)
+
+            assert await asyncio.to_thread(fetch, "s3cret") == 200
+            assert await asyncio.to_thread(fetch, "wrong") == 401
+        finally:
+            metrics.close()
+            await metrics.wait_closed()

@@ -604,7 +604,9 @@ async def _serve(args: argparse.Namespace, config: ServerConfig, tls: ssl.SSLCon
         from .metrics import serve_metrics
 
         try:
-            metrics = await serve_metrics(server, *args.metrics)
+            # Beyond loopback the endpoint asks for the relay's token too (Bearer).
+            guard = None if _is_loopback(args.metrics[0]) else config.token
+            metrics = await serve_metrics(server, *args.metrics, token=guard)
         except OSError as err:
             print(
                 f"trame-serve: --metrics {args.metrics[0]}:{args.metrics[1]}: {err}",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import time
 import urllib.parse
@@ -212,8 +213,14 @@ class _Collector:
 class MetricsServer:
     """The running metrics endpoint; :meth:`close` and :meth:`wait_closed` stop it."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, token: str | bytes | None = None) -> None:
         self._relay = server
+        # With a token, every request must carry "Authorization: Bearer <token>".
+        self._auth = (
+            None
+            if token is None
+            else b"bearer " + (token.encode() if isinstance(token, str) else token)
+        )
         self._lag = LoopLag(asyncio.get_running_loop())
         self._started = time.time()
         self._http: asyncio.Server | None = None
@@ -258,6 +265,9 @@ class MetricsServer:
         try:
             async with asyncio.timeout(10):
                 request = await reader.readuntil(b"\r\n\r\n")
+            if self._auth is not None and not _authorized(request, self._auth):
+                self._reply(writer, 401, "text/plain", b"send Authorization: Bearer <token>\n")
+                return
             line = request.split(b"\r\n", 1)[0].decode("latin-1")
             parts = line.split(" ")
             if len(parts) != 3 or parts[0] != "GET":
@@ -298,7 +308,12 @@ class MetricsServer:
 
     @staticmethod
     def _reply(writer: asyncio.StreamWriter, status: int, kind: str, body: bytes) -> None:
-        reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed"}.get(status, "Error")
+        reason = {
+            200: "OK",
+            401: "Unauthorized",
+            404: "Not Found",
+            405: "Method Not Allowed",
+        }.get(status, "Error")
         head = (
             f"HTTP/1.1 {status} {reason}\r\nContent-Type: {kind}\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
@@ -306,11 +321,29 @@ class MetricsServer:
         writer.write(head.encode("latin-1") + body)
 
 
-async def serve_metrics(server: Server, host: str = "127.0.0.1", port: int = 9100) -> MetricsServer:
+def _authorized(request: bytes, expected: bytes) -> bool:
+    for line in request.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"authorization":
+            given = value.strip()
+            scheme, _, secret = given.partition(b" ")
+            return hmac.compare_digest(scheme.lower() + b" " + secret.strip(), expected)
+    return False
+
+
+async def serve_metrics(
+    server: Server,
+    host: str = "127.0.0.1",
+    port: int = 9100,
+    *,
+    token: str | bytes | None = None,
+) -> MetricsServer:
     """Start the metrics endpoint of ``server`` on ``host:port`` (port 0: the OS picks).
 
-    Loopback by default: the figures say who is connected from where.
+    Loopback by default: the figures say who is connected from where. With ``token``, every
+    request must send ``Authorization: Bearer <token>`` (401 otherwise), compared in constant
+    time; ``trame-serve`` requires it for an address beyond loopback.
     """
-    metrics = MetricsServer(server)
+    metrics = MetricsServer(server, token)
     await metrics.start(host, port)
     return metrics

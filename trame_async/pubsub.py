@@ -118,7 +118,7 @@ def build_sub_parser() -> argparse.ArgumentParser:
         description="Print every message a trame_async server relays, until Ctrl+C.",
         epilog=(
             "example: trame-sub 127.0.0.1:8765 --group lobby --json\n"
-            "  bytes values print as {\"base64\": ...}; NamedTuples as objects of their fields"
+            '  bytes values print as {"base64": ...}; NamedTuples as objects of their fields'
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -146,8 +146,11 @@ async def _sub(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         except TrameError as err:
             print(f"trame-sub: {err}", file=sys.stderr)
             return 1
-        print(f"# connected to {args.server[0]}:{args.server[1]} as client {client.id}",
-              file=sys.stderr, flush=True)
+        print(
+            f"# connected to {args.server[0]}:{args.server[1]} as client {client.id}",
+            file=sys.stderr,
+            flush=True,
+        )
         stopping = asyncio.create_task(stop.wait())
         try:
             while True:
@@ -231,7 +234,9 @@ def build_pub_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _common(p)
-    p.add_argument("code", metavar="CODE", help="trame code (INT, FLT, POS, STR...), or - for stdin")
+    p.add_argument(
+        "code", metavar="CODE", help="trame code (INT, FLT, POS, STR...), or - for stdin"
+    )
     p.add_argument("values", nargs="*", metavar="VALUE", help="the value's items")
     p.add_argument("--group", metavar="G", help="send to group G (joined first)")
     p.add_argument("--format", metavar="FMT", help="struct format of an unregistered CODE")
@@ -301,7 +306,7 @@ async def _pub_lines(
             value = entry.get("value")
             group = entry.get("group", args.group)
         else:
-            parser.error("with -, each line is {\"trame\": CODE, \"value\": ..., \"group\": G}")
+            parser.error('with -, each line is {"trame": CODE, "value": ..., "group": G}')
         if isinstance(value, list):
             value = tuple(value)
         if group is not None and group not in client.groups:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import select
 import sys
 import time
@@ -22,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .cli import OneLineErrors
+from .client import TOKEN_ENV
 
 __all__ = ["main", "rates", "render", "sparkline"]
 
@@ -141,8 +143,11 @@ def render(
     return Group(head, table, footer)
 
 
-def _fetch(url: str, timeout: float) -> dict[str, Any]:
-    with urllib.request.urlopen(url, timeout=timeout) as response:
+def _fetch(url: str, timeout: float, token: str | None = None) -> dict[str, Any]:
+    request = urllib.request.Request(url)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(request, timeout=timeout) as response:
         data: dict[str, Any] = json.loads(response.read())
         return data
 
@@ -159,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sort", choices=SORTS, default="rate", help="clients table order")
     p.add_argument("--limit", type=int, default=20, metavar="N", help="clients shown")
     p.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    p.add_argument(
+        "--token",
+        default=None,
+        help="the server's token, for an endpoint beyond loopback (default: $TRAME_TOKEN)",
+    )
     p.add_argument("--iterations", type=int, default=None, metavar="N", help="refreshes, then exit")
     return p
 
@@ -179,6 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not sep or not port.isdigit():
         parser.error(f"HOST:PORT expected, not {args.address!r}")
     url = f"http://{host or '127.0.0.1'}:{port}/stats.json?limit={max(args.limit, 1) * 5}"
+    token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
     console = Console()
     history: deque[float] = deque(maxlen=60)
     previous: dict[str, Any] | None = None
@@ -186,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def sample() -> dict[str, Any] | None:
         try:
-            return _fetch(url, timeout=max(args.interval, 2.0))
+            return _fetch(url, timeout=max(args.interval, 2.0), token=token)
         except (OSError, urllib.error.URLError, ValueError) as err:
             print(f"trame-top: cannot read {url}: {err}", file=sys.stderr)
             return None
