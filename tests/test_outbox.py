@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -291,3 +292,28 @@ def test_sizes_and_the_ledger_always_add_up(policy: str, ops: list[tuple[str, in
         pos += 4 + length
     assert frames + box.dropped == pushed
     assert ledger.dropped == box.dropped
+
+
+def _reply_frame() -> bytes:
+    from trame_async.codes import GroupOp, GroupStatus
+    from trame_async.wire import Reply
+
+    return Reply(1, GroupOp.JOIN, GroupStatus.OK, 7, "lobby").encode()
+
+
+@pytest.mark.parametrize("policy", ["drop-oldest", "keep-latest"])
+def test_an_answer_to_the_clients_own_request_is_never_dropped(policy: str) -> None:
+    """A REPLY dropped would leave the client's join() waiting for ever: cut it instead."""
+    reply = _reply_frame()
+    frames = [relay(i, STR, "x" * 100) for i in range(1, 30)]
+    box = congested(policy, max_bytes=1000)
+    assert feed(box, [reply]) == [NOTHING]
+    actions = feed(box, frames)
+    assert CUT in actions
+    assert "answer to its own request" in box.cut_detail
+
+
+def test_the_keep_latest_stream_cap_never_evicts_an_answer() -> None:
+    box = congested("keep-latest", max_streams=2, max_bytes=1 << 20)
+    assert feed(box, [_reply_frame()]) == [NOTHING]
+    assert CUT in feed(box, [relay(i, INT, 0) for i in range(1, 5)])

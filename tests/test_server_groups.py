@@ -296,3 +296,62 @@ async def test_a_client_that_never_joins_sees_exactly_todays_stream() -> None:
         kind, _ = await plain.next(Kind.RELAY, Kind.GROUP_RELAY, Kind.REPLY, Kind.PRESENCE)
         assert kind == Kind.RELAY  # the first and only thing it got
         assert plain.conn.frames == []
+
+
+async def test_a_watcher_cut_by_a_presence_notice_does_not_break_the_join() -> None:
+    """Before: the cut changed the presence set while it was iterated (RuntimeError): the
+    joiner got INTERNAL_ERROR and the other watchers no JOINED."""
+    async with running(max_queue_bytes=1 << 20) as server, contextlib.AsyncExitStack() as stack:
+        w1, w2, joiner = [await Peer.connect(stack, server.port) for _ in range(3)]
+        gid = (await w1.join("room", presence=True)).group_id
+        await w2.join("room", presence=True)
+        assert (await w1.presence()).client_id == w2.id
+        (remote,) = [c for c in server.clients if c.id == w1.id]
+        # w1 is as good as over its budget: the next frame queued for it cuts it.
+        remote.outbox.push(b"\0" * (1 << 20))
+        remote.outbox.push(b"\0" * 10)
+        remote.outbox.limit = -1
+        reply = await joiner.join("room")
+        assert reply.status == 0 and reply.group_id == gid
+        # The cut watcher's LEFT may come before or after the joiner's JOINED.
+        seen = {((n := await w2.presence()).event, n.client_id) for _ in range(2)}
+        assert seen == {(PresenceEvent.JOINED, joiner.id), (PresenceEvent.LEFT, w1.id)}
+        await eventually(lambda: w1.id not in [c.id for c in server.clients], 5.0, what="cut")
+        assert joiner.id in [c.id for c in server.clients]
+
+
+async def test_a_members_join_is_answered_ok_whatever_on_join_would_say() -> None:
+    async with (
+        running(on_join=lambda c, g: Refuse("full") if len(c.groups) == 0 else None) as server,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        a = await Peer.connect(stack, server.port)
+        (remote,) = server.clients
+        gid = server.join(remote, "room")
+        await a.reply()  # the server's placement, announced
+        again = await a.join("room", presence=True)
+        assert (again.status, again.group_id) == (0, gid)
+
+
+async def test_accept_without_last_values_follows_the_configuration() -> None:
+    async with (
+        running(last_value_groups=("zone-*",), on_join=lambda c, g: Accept()) as server,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        a, late = [await Peer.connect(stack, server.port) for _ in range(2)]
+        gid = (await a.join("zone-1")).group_id
+        await a.send_group(gid, 42)
+        await eventually(lambda: bool(server._groups.by_name["zone-1"].last), 5.0, what="kept")
+        await late.join("zone-1")
+        assert await late.relayed() == (a.id, gid, 42)
+
+
+async def test_a_verdict_that_cannot_be_sent_is_a_refusal_not_silence() -> None:
+    async def on_join(client: trame_async.RemoteClient, group: str) -> object:
+        await asyncio.sleep(0)
+        return Refuse(KeyError("no such room"))  # type: ignore[arg-type]
+
+    async with running(on_join=on_join) as server, contextlib.AsyncExitStack() as stack:
+        a = await Peer.connect(stack, server.port)
+        reply = await a.join("x")
+        assert reply.status == GroupStatus.REFUSED and "no such room" in reply.text

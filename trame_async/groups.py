@@ -194,9 +194,10 @@ class GroupTable(Generic[_M]):
 
 @dataclass(frozen=True, slots=True)
 class Accept:
-    """An ``on_join`` verdict: accept, and make the group keep last values (or not)."""
+    """An ``on_join`` verdict: accept; ``last_values`` True or False decides whether a group
+    this join creates keeps last values (None: the ``last_value_groups`` patterns decide)."""
 
-    last_values: bool = False
+    last_values: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -57,6 +57,12 @@ _GROUP_RELAY: Final = int(Kind.GROUP_RELAY)
 #: length u32 | kind u8: a single RELAY frame's length field counts the rest of the object.
 _HEAD: Final = struct.Struct(">IB")
 _INF: Final = float("inf")
+#: Answers to a client's own requests: no policy may drop them (see Outbox._drop_oldest).
+_KEPT_KINDS: Final = frozenset((int(Kind.REPLY), int(Kind.PRESENCE), int(Kind.MEMBER_LIST)))
+
+
+def _must_keep(frame: bytes) -> bool:
+    return frame[4] in _KEPT_KINDS and len(frame) == 4 + int.from_bytes(frame[:4], "big")
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,8 +183,8 @@ class Outbox:
         """Act on a pending size past :attr:`limit`: return :data:`WRITE`, :data:`CUT` or
         :data:`NOTHING` (the policy made it fit, or the transport is congested and it fits)."""
         limits = self._limits
-        if self._latest is not None:
-            self._absorb()
+        if self._latest is not None and self._absorb():
+            return CUT
         left = limits.max_bytes - self.buffered
         if self.size > left and len(self) > 1:
             policy = limits.policy
@@ -188,18 +194,24 @@ class Outbox:
                     f"{limits.max_bytes}"
                 )
                 return CUT
-            self._drop_oldest(left)
+            if self._drop_oldest(left):
+                return CUT
         self._set_limit()
         if self.congested or not self.size:
             return NOTHING
         return WRITE
 
-    def shed(self) -> None:
-        """Drop every pending frame but the newest (counted): the server-wide budget needs room."""
-        if self._latest is not None:
-            self._absorb()
-        self._drop_oldest(0)
+    def shed(self) -> bool:
+        """Drop every pending frame but the newest (counted): the server-wide budget needs room.
+
+        Returns true when the client must be cut instead (a reply it waits for was in the way).
+        """
+        if self._latest is not None and self._absorb():
+            return True
+        if self._drop_oldest(0):
+            return True
         self._set_limit()
+        return False
 
     def clear(self) -> None:
         """Forget everything pending (the client is gone or cut); nothing is counted as dropped."""
@@ -334,11 +346,12 @@ class Outbox:
         self._unreported += dropped
         self._ledger.dropped += dropped
 
-    def _absorb(self) -> None:
-        """Fold the frames pushed since the last look into the keep-latest streams."""
+    def _absorb(self) -> bool:
+        """Fold the frames pushed since the last look into the keep-latest streams; true when
+        the client must be cut (see :meth:`_drop_oldest`)."""
         frames = self.frames
         if not frames:
-            return
+            return False
         latest = self._latest
         assert latest is not None
         unpack = _HEAD.unpack_from
@@ -359,31 +372,63 @@ class Outbox:
             latest[key] = frame
         frames.clear()
         over = len(latest) - self._limits.max_streams
+        cut = False
         for _ in range(over if over > 0 else 0):
-            freed += len(latest.popitem(last=False)[1])
+            frame = next(iter(latest.values()))
+            if _must_keep(frame):
+                cut = self._cut_for(frame)
+                break
+            latest.popitem(last=False)
+            freed += len(frame)
             dropped += 1
         if dropped:
             self.size -= freed
             self._ledger.pending -= freed
             self._count(dropped)
+        return cut
 
-    def _drop_oldest(self, left: int) -> None:
-        """Drop the oldest pending frames until ``size <= left``; the newest is always kept."""
+    def _drop_oldest(self, left: int) -> bool:
+        """Drop the oldest pending frames until ``size <= left``; the newest is always kept.
+
+        Returns true (the client must be cut) when the oldest is an answer to one of its own
+        requests (REPLY, PRESENCE, MEMBER_LIST): dropping it would leave a join or a member
+        list unanswered for ever, so a client that far behind is cut instead.
+        """
         size = self.size
         dropped = 0
         latest = self._latest
+        keep = _must_keep
+        cut = False
         if latest is not None:
             while size > left and len(latest) > 1:
-                size -= len(latest.popitem(last=False)[1])
+                frame = next(iter(latest.values()))  # an OrderedDict's head: O(1)
+                if keep(frame):
+                    cut = self._cut_for(frame)
+                    break
+                latest.popitem(last=False)
+                size -= len(frame)
                 dropped += 1
         else:
             frames = self.frames
             while size > left and len(frames) > 1:
-                size -= len(frames.popleft())
+                frame = frames[0]
+                if keep(frame):
+                    cut = self._cut_for(frame)
+                    break
+                frames.popleft()
+                size -= len(frame)
                 dropped += 1
         self._ledger.pending -= self.size - size
         self.size = size
         self._count(dropped)
+        return cut
+
+    def _cut_for(self, frame: bytes) -> bool:
+        self.cut_detail = (
+            f"so far behind that its policy would drop an answer to its own request (kind "
+            f"{frame[4]:#04x}), over max_queue_bytes={self._limits.max_bytes}"
+        )
+        return True
 
     def _take_front(self, cap: int) -> list[bytes]:
         frames = self.frames

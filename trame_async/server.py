@@ -1330,7 +1330,10 @@ class Server:
                 self._reply(sender, rid, GroupOp.JOIN, status, 0)
                 return False
             hook = self.on_join
-            if hook is None:
+            group = self._groups.by_name.get(name)
+            if hook is None or (group is not None and sender.id in group.members):
+                # A JOIN of a group the client is in is answered OK (the presence flag updated):
+                # the application decided when it joined.
                 self._admit_member(sender, rid, name, presence, None)
                 return False
             try:
@@ -1346,7 +1349,11 @@ class Server:
                     rest,
                 )
                 return True
-            self._decide(sender, rid, name, presence, verdict)
+            try:
+                self._decide(sender, rid, name, presence, verdict)
+            except Exception:
+                logger.exception("on_join verdict for client %d could not be applied", sender.id)
+                self._reply(sender, rid, GroupOp.JOIN, GroupStatus.REFUSED, 0)
             return False
         if kind == _LEAVE:
             leave = Leave.parse(body)
@@ -1387,12 +1394,21 @@ class Server:
             logger.exception("on_join hook failed for client %d", client.id)
             decided = Refuse("the server failed to decide")
         if client._core.state is _OPEN:
+            group = self._groups.by_name.get(name)
+            if group is not None and client.id in group.members:
+                # Placed meanwhile (server.join): a member's JOIN is answered OK.
+                self._admit_member(client, rid, name, presence, None)
+                return
             # The limits again: other joins may have run meanwhile.
             status = self._join_refusal(client, name, presence)
             if status is not None:
                 self._reply(client, rid, GroupOp.JOIN, status, 0)
-            else:
+                return
+            try:
                 self._decide(client, rid, name, presence, decided)
+            except Exception:
+                logger.exception("on_join verdict for client %d could not be applied", client.id)
+                self._reply(client, rid, GroupOp.JOIN, GroupStatus.REFUSED, 0)
 
     def _decide(
         self, client: RemoteClient, rid: int, name: str, presence: bool, verdict: Any
@@ -1403,7 +1419,7 @@ class Server:
             self._admit_member(client, rid, name, presence, verdict.last_values)
         else:
             if isinstance(verdict, Refuse):
-                reason = verdict.reason
+                reason = str(verdict.reason)
             elif isinstance(verdict, str):
                 reason = verdict
             else:
@@ -1431,9 +1447,13 @@ class Server:
         client._queue(Reply(rid, GroupOp.JOIN, GroupStatus.OK, group.id, name).encode())
         if new:
             if group.last:
-                for frame in group.last.values():
+                core = client._core
+                for frame in list(group.last.values()):
+                    if core.state is not _OPEN:
+                        break  # cut by its own backlog: it left the group on the way
                     client._queue(frame)
-            self._presence(group, PresenceEvent.JOINED, client.id, 0)
+            if client._core.state is _OPEN and client.id in group.members:
+                self._presence(group, PresenceEvent.JOINED, client.id, 0)
         return group.id
 
     def _leave(self, client: RemoteClient, group: Group[RemoteClient], reason: int) -> None:
@@ -1450,9 +1470,12 @@ class Server:
             return
         notice = PresenceNotice(group.id, event, client_id, reason).encode()
         members = group.members
-        for cid in watchers:
-            if cid != client_id:
-                members[cid]._queue(notice)
+        # A snapshot: a watcher the notice puts over its budget is cut on the spot, and its
+        # leaving changes the set (and the members) while this loop runs.
+        for cid in list(watchers):
+            member = members.get(cid)
+            if cid != client_id and member is not None:
+                member._queue(notice)
 
     def _reply(
         self,
@@ -1549,7 +1572,8 @@ class Server:
                         detail,
                         extra={"event": "slow-consumer", "client": client.id, "action": "shed"},
                     )
-                    client.outbox.shed()
+                    if client.outbox.shed():
+                        self._cut(client, client.outbox.cut_detail)
         self._total_ok()
 
     def _total_ok(self) -> None:
