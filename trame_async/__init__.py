@@ -64,6 +64,7 @@ from .wire import DEFAULT_MAX_FRAME_SIZE, PROTOCOL_VERSION, FrameParser, Kind
 
 if TYPE_CHECKING:
     from .client import DEFAULT_MAX_QUEUE_BYTES, Backoff, Client, Presence, QueuePolicy, connect
+    from .cluster.config import ClusterConfig
     from .netutil import get_host_ip
     from .server import RemoteClient, Server, ServerConfig, serve, start_server
 
@@ -73,6 +74,7 @@ _LAZY = {
     "DEFAULT_MAX_QUEUE_BYTES": "client",
     "Backoff": "client",
     "Client": "client",
+    "ClusterConfig": "cluster.config",
     "Presence": "client",
     "QueuePolicy": "client",
     "connect": "client",
@@ -118,6 +120,7 @@ __all__ = [
     "BadFormatError",
     "BadValueError",
     "Client",
+    "ClusterConfig",
     "CodecError",
     "ConnectError",
     "ConnectionClosed",

@@ -48,7 +48,7 @@ class GroupLimits:
 class Group(Generic[_M]):
     """One live group: its id, name, members (client id -> member) and presence subscribers."""
 
-    __slots__ = ("_sorted", "id", "last", "last_bytes", "members", "name", "presence")
+    __slots__ = ("_sorted", "id", "last", "last_bytes", "members", "name", "presence", "remote")
 
     def __init__(self, group_id: int, name: str, last_values: bool) -> None:
         self.id = group_id
@@ -57,6 +57,8 @@ class Group(Generic[_M]):
         self.members: dict[int, _M] = {}
         #: Client ids of the members that asked for presence events.
         self.presence: set[int] = set()
+        #: Client ids of the members on other nodes of a cluster (kept while local ones exist).
+        self.remote: set[int] = set()
         #: (sender id, trame code) -> newest frame, oldest change first; None: not kept.
         self.last: OrderedDict[tuple[int, bytes], bytes] | None = (
             OrderedDict() if last_values else None
@@ -128,14 +130,35 @@ class GroupTable(Generic[_M]):
             return False
         group._sorted = None
         group.presence.discard(client_id)
-        last = group.last
-        if last:
-            for key in [k for k in last if k[0] == client_id]:
-                group.last_bytes -= len(last.pop(key))
+        self.drop_sender(group, client_id)
         if group.members:
             return False
         del self.by_name[group.name]
         del self.by_id[group.id]
+        return True
+
+    def drop_sender(self, group: Group[_M], sender: int) -> None:
+        """Forget the last values of ``sender`` in ``group``."""
+        last = group.last
+        if last:
+            for key in [k for k in last if k[0] == sender]:
+                group.last_bytes -= len(last.pop(key))
+
+    def add_remote(self, group: Group[_M], client_id: int) -> bool:
+        """Note a member on another node; return whether it is new."""
+        if client_id in group.remote or client_id in group.members:
+            return False
+        group.remote.add(client_id)
+        group._sorted = None
+        return True
+
+    def remove_remote(self, group: Group[_M], client_id: int) -> bool:
+        """Forget a member on another node, and its last values; return whether it was there."""
+        if client_id not in group.remote:
+            return False
+        group.remote.discard(client_id)
+        group._sorted = None
+        self.drop_sender(group, client_id)
         return True
 
     def refusal(self, groups_of_client: int, group_name: str, presence: bool) -> str | None:
@@ -177,7 +200,7 @@ class GroupTable(Generic[_M]):
         remain."""
         ids = group._sorted
         if ids is None:
-            ids = group._sorted = sorted(group.members)
+            ids = group._sorted = sorted(group.members.keys() | group.remote)
         start = bisect.bisect_right(ids, after)
         page = ids[start : start + limit]
         return page, start + limit < len(ids)

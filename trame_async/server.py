@@ -24,8 +24,9 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Final, Literal, cast
+from typing import TYPE_CHECKING, Any, Final, Literal, cast
 
+from .cluster.config import NODE_ID_BITS, ClusterConfig, parse_urls
 from .codec import REGISTRY, Message, Registry, TrameLike
 from .codes import DisconnectReason, ErrorCode, GroupOp, GroupStatus, PresenceEvent
 from .exceptions import GroupRefused, InvalidStateError, ProtocolError
@@ -33,6 +34,9 @@ from .groups import Accept, Group, GroupLimits, GroupTable, Refuse
 from .outbox import CUT, WRITE, Ledger, Outbox, OutboxLimits
 from .protocol import _OPEN, ServerCore, ServerLimits
 from .timers import TimerWheel
+
+if TYPE_CHECKING:
+    from .cluster.node import ClusterNode
 from .wire import (
     DEFAULT_MAX_FRAME_SIZE,
     FLAG_PRESENCE,
@@ -730,6 +734,7 @@ class Server:
         on_data: DataHook | None = None,
         on_multicast: MulticastFilter | None = None,
         on_join: JoinHook | None = None,
+        cluster: ClusterConfig | None = None,
     ) -> None:
         """Prepare a server; :meth:`start` binds it. Prefer :func:`start_server`."""
         self.config = config
@@ -746,6 +751,13 @@ class Server:
         self._loop = asyncio.get_running_loop()
         self._server: asyncio.Server | None = None
         self._next_id = 0
+        # Client ids are _id_base | n for n in 1.._id_span (in a cluster the node's index sits in
+        # the high bits, so that an id names one client cluster-wide).
+        self._id_base = 0
+        self._id_span = 0xFFFF_FFFF
+        self._cluster_config = cluster
+        #: This server's node in a cluster (``cluster=``), once started; None otherwise.
+        self.cluster: ClusterNode | None = None
         # Every connection (handshaking, open or closing) by id, the open ones, and how many are
         # still in their handshake (max_handshaking bounds those apart from max_clients).
         self._all: dict[int, RemoteClient] = {}
@@ -822,6 +834,14 @@ class Server:
         """Bind and start accepting connections."""
         if self._server is not None:
             raise InvalidStateError("server already started")
+        if self._cluster_config is not None and self.cluster is None:
+            from .cluster.node import ClusterNode
+
+            node = ClusterNode(self, self._cluster_config)
+            await node.start()
+            self.cluster = node
+            self._id_base = node.index << NODE_ID_BITS
+            self._id_span = (1 << NODE_ID_BITS) - 1
         kwargs: dict[str, Any] = {}
         if ssl is not None:
             kwargs["ssl"] = ssl
@@ -898,6 +918,7 @@ class Server:
             "memberships": sum(len(c._groups) for c in self._open.values()),
             "last_values_dropped": self._groups.last_values_dropped,
             "disconnects": {str(r): n for r, n in self.disconnects.items()},
+            **({"cluster": self.cluster.stats()} if self.cluster is not None else {}),
         }
 
     def is_serving(self) -> bool:
@@ -987,6 +1008,8 @@ class Server:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._server.wait_closed(), _GRACE)
             self._stop_timers()
+            if self.cluster is not None:
+                await self.cluster.close()
             if self._tasks:
                 left = end - self._loop.time()
                 if left > 0:
@@ -1045,17 +1068,35 @@ class Server:
         """
         relay = self.registry.encode(trame, value, _RELAY)
         if group is None:
-            self.fanout(relay)
+            self._send_run(relay, None, 1, None)
             return _DONE
         target = self._groups.by_name.get(group)
         if target is None:
+            if self.cluster is not None:
+                # No member here; other nodes may have some (they write their own group id).
+                frame = GROUP_HEAD.pack(len(relay), _GROUP_RELAY, 0, 0) + relay[9:]
+                self.cluster.publish(group, frame, 1)
             return _DONE
         # RELAY: length | kind | sender | body  ->  GROUP_RELAY: length | kind | sender | gid | body
         frame = GROUP_HEAD.pack(len(relay), _GROUP_RELAY, 0, target.id) + relay[9:]
-        self.fanout(frame, to=target.members)
+        self._send_run(frame, None, 1, target)
         if target.last is not None:
             self._groups.keep_last(target, 0, frame[13:16], frame)
         return _DONE
+
+    def _send_run(
+        self,
+        data: bytes,
+        exclude: RemoteClient | None,
+        count: int,
+        group: Group[RemoteClient] | None,
+    ) -> None:
+        """Relay ``count`` frames to the local clients (everyone, or ``group``'s members), then
+        hand the same bytes to the cluster: local delivery never waits on it."""
+        self.fanout(data, exclude, count, to=None if group is None else group.members)
+        node = self.cluster
+        if node is not None:
+            node.publish(None if group is None else group.name, data, count)
 
     def fanout(
         self,
@@ -1162,6 +1203,7 @@ class Server:
         # one object: each recipient then costs one append per run instead of one per frame.
         parts: list[bytes | memoryview] = []
         to: dict[int, RemoteClient] | None = None
+        to_group: Group[RemoteClient] | None = None
         batch_groups = batch and on_multicast is None
         for i in range(start, len(frames)):
             frame = frames[i]
@@ -1172,9 +1214,10 @@ class Server:
                 if group is not None:
                     members = group.members
                     if parts and to is not members:
-                        self.fanout(b"".join(parts), exclude, len(parts) // 2, to=to)
+                        self._send_run(b"".join(parts), exclude, len(parts) // 2, to_group)
                         parts = []
                     to = members
+                    to_group = group
                     head = GROUP_HEAD.pack(len(frame) + 4, _GROUP_RELAY, sid, gid)
                     if group.last is None:
                         parts.append(head)
@@ -1187,7 +1230,7 @@ class Server:
                     continue
             if kind != _MULTICAST:
                 if parts:  # relays before this frame go out first, in order
-                    self.fanout(b"".join(parts), exclude, len(parts) // 2, to=to)
+                    self._send_run(b"".join(parts), exclude, len(parts) // 2, to_group)
                     parts = []
                 if kind == _GROUP_MULTICAST:
                     self._group_multicast(sender, frame, exclude)
@@ -1204,7 +1247,7 @@ class Server:
                     message = self.registry.decode_frame(frame, strict=False)
                 except ProtocolError:
                     if parts:  # what came before the bad frame is relayed all the same
-                        self.fanout(b"".join(parts), exclude, len(parts) // 2)
+                        self._send_run(b"".join(parts), exclude, len(parts) // 2, None)
                     raise  # ends the sender's connection (RemoteClient.data_received)
                 try:
                     # As for on_data: the message names its sender (a MULTICAST carries none).
@@ -1219,15 +1262,16 @@ class Server:
             if batch:
                 if to is not None:
                     if parts:
-                        self.fanout(b"".join(parts), exclude, len(parts) // 2, to=to)
+                        self._send_run(b"".join(parts), exclude, len(parts) // 2, to_group)
                         parts = []
                     to = None
+                    to_group = None
                 parts.append(pack_head(len(frame) + 4, _RELAY, sid))
                 parts.append(frame[1:])
             else:
-                self.fanout(pack_head(len(frame) + 4, _RELAY, sid) + frame[1:], exclude)
+                self._send_run(pack_head(len(frame) + 4, _RELAY, sid) + frame[1:], exclude, 1, None)
         if parts:
-            self.fanout(b"".join(parts), exclude, len(parts) // 2, to=to)
+            self._send_run(b"".join(parts), exclude, len(parts) // 2, to_group)
 
     # --- groups ---------------------------------------------------------------------------------
 
@@ -1306,7 +1350,7 @@ class Server:
             if not keep or sender._core.state is not _OPEN:
                 return
         relay = GROUP_HEAD.pack(len(frame) + 4, _GROUP_RELAY, sender.id, gid) + frame[5:]
-        self.fanout(relay, exclude, to=group.members)
+        self._send_run(relay, exclude, 1, group)
         if group.last is not None:
             self._groups.keep_last(group, sender.id, relay[13:16], relay)
 
@@ -1329,6 +1373,14 @@ class Server:
             if status is not None:
                 self._reply(sender, rid, GroupOp.JOIN, status, 0)
                 return False
+            node = self.cluster
+            if node is not None and name not in self._groups.by_name and not node.is_ready(name):
+                # The group's first member here: its members and last values on the other
+                # nodes come first (the client's later frames wait, as for an async hook).
+                sender._run_hook(
+                    "cluster-join", self._join_cluster(sender, rid, name, presence), frames, rest
+                )
+                return True
             hook = self.on_join
             group = self._groups.by_name.get(name)
             if hook is None or (group is not None and sender.id in group.members):
@@ -1383,6 +1435,38 @@ class Server:
             sender._queue(MemberList(ask.request_id, group.id, more, tuple(ids)).encode())
         return False
 
+    async def _join_cluster(
+        self, client: RemoteClient, rid: int, name: str, presence: bool
+    ) -> None:
+        """A JOIN of a group with no member on this node yet: fetch the cluster's view of it,
+        then decide as for any JOIN."""
+        assert self.cluster is not None
+        await self.cluster.prepare(name)
+        if client._core.state is not _OPEN:
+            return
+        status = self._join_refusal(client, name, presence)
+        if status is not None:
+            self._reply(client, rid, GroupOp.JOIN, status, 0)
+            return
+        hook = self.on_join
+        group = self._groups.by_name.get(name)
+        if hook is None or (group is not None and client.id in group.members):
+            self._admit_member(client, rid, name, presence, None)
+            return
+        try:
+            verdict = hook(client, name)
+        except Exception:
+            logger.exception("on_join hook failed for client %d", client.id)
+            verdict = Refuse("the server failed to decide")
+        if inspect.isawaitable(verdict):
+            await self._join_later(client, rid, name, presence, verdict)
+            return
+        try:
+            self._decide(client, rid, name, presence, verdict)
+        except Exception:
+            logger.exception("on_join verdict for client %d could not be applied", client.id)
+            self._reply(client, rid, GroupOp.JOIN, GroupStatus.REFUSED, 0)
+
     async def _join_later(
         self, client: RemoteClient, rid: int, name: str, presence: bool, verdict: Awaitable[Any]
     ) -> None:
@@ -1393,6 +1477,9 @@ class Server:
         except Exception:
             logger.exception("on_join hook failed for client %d", client.id)
             decided = Refuse("the server failed to decide")
+        node = self.cluster
+        if node is not None and name not in self._groups.by_name and not node.is_ready(name):
+            await node.prepare(name)
         if client._core.state is _OPEN:
             group = self._groups.by_name.get(name)
             if group is not None and client.id in group.members:
@@ -1444,6 +1531,11 @@ class Server:
         through its one outbox, in order: no gap, no duplicate); presence to the others."""
         group, new = self._groups.join(client.id, client, name, presence, last_values=last_values)
         client._groups[group.id] = group
+        node = self.cluster
+        if node is not None and new:
+            if len(group.members) == 1:
+                node.group_opened(group)  # remote members and last values, before the REPLY
+            node.member_event(group, PresenceEvent.JOINED, client.id, 0)
         client._queue(Reply(rid, GroupOp.JOIN, GroupStatus.OK, group.id, name).encode())
         if new:
             if group.last:
@@ -1458,8 +1550,13 @@ class Server:
 
     def _leave(self, client: RemoteClient, group: Group[RemoteClient], reason: int) -> None:
         client._groups.pop(group.id, None)
-        self._groups.leave(client.id, group)
+        forgotten = self._groups.leave(client.id, group)
         self._presence(group, PresenceEvent.LEFT, client.id, reason)
+        node = self.cluster
+        if node is not None:
+            node.member_event(group, PresenceEvent.LEFT, client.id, reason)
+            if forgotten:
+                node.group_closed(group)
 
     def _presence(
         self, group: Group[RemoteClient], event: PresenceEvent, client_id: int, reason: int
@@ -1590,13 +1687,15 @@ class Server:
         # still in its TLS handshake is not registered yet: only a whole wrap of 2**32 accepts
         # during one handshake could reach its id again).
         all_ = self._all
-        client_id = self._next_id
+        n = self._next_id
+        base = self._id_base
+        span = self._id_span
         for _ in range(len(all_) + 1):
-            client_id = client_id % 0xFFFF_FFFF + 1
-            if client_id not in all_:
+            n = n % span + 1
+            if base | n not in all_:
                 break
-        self._next_id = client_id
-        return RemoteClient(self, client_id)
+        self._next_id = n
+        return RemoteClient(self, base | n)
 
     def _accepted(self, client: RemoteClient) -> None:
         # Registered here, not in _make_protocol: a TLS handshake that fails never reaches
@@ -1882,6 +1981,7 @@ async def start_server(
     on_data: DataHook | None = None,
     on_multicast: MulticastFilter | None = None,
     on_join: JoinHook | None = None,
+    cluster: ClusterConfig | str | Sequence[str] | None = None,
     **options: Any,
 ) -> Server:
     """Start a server listening on ``host:port`` (``port=0``: the OS picks; see ``server.port``).
@@ -1899,6 +1999,10 @@ async def start_server(
       ``Accept(last_values=True)`` accepts and makes the group keep last values, False, a str or
       ``Refuse(reason)`` refuses (the client's join raises GroupRefused with the reason).
 
+    ``cluster`` joins a cluster of servers through NATS (docs/cluster.md): a
+    :class:`~trame_async.cluster.ClusterConfig`, or NATS URLs (``"nats://h1:4222,nats://h2:4222"``)
+    for the defaults. It needs the ``cluster`` extra (``pip install 'trame-async[cluster]'``).
+
     Installs no signal handler and changes no loop policy: embed it in any asyncio program.
     """
     server = Server(
@@ -1909,9 +2013,21 @@ async def start_server(
         on_data=on_data,
         on_multicast=on_multicast,
         on_join=on_join,
+        cluster=_cluster_config(cluster),
     )
-    await server.start(host, port, ssl=ssl, reuse_port=reuse_port, sock=sock)
+    try:
+        await server.start(host, port, ssl=ssl, reuse_port=reuse_port, sock=sock)
+    except BaseException:
+        if server.cluster is not None:
+            await server.cluster.close()
+        raise
     return server
+
+
+def _cluster_config(cluster: ClusterConfig | str | Sequence[str] | None) -> ClusterConfig | None:
+    if cluster is None or isinstance(cluster, ClusterConfig):
+        return cluster
+    return ClusterConfig(urls=parse_urls(cluster))
 
 
 @contextlib.asynccontextmanager

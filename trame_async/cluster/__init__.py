@@ -11,6 +11,7 @@ timers is built on top of them (docs/cluster.md says what exists and what remain
 
 from __future__ import annotations
 
+from .config import MAX_NODES, NODE_ID_BITS, ClusterConfig, parse_urls
 from .envelope import (
     DEFAULT_MAX_ENVELOPE,
     DEFAULT_MAX_PAYLOAD,
@@ -29,6 +30,10 @@ from .gaps import DUPLICATE, ECHO, STALE, GapCounters, GapTracker
 from .outbox import ClusterOutbox, OutboxDrops, OutboxLimits
 
 __all__ = [
+    "MAX_NODES",
+    "NODE_ID_BITS",
+    "ClusterConfig",
+    "parse_urls",
     "DEFAULT_MAX_ENVELOPE",
     "DEFAULT_MAX_PAYLOAD",
     "DUPLICATE",

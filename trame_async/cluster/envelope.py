@@ -120,12 +120,14 @@ def decode(
     *,
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
     kinds: frozenset[int] | None = RELAY_KINDS,
+    copy: bool = True,
 ) -> Envelope:
     """Return the node, epoch, sequence number and frames of the envelope ``data``.
 
     Every frame's length must be at least 1 and at most ``max_frame_size`` (the frame size of
     :mod:`trame_async.wire`), its kind in ``kinds`` (None: any), and the frames must fill the
     envelope exactly. Raise :class:`EnvelopeError` otherwise, never another exception.
+    With ``copy=False`` the frames are ``memoryview`` slices of ``data`` (no copy).
     """
     view = memoryview(data)
     total = len(view)
@@ -147,10 +149,26 @@ def decode(
         raise EnvelopeError(
             f"count {count} frames cannot fit in {total - _HEAD_SIZE} bytes of frames", 30
         )
+    frames = split_frames(view, _HEAD_SIZE, count, max_frame_size, kinds, copy)
+    return Envelope(node, epoch, seq, frames)
+
+
+def split_frames(
+    view: memoryview,
+    pos: int,
+    count: int | None,
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    kinds: frozenset[int] | None = RELAY_KINDS,
+    copy: bool = True,
+) -> list[bytes]:
+    """Return the whole frames of ``view[pos:]``: exactly ``count`` of them filling it (None:
+    as many as fill it), each checked as :func:`decode` checks them; raise
+    :class:`EnvelopeError` otherwise. ``copy=False`` gives ``memoryview`` slices."""
     frames: list[bytes] = []
-    pos = _HEAD_SIZE
+    total = len(view)
     unpack = HEADER.unpack_from
-    for i in range(count):
+    i = 0
+    while (i < count) if count is not None else (pos < total):
         if total - pos < _FRAME_HEAD:
             raise EnvelopeError(f"frame {i} of {count}: header runs past the end", pos)
         length, kind = unpack(view, pos)
@@ -165,22 +183,27 @@ def decode(
             raise EnvelopeError(
                 f"frame {i} of {count}: {length} bytes announced, {total - pos - 4} left", pos
             )
-        frames.append(bytes(view[pos:end]))
+        frames.append(bytes(view[pos:end]) if copy else view[pos:end])  # type: ignore[arg-type]
         pos = end
+        i += 1
     if pos != total:
         raise EnvelopeError(f"{total - pos} bytes after the last of {count} frames", pos)
-    return Envelope(node, epoch, seq, frames)
+    return frames
 
 
 class _Stream:
     """What the batcher keeps per stream: its counter and the frames of the current batch."""
 
-    __slots__ = ("epoch", "frames", "seq", "size")
+    __slots__ = ("count", "counts", "epoch", "frames", "seq", "size")
 
     def __init__(self, epoch: int) -> None:
         self.epoch = epoch
         self.seq = 0
+        # Items to seal, and how many whole frames each holds (an item may be several frames
+        # back to back, as the server relays a run of them as one object).
         self.frames: list[bytes] = []
+        self.counts: list[int] = []
+        self.count = 0
         self.size = 0
 
 
@@ -244,14 +267,15 @@ class Batcher:
         """Whether frames wait for :meth:`flush`."""
         return bool(self._pending)
 
-    def add(self, stream: str, frame: bytes) -> bool:
-        """Queue one whole wire frame for ``stream``; false when it was too big to ever send.
+    def add(self, stream: str, frame: bytes, count: int = 1) -> bool:
+        """Queue ``count`` whole wire frames (back to back in ``frame``) for ``stream``; false
+        when they were too big to ever send (counted in :attr:`oversize_dropped`).
 
-        The frame is kept as given (no copy) until :meth:`flush`.
+        The bytes are kept as given (no copy) until :meth:`flush`.
         """
         n = len(frame)
         if n + _HEAD_SIZE > self.max_payload:
-            self.oversize_dropped += 1
+            self.oversize_dropped += count
             return False
         state = self._pending.get(stream)
         if state is None:
@@ -260,6 +284,8 @@ class Batcher:
                 state = self._streams[stream] = _Stream(self._take_epoch())
             self._pending[stream] = state
         state.frames.append(frame)
+        state.counts.append(count)
+        state.count += count
         state.size += n
         return True
 
@@ -270,20 +296,25 @@ class Batcher:
         for stream, state in self._pending.items():
             frames = state.frames
             if state.size <= cap:
-                out.append(self._seal(stream, state, frames))
+                out.append(self._seal(stream, state, frames, state.count))
             else:
                 part: list[bytes] = []
                 size = 0
-                for frame in frames:
+                count = 0
+                for frame, k in zip(frames, state.counts, strict=True):
                     n = len(frame)
                     if part and size + n > cap:
-                        out.append(self._seal(stream, state, part))
+                        out.append(self._seal(stream, state, part, count))
                         part = []
                         size = 0
+                        count = 0
                     part.append(frame)
                     size += n
-                out.append(self._seal(stream, state, part))
+                    count += k
+                out.append(self._seal(stream, state, part, count))
             state.frames = []
+            state.counts = []
+            state.count = 0
             state.size = 0
         self._pending.clear()
         return out
@@ -296,6 +327,12 @@ class Batcher:
         """
         self._streams.pop(stream, None)
 
+    def position(self, stream: str) -> tuple[int, int] | None:
+        """Return (epoch, next seq) of ``stream``'s counter, frames still queued included (they
+        take the next numbers at :meth:`flush`), or None when it has none."""
+        state = self._streams.get(stream)
+        return None if state is None else (state.epoch, state.seq)
+
     @property
     def streams(self) -> int:
         """How many stream counters are kept."""
@@ -306,12 +343,12 @@ class Batcher:
         self._next_epoch = epoch + 1
         return epoch
 
-    def _seal(self, stream: str, state: _Stream, frames: list[bytes]) -> Batch:
+    def _seal(self, stream: str, state: _Stream, frames: list[bytes], count: int) -> Batch:
         seq = state.seq
         state.seq = seq + 1
         head = ENVELOPE_HEAD.pack(
-            ENVELOPE_MAGIC, ENVELOPE_VERSION, 0, self.node, state.epoch, seq, len(frames)
+            ENVELOPE_MAGIC, ENVELOPE_VERSION, 0, self.node, state.epoch, seq, count
         )
         self.envelopes += 1
-        self.frames += len(frames)
-        return Batch(stream, seq, len(frames), b"".join([head, *frames]))
+        self.frames += count
+        return Batch(stream, seq, count, b"".join([head, *frames]))

@@ -155,6 +155,11 @@ class GapTracker:
         state = self._expect.get(stream, {}).get(node)
         return None if state is None else (state[0], state[1])
 
+    def expect(self, stream: str, node: int, epoch: int, next_seq: int) -> None:
+        """Set what comes next from ``node`` on ``stream`` (a snapshot covered what was before):
+        a later envelope before ``next_seq`` is a duplicate, one after it a gap."""
+        self._expect.setdefault(stream, {})[node] = [epoch, next_seq]
+
     def forget_stream(self, stream: str) -> None:
         """Drop the expectations for ``stream``: this node unsubscribed from it."""
         self._expect.pop(stream, None)

@@ -167,6 +167,19 @@ class ClusterOutbox:
         self.size -= taken
         return out
 
+    def peek(self, now: float) -> Batch | None:
+        """Return the oldest envelope still in age at ``now`` without removing it (None: empty).
+
+        A publisher sends it, then :meth:`pop` s it: an envelope the send refused stays first.
+        """
+        self.expire(now)
+        return self._queue[0][1] if self._queue else None
+
+    def pop(self) -> None:
+        """Remove the oldest envelope (the one :meth:`peek` returned, now sent)."""
+        _, batch = self._queue.popleft()
+        self.size -= len(batch.data)
+
     def clear(self) -> int:
         """Forget every waiting envelope without counting it (the node shuts down); return how
         many there were."""
