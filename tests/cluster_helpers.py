@@ -44,16 +44,24 @@ async def cluster_nodes(
     count: int,
     *,
     name: str | None = None,
+    rotate: bool = False,
     cluster: dict[str, Any] | None = None,
     **options: Any,
 ) -> AsyncIterator[list[trame_async.Server]]:
     """Run ``count`` clustered servers; ``cluster`` overrides ClusterConfig fields, ``options``
-    are ServerConfig fields."""
+    are ServerConfig fields. ``rotate``: node i prefers the i-th URL (then the next ones), so
+    the nodes spread over the NATS servers."""
     name = name or f"t{next(_NAMES)}"
     async with contextlib.AsyncExitStack() as stack:
         servers = []
         for i in range(count):
-            config = cluster_config(urls, name, node_index=i + 1, **(cluster or {}))
+            mine = list(urls)
+            extra = dict(cluster or {})
+            if rotate:
+                k = i % len(mine)
+                mine = mine[k:] + mine[:k]
+                extra["nats_options"] = {"dont_randomize": True}
+            config = cluster_config(mine, name, node_index=i + 1, **extra)
             server = await trame_async.start_server(
                 "127.0.0.1", 0, cluster=config, heartbeat_interval=None, **options
             )

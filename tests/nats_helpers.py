@@ -118,17 +118,23 @@ class NatsServer:
         return self.log_path.read_text("utf-8", "replace") if self.log_path.exists() else ""
 
     async def start(self) -> None:
-        """Spawn the server and wait until it accepts connections; raise with its log if not."""
-        argv = [str(nats_server_binary()), "-a", "127.0.0.1", "-p", "-1", "-n", self.name]
+        """Spawn the server and wait until it accepts connections; raise with its log if not.
+
+        Started again after :meth:`stop` or :meth:`kill`, it takes the ports it had (an outage
+        that ends, for the clients)."""
+        port = str(self.port) if self.port else "-1"
+        argv = [str(nats_server_binary()), "-a", "127.0.0.1", "-p", port, "-n", self.name]
         if self.cluster is not None:
-            argv += ["--cluster", "nats://127.0.0.1:-1", "--cluster_name", self.cluster]
+            route = f"nats://127.0.0.1:{self.route_port or -1}"
+            argv += ["--cluster", route, "--cluster_name", self.cluster]
             if self.routes:
                 argv += ["--routes", ",".join(self.routes)]
         argv += self.args
         loop = asyncio.get_running_loop()
         began = loop.time()
         deadline = began + START_TIMEOUT
-        self._log = open(self.log_path, "wb")  # closed by stop() or kill()
+        self._log = open(self.log_path, "ab")  # closed by stop() or kill()
+        logged = self.log_path.stat().st_size
         # Popen, not asyncio's subprocess: the process must be stoppable from any loop and from
         # atexit, and nothing is read from its pipes (it logs to a file). Spawning is quick.
         self.proc = subprocess.Popen(  # noqa: ASYNC220
@@ -136,7 +142,7 @@ class NatsServer:
         )
         _LIVE.add(self.proc)
         while True:
-            text = self.log()
+            text = self.log()[logged:]
             client = _CLIENT_PORT.search(text)
             route = _ROUTE_PORT.search(text)
             if client and (self.cluster is None or route):

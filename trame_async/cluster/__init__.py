@@ -30,10 +30,6 @@ from .gaps import DUPLICATE, ECHO, STALE, GapCounters, GapTracker
 from .outbox import ClusterOutbox, OutboxDrops, OutboxLimits
 
 __all__ = [
-    "MAX_NODES",
-    "NODE_ID_BITS",
-    "ClusterConfig",
-    "parse_urls",
     "DEFAULT_MAX_ENVELOPE",
     "DEFAULT_MAX_PAYLOAD",
     "DUPLICATE",
@@ -41,10 +37,13 @@ __all__ = [
     "ENVELOPE_HEAD",
     "ENVELOPE_MAGIC",
     "ENVELOPE_VERSION",
+    "MAX_NODES",
+    "NODE_ID_BITS",
     "RELAY_KINDS",
     "STALE",
     "Batch",
     "Batcher",
+    "ClusterConfig",
     "ClusterOutbox",
     "Envelope",
     "EnvelopeError",
@@ -54,4 +53,5 @@ __all__ = [
     "OutboxLimits",
     "decode",
     "encode",
+    "parse_urls",
 ]

@@ -111,6 +111,8 @@ class _Section:
 
     members: set[int] = field(default_factory=set)
     position: tuple[int, int] | None = None
+    #: The node's first epoch (its streams' epochs are at least this).
+    epoch: int | None = None
     frames: list[bytes] = field(default_factory=list)
 
 
@@ -193,6 +195,11 @@ class ClusterNode:
         self._probe_seq = 0
         self._probe_due: float | None = None
         self._last_probe = 0.0
+        # After a reconnection, the outbox waits until every live node was heard from again
+        # (their subscriptions are back on NATS), at most dead_after: see _held().
+        self._hold_since: float | None = None
+        # When the NATS connection last came up: silence before it proves nothing.
+        self._connected_since = 0.0
         self._probe_back = asyncio.Event()
         self.state = "starting"
         # Counters since the start (stats()).
@@ -313,6 +320,7 @@ class ClusterNode:
             if holder and holder[0] is self._nc and not self._closing:
                 self.reconnects += 1
                 self.state = "connected"
+                self._hold_since = self._connected_since = self._loop.time()
                 logger.warning(
                     "cluster %s: NATS connection back (%s); replaying %d envelopes",
                     cfg.name,
@@ -363,6 +371,7 @@ class ClusterNode:
                     )
                 await asyncio.sleep(random.uniform(0, self.config.reconnect_wait))
                 continue
+            self._hold_since = self._loop.time()
             await self._attach(nc)
             self._resync(list(self._groups), None)
             return
@@ -384,6 +393,7 @@ class ClusterNode:
         self._nc = nc
         self._subs = subs
         self.state = "connected"
+        self._connected_since = self._loop.time()
         if old is not None:
             with contextlib.suppress(Exception):
                 await old.close()
@@ -458,7 +468,7 @@ class ClusterNode:
             await self._wake.wait()
             self._wake.clear()
             nc = self._nc
-            while nc is not None and nc.is_connected:
+            while nc is not None and nc.is_connected and not self._held():
                 before = outbox.dropped.frames
                 batch = outbox.peek(self._loop.time())
                 if outbox.dropped.frames != before:
@@ -480,6 +490,24 @@ class ClusterNode:
             if outbox and outbox.next_expiry < float("inf"):
                 # Wake for the age bound even if nothing else happens.
                 self._loop.call_at(outbox.next_expiry + 0.001, self._wake.set)
+
+    def _held(self) -> bool:
+        since = self._hold_since
+        if since is None:
+            return False
+        if all(p.seen > since for p in self._peers.values() if not p.gone):
+            self._hold_since = None
+            return False
+        end = since + self.config.dead_after
+        if self._loop.time() >= end:
+            self._hold_since = None
+            logger.warning(
+                "cluster %s: some nodes not heard from since the reconnection; replaying anyway",
+                self.config.name,
+            )
+            return False
+        self._loop.call_at(end, self._wake.set)
+        return True
 
     def _subject(self, stream: str) -> str:
         if stream[:1] == "\x00":
@@ -780,10 +808,15 @@ class ClusterNode:
         """The group's first fetch: the envelopes before each node's position are in it."""
         for node, sections in snap.sections.items():
             section = sections.get(gs.name)
-            if section is not None and section.position is not None:
+            if section is None:
+                continue
+            if section.position is not None:
                 epoch, nxt = section.position
                 gs.covered[node] = (epoch, nxt)
                 self._tracker.expect(gs.name, node, epoch, nxt)
+            elif section.epoch is not None:
+                # It never published there: its first envelope will be seq 0.
+                self._tracker.expect(gs.name, node, section.epoch, 0)
 
     def _apply(self, gs: _GroupSub, snap: _Snapshot, *, initial: bool, late: bool) -> None:
         """Merge what the nodes said of ``gs``'s group into it: members and last values.
@@ -857,7 +890,7 @@ class ClusterNode:
             frames = [] if group is None or not group.last else list(group.last.values())
             sections.append((entry, frames))
         # Replies go after what the outbox holds, so that each position is already sent.
-        for part in _parts(self.node_id, self.index, sections):
+        for part in _parts(self.node_id, self.index, self.epoch, sections):
             self._reply_later(msg.reply, part)
 
     def _reply_later(self, subject: str, data: bytes) -> None:
@@ -884,6 +917,7 @@ class ClusterNode:
                 name = str(entry["name"])
                 section = sections.setdefault(name, _Section())
                 section.members.update(int(c) for c in entry["members"])
+                section.epoch = int(head["epoch"])
                 if entry.get("pos") is not None:
                     section.position = (int(entry["pos"][0]), int(entry["pos"][1]))
                 k = int(entry["frames"])
@@ -934,11 +968,10 @@ class ClusterNode:
         if nc is None or not nc.is_connected:
             return
         self._flush()
-        # Through the outbox: it must not overtake the envelopes it announces.
-        self._outbox.push(
-            Batch("\x00" + f"{self.prefix}.ctl.hb", 0, 0, self._heartbeat_body()), self._loop.time()
-        )
-        self._wake.set()
+        # Straight out, even while envelopes wait (after a reconnection the others wait for it):
+        # so it announces stream positions only when every envelope they count is sent already.
+        body = self._heartbeat_body() if not self._outbox else self._who_body()
+        self._spawn(_publish(nc, f"{self.prefix}.ctl.hb", body))
 
     def _heartbeat_of(self, data: bytes) -> dict[str, Any] | None:
         try:
@@ -957,8 +990,9 @@ class ClusterNode:
                 await self._nc.publish(msg.reply, self._who_body())
 
     def _who_body(self) -> bytes:
+        # "pos" null: this says nothing of the streams (a full heartbeat's dict does).
         return json.dumps(
-            {"v": 1, "node": self.node_id, "index": self.index, "epoch": self.epoch, "pos": {}}
+            {"v": 1, "node": self.node_id, "index": self.index, "epoch": self.epoch, "pos": None}
         ).encode()
 
     async def _on_heartbeat(self, msg: Any) -> None:
@@ -1002,6 +1036,8 @@ class ClusterNode:
                     index,
                 )
         peer.seen = now
+        if self._hold_since is not None:
+            self._wake.set()
         # Tail loss: what it claimed a heartbeat ago must have arrived by now.
         for stream, (epoch, nxt) in peer.claimed.items():
             if stream != _ALL and stream not in self._groups:
@@ -1015,17 +1051,30 @@ class ClusterNode:
             self._gap(stream, node, missed)
             if stream != _ALL:
                 self._resync([stream], node)
+        positions = beat.get("pos")
+        if (
+            isinstance(positions, dict)
+            and _ALL not in positions
+            and self._tracker.expected(_ALL, node) is None
+        ):
+            # It has sent nothing to everyone yet: its first such envelope is seq 0, and if
+            # a later one comes first, the ones before it were lost (counted).
+            self._tracker.expect(_ALL, node, int(beat["epoch"]), 0)
         claimed: dict[str, tuple[int, int]] = {}
-        for stream, value in dict(beat.get("pos") or {}).items():
+        for stream, value in dict(positions or {}).items():
             with contextlib.suppress(Exception):
                 claimed[str(stream)] = (int(value[0]), int(value[1]))
         peer.claimed = claimed
 
     def _check_peers(self) -> None:
+        nc = self._nc
+        if nc is None or not nc.is_connected:
+            return  # cut off from NATS, this node hears nobody: that says nothing of them
         now = self._loop.time()
         limit = self.config.dead_after
+        since = self._connected_since
         for peer in list(self._peers.values()):
-            if not peer.gone and now - peer.seen > limit:
+            if not peer.gone and now - max(peer.seen, since) > limit:
                 self._node_gone(peer)
 
     def _node_gone(self, peer: _Peer) -> None:
@@ -1188,7 +1237,7 @@ class ClusterNode:
 
 
 def _parts(
-    node: int, index: int, sections: list[tuple[dict[str, Any], list[bytes]]]
+    node: int, index: int, epoch: int, sections: list[tuple[dict[str, Any], list[bytes]]]
 ) -> list[bytes]:
     """Pack snapshot sections into reply messages of about _SNAP_PART bytes each."""
     parts: list[tuple[list[dict[str, Any]], list[bytes]]] = [([], [])]
@@ -1207,7 +1256,7 @@ def _parts(
     out = []
     for groups, frames in parts:
         head_json = json.dumps(
-            {"node": node, "index": index, "parts": len(parts), "groups": groups}
+            {"node": node, "index": index, "epoch": epoch, "parts": len(parts), "groups": groups}
         ).encode()
         out.append(b"".join([_SNAP_HEAD.pack(_SNAP_MAGIC, len(head_json)), head_json, *frames]))
     return out
@@ -1216,6 +1265,11 @@ def _parts(
 def _index_of(node: int, peers: dict[int, _Peer]) -> int | None:
     peer = peers.get(node)
     return None if peer is None else peer.index
+
+
+async def _publish(nc: Any, subject: str, data: bytes) -> None:
+    with contextlib.suppress(Exception):
+        await nc.publish(subject, data)
 
 
 async def _unsubscribe(sub: Any) -> None:
