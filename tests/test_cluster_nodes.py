@@ -3,18 +3,23 @@ last values and ids across nodes (tests/cluster_helpers.py starts the nodes)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
-from cluster_helpers import cluster_nodes
+from cluster_helpers import cluster_config, cluster_nodes
 from helpers import eventually, receive_n
+from hypothesis import given
+from hypothesis import strategies as st
 from nats_helpers import MS, nats_server
 
 import trame_async
-from trame_async import INT
-from trame_async.cluster import NODE_ID_BITS
+from trame_async import INT, REGISTRY
+from trame_async.cluster import NODE_ID_BITS, ClusterConfig, encode
+from trame_async.cluster.node import group_token
+from trame_async.wire import Kind
 
 pytestmark = pytest.mark.timeout(60)
 STEP = 5_000 * MS
@@ -65,3 +70,133 @@ async def test_groups_presence_and_last_values_span_nodes(tmp_path: Path) -> Non
         presence = await bob.next_presence(STEP)
         assert (presence.client_id, presence.joined) == (alice.id, False)
         await eventually(lambda: alice.id not in b._groups.by_name["state.room"].remote, STEP)
+
+
+async def test_server_multicasts_reach_every_node_and_remote_group_members(tmp_path: Path) -> None:
+    async with (
+        nats_server(tmp_path) as nats,
+        cluster_nodes([nats.url], 2) as (a, b),
+        trame_async.connect("127.0.0.1", b.port) as bob,
+    ):
+        await bob.join("far")
+        await eventually(lambda: a.stats()["cluster"]["nodes"] == 1, STEP)
+        a.multicast(INT, 1)
+        a.multicast(INT, 2, group="far")  # no member on node a: only node b delivers it
+        got = await receive_n(bob, 2, STEP)
+        assert [(m.sender, m.value, m.group) for m in got] == [(0, 1, None), (0, 2, "far")]
+
+
+async def test_nodes_without_an_index_pick_distinct_ones(tmp_path: Path) -> None:
+    async with nats_server(tmp_path) as nats:
+        config = cluster_config([nats.url], "auto", node_index=None)
+        async with contextlib.AsyncExitStack() as stack:
+            servers = []
+            for _ in range(3):
+                servers.append(
+                    await stack.enter_async_context(
+                        trame_async.serve("127.0.0.1", 0, cluster=config)
+                    )
+                )
+            indexes = {s.cluster.index for s in servers if s.cluster is not None}
+            assert len(indexes) == 3 and all(0 <= i < 1024 for i in indexes)
+            async with trame_async.connect("127.0.0.1", servers[2].port) as c:
+                assert c.id >> NODE_ID_BITS == servers[2].cluster.index  # type: ignore[union-attr]
+
+
+async def test_garbage_on_the_cluster_subjects_is_counted_and_harms_no_one(
+    tmp_path: Path,
+) -> None:
+    async with (
+        nats_server(tmp_path) as nats,
+        cluster_nodes([nats.url], 2, name="junk") as (a, b),
+        trame_async.connect("127.0.0.1", a.port) as alice,
+        trame_async.connect("127.0.0.1", b.port) as bob,
+    ):
+        await bob.join("room")
+        rogue = await nats_client(nats.url)
+        try:
+            for payload in (b"", b"TRCL\x01", b"not an envelope at all" * 3, b"\xff" * 40):
+                await rogue.publish("trame.junk.all", payload)
+                await rogue.publish(f"trame.junk.g.{group_token('room')}", payload)
+            await rogue.publish("trame.junk.ctl.hb", b"{not json")
+            await rogue.flush()
+        finally:
+            await rogue.close()
+        await eventually(lambda: b.stats()["cluster"]["malformed_in"] >= 9, STEP)
+        await alice.multicast(INT, 3)
+        (got,) = await receive_n(bob, 1, STEP)
+        assert (got.sender, got.value) == (alice.id, 3)
+
+
+async def test_gaps_and_tail_loss_from_a_node_are_counted(tmp_path: Path) -> None:
+    """A hand-made node sends envelopes 0, 1 and 5 of its all-clients stream, then a heartbeat
+    saying 9 were sent: 3 lost in the middle (seen at 5), 3 at the tail (seen by the heartbeat
+    after next)."""
+    async with (
+        nats_server(tmp_path) as nats,
+        cluster_nodes([nats.url], 1, name="gaps") as (b,),
+        trame_async.connect("127.0.0.1", b.port) as bob,
+    ):
+        fake = await nats_client(nats.url)
+        node, epoch = 0xFEED, 1
+        try:
+            beat = {"v": 1, "node": node, "index": 77, "epoch": epoch, "pos": {}}
+            await fake.publish("trame.gaps.ctl.hb", json.dumps(beat).encode())
+            await eventually(lambda: b.stats()["cluster"]["nodes"] == 1, STEP)
+            sender = (77 << NODE_ID_BITS) | 1
+            for seq in (0, 1, 5):
+                relay = REGISTRY.encode(INT, seq, Kind.RELAY)
+                frame = relay[:5] + sender.to_bytes(4, "big") + relay[9:]
+                await fake.publish("trame.gaps.all", encode(node, epoch, seq, [frame]))
+            await fake.flush()
+            await receive_n(bob, 3, STEP)
+            assert b.stats()["cluster"]["missed"] == 3
+            beat["pos"] = {"all": [epoch, 9]}
+            await fake.publish("trame.gaps.ctl.hb", json.dumps(beat).encode())
+            beat["pos"] = {}
+            await fake.publish("trame.gaps.ctl.hb", json.dumps(beat).encode())
+            await fake.flush()
+            await eventually(lambda: b.stats()["cluster"]["tail_missed"] == 3, STEP)
+            assert b.stats()["cluster"]["missed"] == 6
+        finally:
+            await fake.close()
+
+
+async def nats_client(url: str) -> Any:
+    import nats
+
+    async def quiet(err: Exception) -> None:
+        pass
+
+    return await nats.connect(url, error_cb=quiet, connect_timeout=2)
+
+
+@given(st.text(min_size=1, max_size=40), st.text(min_size=1, max_size=40))
+def test_group_tokens_are_safe_subject_tokens_and_never_shared(x: str, y: str) -> None:
+    for name in (x, y):
+        token = group_token(name)
+        assert token and not any(c in token for c in ".*> \t\r\n")
+    assert (group_token(x) == group_token(y)) == (x == y)
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        ({"urls": ()}, "at least one NATS URL"),
+        ({"name": "a.b"}, "subject token"),
+        ({"node_index": 1024}, "between 0 and 1023"),
+        ({"heartbeat_interval": 0}, "more than 0"),
+        ({"heartbeat_interval": 1.0, "dead_after": 1.5}, "twice heartbeat_interval"),
+        ({"max_envelope": 10}, "at least 1024"),
+    ],
+)
+def test_cluster_config_refuses_what_cannot_work(options: dict[str, Any], says: str) -> None:
+    with pytest.raises(ValueError, match=says):
+        ClusterConfig(**options)
+
+
+def test_cluster_urls_parse_from_one_string() -> None:
+    assert ClusterConfig(urls="nats://h1:4222, h2:4223").urls == (  # type: ignore[arg-type]
+        "nats://h1:4222",
+        "nats://h2:4223",
+    )

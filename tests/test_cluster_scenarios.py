@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import urllib.request
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from nats_helpers import MS, nats_cluster, nats_server
 
 import trame_async
 from trame_async import INT, Backoff, Client, DisconnectReason, Message, Server
+from trame_async.metrics import serve_metrics
 
 pytestmark = pytest.mark.timeout(90)
 STEP = 10_000 * MS
@@ -55,6 +57,14 @@ class Inbox:
 async def send(client: Client, values: Sequence[int], group: str | None = None) -> None:
     for value in values:
         await client.multicast(INT, value, group=group)
+
+
+async def http_get(port: int, path: str) -> tuple[int, str]:
+    def fetch() -> tuple[int, str]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return response.status, response.read().decode()
+
+    return await asyncio.to_thread(fetch)
 
 
 def tagged(tag: int, who: int, n: int) -> list[int]:
@@ -188,6 +198,20 @@ async def test_nats_down_past_the_outbox_bound_drops_are_counted_exactly(tmp_pat
         assert got == values[dropped:]
         a_stats, b_stats = a.stats()["cluster"], b.stats()["cluster"]
         assert b_stats["missed"] == a_stats["outbox_dropped_envelopes"]
+        # ... and visible to the operator, read over HTTP.
+        pytest.importorskip("prometheus_client")
+        for server, name, value in (
+            (a, "trame_cluster_outbox_dropped_frames_total", dropped),
+            (b, "trame_cluster_missed_total", b_stats["missed"]),
+            (b, "trame_cluster_nodes", 1),
+        ):
+            endpoint = await serve_metrics(server, "127.0.0.1", 0)
+            try:
+                _, text = await http_get(endpoint.port, "/metrics")
+            finally:
+                endpoint.close()
+                await endpoint.wait_closed()
+            assert f"{name} {float(value)}" in text, name
 
 
 @contextlib.asynccontextmanager

@@ -197,6 +197,9 @@ class _Collector:
             by_code_bytes.add_metric([code], size)
         yield by_code
         yield by_code_bytes
+        cluster = stats.get("cluster")
+        if cluster is not None:
+            yield from _cluster_metrics(cluster)
         rtts = [c.rtt for c in server.clients if c.rtt is not None]
         buckets: list[tuple[str, float]] = []
         for edge in RTT_BUCKETS:
@@ -208,6 +211,47 @@ class _Collector:
             buckets=buckets,
             gsum_value=sum(rtts),
         )
+
+
+#: Cluster figures exported (server.stats()["cluster"]): name -> (kind, help).
+_CLUSTER_METRICS = {
+    "nodes": ("gauge", "Other nodes of the cluster heard from and live."),
+    "groups_followed": ("gauge", "Group subjects this node follows on NATS."),
+    "outbox_envelopes": ("gauge", "Envelopes waiting for NATS."),
+    "outbox_bytes": ("gauge", "Bytes of envelopes waiting for NATS."),
+    "envelopes_out": ("counter", "Envelopes published on NATS."),
+    "frames_out": ("counter", "Frames published on NATS."),
+    "envelopes_in": ("counter", "Envelopes received from other nodes."),
+    "frames_in": ("counter", "Frames received from other nodes."),
+    "outbox_dropped_envelopes": ("counter", "Envelopes dropped by the outbox bounds."),
+    "outbox_dropped_frames": ("counter", "Frames dropped by the outbox bounds (other nodes)."),
+    "oversize_dropped": ("counter", "Frames too large to cross NATS (local clients got them)."),
+    "missed": ("counter", "Envelopes from other nodes lost in NATS (sequence gaps)."),
+    "gaps": ("counter", "Sequence gaps seen."),
+    "tail_missed": ("counter", "Envelopes found lost at a stream's tail by heartbeats."),
+    "duplicates": ("counter", "Envelopes received twice and dropped."),
+    "malformed_in": ("counter", "Malformed messages on the cluster's subjects."),
+    "nodes_lost": ("counter", "Nodes declared gone (silent past dead_after)."),
+    "nodes_returned": ("counter", "Nodes heard again after being declared gone."),
+    "snapshot_timeouts": ("counter", "Snapshot requests not fully answered in time."),
+    "deaf": ("counter", "Deaf subscriptions found by the self-probe."),
+    "rebuilds": ("counter", "NATS connections rebuilt."),
+    "disconnects": ("counter", "NATS connection losses."),
+    "reconnects": ("counter", "NATS reconnections."),
+}
+
+
+def _cluster_metrics(cluster: dict[str, Any]) -> Iterator[Any]:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    for name, (kind, doc) in _CLUSTER_METRICS.items():
+        family = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
+        yield family(f"trame_cluster_{name}", doc, value=cluster[name])
+    yield GaugeMetricFamily(
+        "trame_cluster_connected",
+        "1 while the node's NATS connection is up.",
+        value=int(cluster["state"] == "connected"),
+    )
 
 
 class MetricsServer:

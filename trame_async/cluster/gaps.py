@@ -160,6 +160,23 @@ class GapTracker:
         a later envelope before ``next_seq`` is a duplicate, one after it a gap."""
         self._expect.setdefault(stream, {})[node] = [epoch, next_seq]
 
+    def lost_tail(self, stream: str, node: int, epoch: int, next_seq: int) -> int:
+        """Count as missed the envelopes of ``node`` on ``stream`` before ``next_seq`` that never
+        came (its heartbeat said they were sent); return how many. Nothing is counted for
+        another epoch or an unknown stream."""
+        state = self._expect.get(stream, {}).get(node)
+        if state is None or state[0] != epoch or state[1] >= next_seq:
+            return 0
+        missed = next_seq - state[1]
+        state[1] = next_seq
+        mine = self._nodes.get(node)
+        if mine is None:
+            mine = self._nodes[node] = GapCounters()
+        for counters in (mine, self.total):
+            counters.gaps += 1
+            counters.missed += missed
+        return missed
+
     def forget_stream(self, stream: str) -> None:
         """Drop the expectations for ``stream``: this node unsubscribed from it."""
         self._expect.pop(stream, None)

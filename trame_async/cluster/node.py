@@ -1042,15 +1042,12 @@ class ClusterNode:
         for stream, (epoch, nxt) in peer.claimed.items():
             if stream != _ALL and stream not in self._groups:
                 continue
-            known = self._tracker.expected(stream, node)
-            if known is None or known[0] != epoch or known[1] >= nxt:
-                continue
-            missed = nxt - known[1]
-            self.tail_missed += missed
-            self._tracker.accept(stream, node, epoch, nxt - 1)  # counts the gap
-            self._gap(stream, node, missed)
-            if stream != _ALL:
-                self._resync([stream], node)
+            missed = self._tracker.lost_tail(stream, node, epoch, nxt)
+            if missed:
+                self.tail_missed += missed
+                self._gap(stream, node, missed)
+                if stream != _ALL:
+                    self._resync([stream], node)
         positions = beat.get("pos")
         if (
             isinstance(positions, dict)
@@ -1133,8 +1130,13 @@ class ClusterNode:
                     for k, v in self.config.nats_options.items()
                     if k not in ("no_echo", "name")
                 }
+
+                async def quiet(exc: Exception) -> None:
+                    logger.debug("cluster %s: probe connection: %s", self.config.name, _why(exc))
+
                 nc = self._probe_nc = await nats.connect(
                     servers=list(self.config.urls),
+                    error_cb=quiet,
                     name=f"trame-{self.config.name}-{self.node_id:x}-probe",
                     connect_timeout=self.config.connect_timeout,
                     reconnect_time_wait=self.config.reconnect_wait,
