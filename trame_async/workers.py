@@ -227,6 +227,8 @@ class Supervisor:
         self._slots = [_Slot(i) for i in range(count)]
         self._stop = asyncio.Event()
         self._status = 0
+        #: Lines the workers printed before all were listening (None once they were).
+        self._held: list[str] | None = []
 
     def _command(self) -> list[str]:
         extra = ["--port", str(self.port)]
@@ -287,7 +289,8 @@ class Supervisor:
                     await everyone
         if self._stop.is_set():
             return
-        print(self._slots[0].listening_line, file=self.out, flush=True)
+        held, self._held = self._held or [], None
+        print(self._slots[0].listening_line, *held, sep="\n", file=self.out, flush=True)
         logger.info("%d workers listening on port %d", len(self._slots), self.port)
 
     async def _spawn(self, slot: _Slot) -> asyncio.subprocess.Process:
@@ -322,6 +325,8 @@ class Supervisor:
                 ready.set()
                 slot.first_ready.set()
                 logger.info("worker %d (pid %d) listening", slot.index, proc.pid)
+            elif self._held is not None:
+                self._held.append(text)  # until the one listening line is out: it comes first
             else:
                 print(text, file=self.out, flush=True)
 
