@@ -35,6 +35,8 @@ import trame_async
 import trame_async.server
 from trame_async import ConnectionClosed, DisconnectReason
 from trame_async.cli import main
+from trame_async.cluster.embedded import EmbeddedNats
+from trame_async.workers import WORKER_ENV
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
@@ -246,6 +248,34 @@ async def test_workers_and_nats_end_when_the_supervisor_is_killed(tmp_path: Path
             STEP,
             what="the workers and nats-server ending with their supervisor",
         )
+
+
+async def test_a_worker_stops_gracefully_when_its_supervisor_pipe_closes(tmp_path: Path) -> None:
+    # The portable lifeline, apart from Linux's PR_SET_PDEATHSIG: a worker started by hand.
+    async with EmbeddedNats(log_path=tmp_path / "nats.log") as nats:
+        env = {**os.environ, **_env(), WORKER_ENV: "0", "PYTHONUNBUFFERED": "1"}
+        proc = await asyncio.create_subprocess_exec(
+            *[sys.executable, "-m", "trame_async", "--workers", "2", "--port", "0"],
+            *["--cluster", nats.url],
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+            env=env,
+        )
+        try:
+            host, port = await wait_listening(proc, STEP)
+            client = await trame_async.connect(host, port, timeout=STEP)
+            try:
+                assert proc.stdin is not None
+                proc.stdin.close()
+                assert await asyncio.wait_for(proc.wait(), STEP) == 0
+                with pytest.raises(ConnectionClosed) as info:
+                    await client.receive(timeout=STEP)
+                assert info.value.reason is DisconnectReason.SERVER_SHUTDOWN
+            finally:
+                await client.close()
+        finally:
+            await stop_process(proc)
 
 
 async def test_metrics_of_worker_i_are_on_port_plus_i(tmp_path: Path) -> None:

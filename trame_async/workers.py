@@ -249,7 +249,7 @@ class Supervisor:
         """
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self._stop.set)
+            loop.add_signal_handler(sig, self._on_signal, sig)
         tasks: list[asyncio.Task[None]] = []
         try:
             if self.cluster_urls is None:
@@ -261,14 +261,27 @@ class Supervisor:
                     return 1
                 logger.info("embedded nats-server at %s (pid %d)", self.nats.url, self._nats_pid())
                 tasks.append(asyncio.create_task(self._watch_nats()))
-            tasks += [asyncio.create_task(self._keep(slot)) for slot in self._slots]
+            tasks += [asyncio.create_task(self._guarded(slot)) for slot in self._slots]
             await self._announce()
             await self._stop.wait()
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
-            await self._shutdown(tasks)
+            # The handlers stay during the shutdown: a second Ctrl+C hurries it.
+            try:
+                await self._shutdown(tasks)
+            finally:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(sig)
         return self._status
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if not self._stop.is_set():
+            logger.info("%s: stopping the workers", sig.name)
+            self._stop.set()
+            return
+        logger.warning("%s again: killing the workers that are still running", sig.name)
+        for slot in self._slots:
+            if slot.proc is not None and slot.proc.returncode is None:
+                slot.proc.kill()
 
     def _nats_pid(self) -> int:
         assert self.nats is not None and self.nats.proc is not None
@@ -290,7 +303,7 @@ class Supervisor:
         if self._stop.is_set():
             return
         held, self._held = self._held or [], None
-        print(self._slots[0].listening_line, *held, sep="\n", file=self.out, flush=True)
+        self._say("\n".join([self._slots[0].listening_line, *held]))
         logger.info("%d workers listening on port %d", len(self._slots), self.port)
 
     async def _spawn(self, slot: _Slot) -> asyncio.subprocess.Process:
@@ -328,7 +341,7 @@ class Supervisor:
             elif self._held is not None:
                 self._held.append(text)  # until the one listening line is out: it comes first
             else:
-                print(text, file=self.out, flush=True)
+                self._say(text)
 
     async def _run_once(self, slot: _Slot) -> tuple[int, bool]:
         """Run one process in ``slot`` until it exits; return its status and whether it listened."""
@@ -361,6 +374,22 @@ class Supervisor:
             if proc.stdin is not None:
                 proc.stdin.close()
         return code, ready.is_set()
+
+    async def _guarded(self, slot: _Slot) -> None:
+        """Run :meth:`_keep`; a bug in it stops everything rather than leave a slot empty."""
+        try:
+            await self._keep(slot)
+        except Exception:
+            logger.exception("supervision of worker %d failed", slot.index)
+            self._status = 1
+            self._stop.set()
+
+    def _say(self, text: str) -> None:
+        """Print ``text`` on the output, unless it was closed (``| head -1``): then drop it."""
+        try:
+            print(text, file=self.out, flush=True)
+        except (BrokenPipeError, ValueError, OSError):
+            pass
 
     async def _keep(self, slot: _Slot) -> None:
         """Keep a worker running in ``slot`` until the supervisor stops."""
@@ -453,7 +482,7 @@ class Supervisor:
                         slot.proc.kill()
                 self._status = 1
             for outcome in await asyncio.gather(*tasks, return_exceptions=True):
-                if isinstance(outcome, BaseException):
+                if isinstance(outcome, Exception):
                     logger.error("supervision failed", exc_info=outcome)
                     self._status = 1
         if self.nats is not None:
