@@ -1,7 +1,8 @@
 """``trame-serve``: run a trame_async relay server from the command line.
 
 Ctrl+C (SIGINT) or SIGTERM shuts it down gracefully (queued frames flushed, clients told to retry)
-and the process exits 0.
+and the process exits 0. ``--cluster`` joins other servers through NATS; ``--workers N`` runs N
+server processes on one port (:mod:`trame_async.workers` supervises them).
 """
 
 from __future__ import annotations
@@ -9,12 +10,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import importlib
 import ipaddress
 import json
 import logging
 import os
 import re
 import signal
+import socket
 import ssl
 import sys
 from collections.abc import Callable, Sequence
@@ -22,6 +25,7 @@ from typing import Any, Final, NoReturn
 
 from . import __version__
 from .client import TOKEN_ENV
+from .cluster.config import MAX_NODES, ClusterConfig, parse_urls
 from .netutil import get_host_ip
 from .server import ServerConfig, start_server
 
@@ -120,6 +124,40 @@ def _count_or_off(text: str) -> int | None:
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1 (or 'off')")
     return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value is None:
+        raise argparse.ArgumentTypeError("cannot be 'off': give a number of seconds")
+    return value
+
+
+def _workers(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= value <= MAX_NODES:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_NODES}, not {value}")
+    return value
+
+
+def _node_index(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 0 <= value < MAX_NODES:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_NODES - 1}, not {value}")
+    return value
+
+
+def _nats_urls(text: str) -> tuple[str, ...]:
+    urls = parse_urls(text)
+    if not urls:
+        raise argparse.ArgumentTypeError("give at least one NATS URL (nats://host:4222)")
+    return urls
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -392,6 +430,52 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="on shutdown, time allowed for queued frames to reach clients",
     )
+    c = ClusterConfig()
+    cl = p.add_argument_group("cluster and workers (pip install 'trame-async[cluster]')")
+    cl.add_argument(
+        "--cluster",
+        type=_nats_urls,
+        default=None,
+        metavar="URL[,URL...]",
+        help=(
+            "join a cluster through these NATS servers (nats://h1:4222,nats://h2:4222): the "
+            "servers of one cluster relay as one"
+        ),
+    )
+    cl.add_argument(
+        "--cluster-name",
+        default=c.name,
+        metavar="NAME",
+        help="the cluster's name, shared by its servers (letters, digits, '_', '-')",
+    )
+    cl.add_argument(
+        "--node-index",
+        type=_node_index,
+        default=None,
+        metavar="N",
+        help=(
+            f"this server's index in the cluster, 0 to {MAX_NODES - 1}, the high bits of its "
+            f"clients' ids (default: a free one picked at start; with --workers: 0, and worker "
+            f"i takes N+i)"
+        ),
+    )
+    cl.add_argument(
+        "--cluster-heartbeat",
+        type=_positive_seconds,
+        default=c.heartbeat_interval,
+        metavar="S",
+        help="seconds between heartbeats of each server on NATS; one silent 3 times as long is gone",
+    )
+    cl.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        metavar="N",
+        help=(
+            "run N server processes on one port (SO_REUSEPORT), restarted if they die, relaying "
+            "as one through --cluster, or else through a nats-server of their own on loopback"
+        ),
+    )
     return p
 
 
@@ -537,16 +621,32 @@ def _config(
         parser.error(_option_names(str(err)))
 
 
-def _start_logging(args: argparse.Namespace) -> None:
+class _WorkerTag(logging.Filter):
+    """Add ``worker`` to every record: a JSON field, and ``[worker i]`` in text lines."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Tag ``record`` with the worker index; keep it."""
+        record.worker = self.index
+        return True
+
+
+def _start_logging(args: argparse.Namespace, worker: int | None = None) -> None:
+    # The workers of --workers share one stderr: each line says whose it is.
+    tag = "" if worker is None else "[worker %(worker)d] "
+    handler = logging.StreamHandler()
+    if worker is not None:
+        handler.addFilter(_WorkerTag(worker))
     if args.log_format == "json":
-        handler = logging.StreamHandler()
         handler.setFormatter(JsonFormatter())
-        logging.basicConfig(level=getattr(logging, args.log_level), handlers=[handler])
-        return
-    logging.basicConfig(
-        level=getattr(logging, args.log_level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    else:
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s")
+        )
+    logging.basicConfig(level=getattr(logging, args.log_level), handlers=[handler])
 
 
 #: LogRecord attributes that are not fields a log call added with ``extra=``.
@@ -582,16 +682,32 @@ def _loop_name(loop: asyncio.AbstractEventLoop) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-async def _serve(args: argparse.Namespace, config: ServerConfig, tls: ssl.SSLContext | None) -> int:
+async def _serve(
+    args: argparse.Namespace,
+    config: ServerConfig,
+    tls: ssl.SSLContext | None,
+    cluster: ClusterConfig | None = None,
+    worker: int | None = None,
+) -> int:
     loop = asyncio.get_running_loop()
+    options: dict[str, Any] = {}
+    if cluster is not None:
+        options["cluster"] = cluster
+    if worker is not None:
+        options["reuse_port"] = True  # the port its supervisor reserved, shared by all workers
     try:
-        server = await start_server(args.host, args.port, config=config, ssl=tls)
+        server = await start_server(args.host, args.port, config=config, ssl=tls, **options)
     except OSError as err:
         print(f"trame-serve: cannot listen on {args.host}:{args.port}: {err}", file=sys.stderr)
         return 1
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    lifeline = None
+    if worker is not None:
+        from .workers import watch_supervisor
+
+        lifeline = await watch_supervisor(stop.set)
     sockname = server.sockets[0].getsockname()
     host = sockname[0]
     shown = f"[{host}]" if ":" in host else host
@@ -606,7 +722,7 @@ async def _serve(args: argparse.Namespace, config: ServerConfig, tls: ssl.SSLCon
         try:
             # Beyond loopback the endpoint asks for the relay's token too (Bearer).
             guard = None if _is_loopback(args.metrics[0]) else config.token
-            metrics = await serve_metrics(server, *args.metrics, token=guard)
+            metrics = await serve_metrics(server, *_metrics_address(args, worker), token=guard)
         except OSError as err:
             print(
                 f"trame-serve: --metrics {args.metrics[0]}:{args.metrics[1]}: {err}",
@@ -619,13 +735,22 @@ async def _serve(args: argparse.Namespace, config: ServerConfig, tls: ssl.SSLCon
         mshown = f"[{mhost}]" if ":" in mhost else mhost
         print(f"metrics on http://{mshown}:{metrics.port}/metrics", flush=True)
     # Logging starts after the lines that say where to connect, so that they come first.
-    _start_logging(args)
+    _start_logging(args, worker)
     logger.info("event loop: %s", _loop_name(loop))
+    if cluster is not None:
+        logger.info(
+            "cluster %s through %s, node index %s",
+            cluster.name,
+            ",".join(cluster.urls),
+            "auto" if cluster.node_index is None else cluster.node_index,
+        )
     try:
         await stop.wait()
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        if lifeline is not None:
+            lifeline.close()
         if metrics is not None:
             metrics.close()
             await metrics.wait_closed()
@@ -634,9 +759,114 @@ async def _serve(args: argparse.Namespace, config: ServerConfig, tls: ssl.SSLCon
     return 0
 
 
+def _metrics_address(args: argparse.Namespace, worker: int | None) -> tuple[str, int]:
+    """Where to serve metrics: ``--metrics``, its port plus i for worker i (0 stays 0)."""
+    host, port = args.metrics
+    if worker is not None and port != 0:
+        port += worker
+    return host, port
+
+
+#: ClusterConfig field names in its error messages, and the options that set them.
+_CLUSTER_OPTIONS: Final = {
+    "node_index": "--node-index",
+    "heartbeat_interval": "--cluster-heartbeat",
+    "cluster name": "--cluster-name",
+}
+
+
+def _cluster_config(
+    args: argparse.Namespace,
+    parser: argparse.ArgumentParser,
+    urls: Sequence[str],
+    index: int | None,
+) -> ClusterConfig:
+    heartbeat = args.cluster_heartbeat
+    d = ClusterConfig()
+    try:
+        return ClusterConfig(
+            urls=tuple(urls),
+            name=args.cluster_name,
+            node_index=index,
+            heartbeat_interval=heartbeat,
+            # The default ratio: a server is gone after three heartbeats missed.
+            dead_after=heartbeat * (d.dead_after / d.heartbeat_interval),
+        )
+    except ValueError as err:
+        message = str(err)
+        for field, option in _CLUSTER_OPTIONS.items():
+            message = message.replace(field, option)
+        parser.error(message)
+
+
+def _check_cluster_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Refuse cluster options that would do nothing, and a cluster without its extra."""
+    clustered = args.cluster is not None or args.workers > 1
+    if not clustered:
+        d = ClusterConfig()
+        for option, given in (
+            ("--cluster-name", args.cluster_name != d.name),
+            ("--node-index", args.node_index is not None),
+            ("--cluster-heartbeat", args.cluster_heartbeat != d.heartbeat_interval),
+        ):
+            if given:
+                parser.error(f"{option} needs --cluster URL (or --workers N)")
+        return
+    what = "--cluster" if args.cluster is not None else f"--workers {args.workers}"
+    try:
+        importlib.import_module("nats")
+    except ImportError:
+        parser.error(
+            f"{what} needs the NATS client, which is not installed: "
+            f"pip install 'trame-async[cluster]'"
+        )
+    if args.workers > 1:
+        if not hasattr(socket, "SO_REUSEPORT"):
+            parser.error(f"{what} needs SO_REUSEPORT, which this system lacks (Linux, BSD, macOS)")
+        base = args.node_index or 0
+        if base + args.workers > MAX_NODES:
+            parser.error(
+                f"--node-index {base} with --workers {args.workers}: worker indexes would pass "
+                f"{MAX_NODES - 1}"
+            )
+        if args.cluster is None:
+            from .cluster.embedded import find_nats_server
+
+            try:
+                find_nats_server()
+            except FileNotFoundError as err:
+                parser.error(f"{what} runs its own nats-server unless --cluster names one: {err}")
+
+
+def _supervise(argv: Sequence[str], args: argparse.Namespace) -> int:
+    """Run ``--workers N``: reserve the port, start and watch the workers (and NATS)."""
+    from .workers import Supervisor, reserve_port
+
+    _start_logging(args)
+    try:
+        reserved = reserve_port(args.host, args.port)
+    except OSError as err:
+        print(f"trame-serve: cannot listen on {args.host}:{args.port}: {err}", file=sys.stderr)
+        return 1
+    try:
+        supervisor = Supervisor(
+            argv,
+            count=args.workers,
+            port=reserved[0].getsockname()[1],
+            cluster_urls=args.cluster,
+            # A worker's graceful shutdown takes up to --drain-timeout, then leaves NATS.
+            stop_timeout=args.drain_timeout + 10.0,
+        )
+        return asyncio.run(supervisor.run())
+    finally:
+        for sock in reserved:
+            sock.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``trame-serve``; return the exit status (0 after a clean shutdown)."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     given = getattr(args, "token", None)
     token = given if given is not None else os.environ.get(TOKEN_ENV) or None
@@ -661,9 +891,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     config = _config(args, parser, token)
     tls = _tls_context(args, parser)
+    _check_cluster_options(args, parser)
+    worker = None
+    if args.workers > 1:
+        from .workers import worker_index
+
+        worker = worker_index()
+        if worker is None:
+            # Check here what each worker would refuse, so that it is said once.
+            _cluster_config(args, parser, args.cluster or ("127.0.0.1",), args.node_index)
+            return _supervise(argv, args)
+    cluster = None
+    if args.cluster is not None:
+        index = args.node_index if worker is None else (args.node_index or 0) + worker
+        cluster = _cluster_config(args, parser, args.cluster, index)
     runner_kwargs: dict[str, Any] = {"loop_factory": _loop_factory(args.loop)}
     with asyncio.Runner(**runner_kwargs) as runner:
-        return runner.run(_serve(args, config, tls))
+        return runner.run(_serve(args, config, tls, cluster, worker))
 
 
 if __name__ == "__main__":  # pragma: no cover
