@@ -5,17 +5,12 @@ two workers; its log (stderr, shared with the workers: ``[worker i]`` tags their
 the tests read. Which worker a client landed on is read from the worker's ``client N connected
 from 127.0.0.1:PORT`` line, PORT being the client's own. Every process a test starts, including
 the supervisor's children, is stopped by the test (killed if a check failed).
-
-Until ``start_server(cluster=...)`` lands on main, the processes run with tests/interim_cluster
-first on their path, which accepts and ignores the parameter: supervision is tested, and the
-cross-worker relay is an expected failure.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import os
 import re
 import signal
@@ -43,9 +38,6 @@ pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 MS = 0.001 * float(os.environ.get("TRAME_TESTS_TIMEOUT_FACTOR", "1"))
 #: Bound for one step: processes starting, a line appearing, processes ending.
 STEP = 20_000 * MS
-#: Whether main's start_server already takes cluster= (issue 11, being integrated).
-HAS_CLUSTER = "cluster" in inspect.signature(trame_async.server.start_server).parameters
-SHIM = Path(__file__).resolve().parent / "interim_cluster"
 
 _STARTED = re.compile(r"worker (\d+) started \(pid (\d+)\)")
 _NATS = re.compile(r"embedded nats-server at nats://127\.0\.0\.1:\d+ \(pid (\d+)\)")
@@ -53,8 +45,6 @@ _NATS = re.compile(r"embedded nats-server at nats://127\.0\.0\.1:\d+ \(pid (\d+)
 
 def _env() -> dict[str, str]:
     paths = [str(ROOT)]
-    if not HAS_CLUSTER:
-        paths.insert(0, str(SHIM))
     if os.environ.get("PYTHONPATH"):
         paths.append(os.environ["PYTHONPATH"])
     return {"PYTHONPATH": os.pathsep.join(paths)}
@@ -187,9 +177,6 @@ async def test_workers_share_the_port_and_all_stop_cleanly(
         assert "Traceback" not in text, text
 
 
-@pytest.mark.xfail(
-    not HAS_CLUSTER, reason="start_server(cluster=...) is not on main yet", strict=True
-)
 async def test_a_multicast_reaches_a_client_on_the_other_worker(tmp_path: Path) -> None:
     async with running_workers(tmp_path) as workers:
         placed = await place_clients(workers)
@@ -198,7 +185,7 @@ async def test_a_multicast_reaches_a_client_on_the_other_worker(tmp_path: Path) 
             # Multicast until the other worker relays one: its NATS subscription may still be
             # on its way when the clients connect.
             loop = asyncio.get_running_loop()
-            deadline = loop.time() + (STEP if HAS_CLUSTER else 3_000 * MS)
+            deadline = loop.time() + STEP
             got = None
             while got is None:
                 assert loop.time() < deadline, f"nothing crossed the workers:\n{workers.text()}"
