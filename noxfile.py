@@ -36,7 +36,9 @@ def typecheck(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Run the benchmarks; they print tables (``-- --json out.json`` to save figures)."""
-    session.install("-e", ".[uvloop]", "websockets>=13", "psutil>=5.9", "matplotlib>=3.8")
+    session.install(
+        "-e", ".[uvloop,cluster]", "websockets>=13", "psutil>=5.9", "matplotlib>=3.8"
+    )
     session.run("python", "bench/run_all.py", *session.posargs)
 
 

@@ -4,13 +4,14 @@ Quick by default (a few minutes): fan-out at S = 1, 10, 100 with 1 repeat, the c
 S = 100 (default limits, with a token, every limit relaxed), idle with 2,000 clients, isolation (one
 bad client among 20 healthy subscribers, 3 s per run), multicast groups (bench/groups.py: 200 to
 2,000 clients in groups of 10, group against all-clients multicast at S = 10, join/leave
-throughput; skipped while the trame_async measured has no groups). ``--full`` runs fan-out at
+throughput; skipped while the trame_async measured has no groups), the cluster (bench/cluster.py:
+CPU per delivery across 2 nodes against one, the NATS hop's latency, --workers 2, paced groups). ``--full`` runs fan-out at
 S = 1, 10, 100, 1000, idle with 10,000 clients and isolation runs of 10 s. Other options:
 
     python bench/run_all.py [--full] [--repeat 3] [--json FILE] [--plot [PNG]] [--skip idle ...]
 
 ``--json FILE`` writes one file holding every figure: ``{"codec": ..., "fanout": ...,
-"fanout_paced": ..., "limits": ..., "idle": ..., "isolation": ..., "groups": ...}``. The noxfile's ``bench``
+"fanout_paced": ..., "limits": ..., "idle": ..., "isolation": ..., "groups": ..., "cluster": ...}``. The noxfile's ``bench``
 session runs this script. docs/performance.md lists the commands behind its figures.
 """
 
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         "--skip",
         nargs="+",
         default=[],
-        choices=("codec", "fanout", "paced", "limits", "idle", "isolation", "groups"),
+        choices=("codec", "fanout", "paced", "limits", "idle", "isolation", "groups", "cluster"),
     )
     args = p.parse_args(argv)
     subscribers = ["1", "10", "100", "1000"] if args.full else ["1", "10", "100"]
@@ -103,6 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "groups": (
             "groups.py",
+            ["--repeat", str(args.repeat), "--duration", args.duration],
+            1800,
+        ),
+        "cluster": (
+            "cluster.py",
             ["--repeat", str(args.repeat), "--duration", args.duration],
             1800,
         ),

@@ -155,3 +155,20 @@ def test_groups_bench_every_part(tmp_path: Path) -> None:
     for run in runs.values():
         assert run["ops"] > 0 and run["failed"] == 0 and run["unanswered"] == 0, run
         assert run["clients_cut"] == 0 and run["server_exit"] == 0, run
+
+
+@pytest.mark.slow
+def test_cluster_bench_every_part(tmp_path: Path) -> None:
+    data = run_script(
+        "cluster.py",
+        *("-S", "4", "--workers-s", "4", "--duration", "0.3", "--latency-seconds", "0.3"),
+        *("--group-clients", "20", "--rate", "200"),
+        out=tmp_path / "cluster.json",
+    )
+    assert [(c["S"], c["nodes"]) for c in data["cost"]] == [(4, 1), (4, 2)]
+    for cell in data["cost"] + data["workers"] + data["groups"]:
+        assert cell["lost"] == 0, cell
+    assert data["cost"][1]["frames_per_msg"] >= 1
+    (latency,) = data["latency"]
+    assert latency["cross_received"] == latency["frames"]
+    assert [c["nodes"] for c in data["groups"]] == [1, 2]

@@ -200,3 +200,21 @@ def test_cluster_urls_parse_from_one_string() -> None:
         "nats://h1:4222",
         "nats://h2:4223",
     )
+
+
+async def test_a_group_on_one_node_costs_the_others_nothing(tmp_path: Path) -> None:
+    async with (
+        nats_server(tmp_path) as nats,
+        cluster_nodes([nats.url], 2) as (a, b),
+        trame_async.connect("127.0.0.1", a.port) as alice,
+        trame_async.connect("127.0.0.1", a.port) as anna,
+    ):
+        await alice.join("local")
+        await anna.join("local")
+        for i in range(20):
+            await alice.multicast(INT, i, group="local")
+        await receive_n(anna, 20, STEP)
+        assert a.stats()["cluster"]["frames_out"] >= 20 or a.stats()["cluster"]["outbox_envelopes"]
+        stats = b.stats()["cluster"]
+        # Node b follows no group and received none of those envelopes (NATS had no interest).
+        assert stats["groups_followed"] == 0 and stats["frames_in"] == 0, stats

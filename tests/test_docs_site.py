@@ -32,11 +32,23 @@ def reference_pages() -> dict[str, str]:
 
 
 def public_modules() -> set[str]:
-    return {
+    modules = {
         path.stem
         for path in PACKAGE.glob("*.py")
         if not path.stem.startswith("_")  # __init__ has its own page, __main__ is `python -m`
     }
+    # A subpackage has one page, which documents each of its modules.
+    return modules | {init.parent.name for init in PACKAGE.glob("*/__init__.py")}
+
+
+def test_a_subpackage_page_documents_each_of_its_modules() -> None:
+    for init in PACKAGE.glob("*/__init__.py"):
+        package = init.parent.name
+        text = (ROOT / "docs" / "reference" / f"{package}.md").read_text(encoding="utf-8")
+        for module in init.parent.glob("*.py"):
+            if not module.stem.startswith("_"):
+                target = f"trame_async.{package}.{module.stem}"
+                assert re.search(rf"^::: {re.escape(target)}$", text, re.MULTILINE), target
 
 
 def test_every_module_has_a_reference_page() -> None:
