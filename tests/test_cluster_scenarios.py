@@ -170,6 +170,8 @@ async def test_nats_down_for_two_seconds_the_outbox_replays_in_order(tmp_path: P
         clients([a.port, a.port, b.port]) as (alice, carol, bob),
     ):
         at_carol, at_bob = Inbox(carol), Inbox(bob)
+        await alice.join("room")
+        await bob.join("room")
         values = await stop_nats_for(nats, (a, b), alice, 100)
         # Local delivery never waited for NATS.
         assert at_carol.values_from(alice.id) == values
@@ -179,6 +181,9 @@ async def test_nats_down_for_two_seconds_the_outbox_replays_in_order(tmp_path: P
         assert at_bob.values_from(alice.id) == values
         stats = a.stats()["cluster"]
         assert stats["outbox_dropped_frames"] == 0 and b.stats()["cluster"]["missed"] == 0
+        # Both nodes follow the room's subject again: a group frame crosses.
+        await alice.multicast(INT, 5, group="room")
+        await at_bob.wait(lambda: at_bob.values_from(alice.id, "room") == [5])
 
 
 async def test_nats_down_past_the_outbox_bound_drops_are_counted_exactly(tmp_path: Path) -> None:

@@ -265,11 +265,23 @@ async def test_a_worker_stops_gracefully_when_its_supervisor_pipe_closes(tmp_pat
             await stop_process(proc)
 
 
+def free_pair() -> int:
+    """A port P such that P and P + 1 were both free just now (bounded tries)."""
+    for _ in range(100):
+        with socket.socket() as first, socket.socket() as second:
+            first.bind(("127.0.0.1", 0))
+            base: int = first.getsockname()[1]
+            try:
+                second.bind(("127.0.0.1", base + 1))
+            except OSError:
+                continue
+            return base
+    raise AssertionError("no free pair of ports in 100 tries")
+
+
 async def test_metrics_of_worker_i_are_on_port_plus_i(tmp_path: Path) -> None:
     pytest.importorskip("prometheus_client")
-    with socket.socket() as probe:  # a free pair of ports is likely around a free one
-        probe.bind(("127.0.0.1", 0))
-        base = probe.getsockname()[1]
+    base = free_pair()
     async with running_workers(tmp_path, "--metrics", str(base)) as workers:
         lines = {await read_line(workers.proc, STEP), await read_line(workers.proc, STEP)}
         assert lines == {

@@ -18,6 +18,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import random
 import socket
 import struct
 import sys
@@ -842,6 +843,9 @@ class Server:
             self.cluster = node
             self._id_base = node.index << NODE_ID_BITS
             self._id_span = (1 << NODE_ID_BITS) - 1
+            # A node restarted with its index should not hand out, at once, the ids its previous
+            # life's clients still have in the other nodes' tables: start anywhere in the range.
+            self._next_id = random.randrange(self._id_span)
         kwargs: dict[str, Any] = {}
         if ssl is not None:
             kwargs["ssl"] = ssl

@@ -138,6 +138,7 @@ class _GroupSub:
         "covered",
         "group",
         "name",
+        "owner",
         "ready",
         "snapshot",
         "sub",
@@ -158,6 +159,8 @@ class _GroupSub:
         self.unused: asyncio.TimerHandle | None = None
         #: The snapshot, kept until the group exists here (its first member is admitted).
         self.snapshot: _Snapshot | None = None
+        #: Remote member id -> the node it is on (a node gone takes its members with it).
+        self.owner: dict[int, int] = {}
 
 
 class ClusterNode:
@@ -329,6 +332,7 @@ class ClusterNode:
                     extra={"event": "cluster-reconnected"},
                 )
                 self._wake.set()
+                self._spawn(self._subscribe_missing())
                 # Presence may have changed meanwhile: ask again for every local group.
                 self._resync(list(self._groups), None)
 
@@ -399,6 +403,14 @@ class ClusterNode:
                 await old.close()
         self._wake.set()
         self._publish_heartbeat()
+
+    async def _subscribe_missing(self) -> None:
+        """Subscribe the groups opened while NATS was unreachable (nats-py renews the others)."""
+        nc = self._nc
+        for gs in list(self._groups.values()):
+            if gs.sub is None and nc is not None and nc.is_connected:
+                with contextlib.suppress(Exception):
+                    gs.sub = await nc.subscribe(gs.subject, cb=self._on_group)
 
     async def _choose_index(self, nc: Any) -> int:
         """Ask the live nodes for their indexes; take a free one at random."""
@@ -568,11 +580,13 @@ class ClusterNode:
         self._count_in(env.node, len(env.frames))
         group = gs.group
         if group is not None:
-            self._deliver_group(group, env.frames)
+            self._deliver_group(gs, group, env.node, env.frames)
 
-    def _deliver_group(self, group: Group[RemoteClient], frames: list[Any]) -> None:
+    def _deliver_group(
+        self, gs: _GroupSub, group: Group[RemoteClient], node: int, frames: list[Any]
+    ) -> None:
         """Hand GROUP_RELAY frames to the local members (with this node's group id) and apply
-        PRESENCE frames to the group's remote members."""
+        PRESENCE frames (from ``node``) to the group's remote members."""
         server = self.server
         table = server._groups
         gid = _U32.pack(group.id)
@@ -601,12 +615,32 @@ class ClusterNode:
                 self._malformed(group.name, exc)
                 continue
             if notice.event == PresenceEvent.JOINED:
-                if table.add_remote(group, notice.client_id):
-                    server._presence(group, PresenceEvent.JOINED, notice.client_id, 0)
-            elif table.remove_remote(group, notice.client_id):
-                server._presence(group, PresenceEvent.LEFT, notice.client_id, notice.reason)
+                self._add_member(gs, group, notice.client_id, node, tell=True)
+            elif gs.owner.get(notice.client_id) == node:
+                self._remove_member(gs, group, notice.client_id, notice.reason)
         if run:
             server.fanout(b"".join(run), None, n, to=group.members)
+
+    def _add_member(
+        self, gs: _GroupSub, group: Group[RemoteClient], cid: int, node: int, *, tell: bool
+    ) -> None:
+        old = gs.owner.get(cid)
+        if old is not None and old != node:
+            # The id was another node's client (a node restarted with its index reuses ids):
+            # that client is gone.
+            self._remove_member(gs, group, cid, int(DisconnectReason.CONNECTION_LOST))
+        gs.owner[cid] = node
+        if self.server._groups.add_remote(group, cid) and tell:
+            self.server._presence(group, PresenceEvent.JOINED, cid, 0)
+
+    def _remove_member(
+        self, gs: _GroupSub, group: Group[RemoteClient], cid: int, reason: int
+    ) -> bool:
+        gs.owner.pop(cid, None)
+        if self.server._groups.remove_remote(group, cid):
+            self.server._presence(group, PresenceEvent.LEFT, cid, reason)
+            return True
+        return False
 
     def _count_in(self, node: int, frames: int) -> None:
         self.envelopes_in += 1
@@ -659,6 +693,9 @@ class ClusterNode:
             if nc is not None and nc.is_connected:
                 try:
                     gs.sub = await nc.subscribe(gs.subject, cb=self._on_group)
+                    if self._groups.get(gs.name) is not gs:
+                        await _unsubscribe(gs.sub)  # closed meanwhile
+                        return
                     # The subscription is known to the server before anyone answers the request
                     # (one connection, in order): every envelope after a reply's position
                     # reaches the buffer.
@@ -840,14 +877,12 @@ class ClusterNode:
                 known = self._tracker.expected(gs.name, node)
                 if known is not None and pos is not None and (pos[0], pos[1]) < known:
                     continue
-            index = _index_of(node, self._peers)
-            if index is not None and not initial:
-                for cid in [c for c in group.remote if c >> NODE_ID_BITS == index]:
-                    if cid not in section.members and table.remove_remote(group, cid):
-                        server._presence(group, PresenceEvent.LEFT, cid, 0)
+            if not initial:
+                for cid in [c for c, o in gs.owner.items() if o == node]:
+                    if cid not in section.members:
+                        self._remove_member(gs, group, cid, 0)
             for cid in section.members:
-                if table.add_remote(group, cid) and not initial:
-                    server._presence(group, PresenceEvent.JOINED, cid, 0)
+                self._add_member(gs, group, cid, node, tell=not initial)
             gid = _U32.pack(group.id)
             for frame in section.frames:
                 relay = b"".join((frame[:9], gid, frame[13:]))
@@ -1078,20 +1113,15 @@ class ClusterNode:
         peer.gone = True
         self.nodes_lost += 1
         self._tracker.forget_node(peer.node)
-        server = self.server
-        table = server._groups
         removed = 0
         for gs in self._groups.values():
             group = gs.group
             gs.covered.pop(peer.node, None)
             if group is None:
                 continue
-            for cid in [c for c in group.remote if c >> NODE_ID_BITS == peer.index]:
-                if table.remove_remote(group, cid):
+            for cid in [c for c, o in gs.owner.items() if o == peer.node]:
+                if self._remove_member(gs, group, cid, int(DisconnectReason.CONNECTION_LOST)):
                     removed += 1
-                    server._presence(
-                        group, PresenceEvent.LEFT, cid, int(DisconnectReason.CONNECTION_LOST)
-                    )
         logger.warning(
             "cluster %s: node %x (index %d) silent for %.1f s: gone; %d memberships of its "
             "clients removed",
@@ -1262,11 +1292,6 @@ def _parts(
         ).encode()
         out.append(b"".join([_SNAP_HEAD.pack(_SNAP_MAGIC, len(head_json)), head_json, *frames]))
     return out
-
-
-def _index_of(node: int, peers: dict[int, _Peer]) -> int | None:
-    peer = peers.get(node)
-    return None if peer is None else peer.index
 
 
 async def _publish(nc: Any, subject: str, data: bytes) -> None:
