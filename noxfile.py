@@ -29,7 +29,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """Run mypy (strict) on the package."""
-    session.install("mypy>=1.10", "-e", ".[uvloop,metrics,top]")
+    session.install("mypy>=1.10", "-e", ".[uvloop,metrics,top,cluster]")
     session.run("mypy", *session.posargs)
 
 
