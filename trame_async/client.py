@@ -253,6 +253,8 @@ class _ClientProtocol(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
+        # Whether the core was seen OPEN after a read (the handshake is then over).
+        self._was_open = False
         # Bytes received of a frame the parser has not completed yet: they belong to the next
         # delivery, for the receive queue's byte budget.
         self._unqueued = 0
@@ -278,10 +280,31 @@ class _ClientProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         core = self.core
-        was_open = core.state is _OPEN
+        messages = core.receive_data(data, self.loop.time())
+        if core.quiet:
+            # The hot path: only whole data frames, all decoded, none held back by the parser
+            # (so none of this read's bytes waits for the next delivery).
+            if messages:
+                client = self._client
+                callback = client._on_message
+                if callback is None:
+                    client._deliver(messages, len(data))
+                    return
+                # Straight to the application, in order, with no queue and no task switch.
+                for message in messages:
+                    try:
+                        callback(message)
+                    except Exception:
+                        logger.exception("on_message callback failed on %r", message[:2])
+            return
+        self._received(data, messages)
+
+    def _received(self, data: bytes, messages: list[Message]) -> None:
+        """Do what a read asks beyond handing messages on: answers, events, handshake, close."""
+        core = self.core
+        was_open = self._was_open
         if not was_open and len(self.head) < _HEAD_SIZE:
             self.head += data[: _HEAD_SIZE - len(self.head)]
-        messages = core.receive_data(data, self.loop.time())
         if core.outgoing:
             self._write_outgoing()
         if core.refused != self._refused_seen:
@@ -299,6 +322,7 @@ class _ClientProtocol(asyncio.Protocol):
         if core.state is _CLOSED:
             self._end()
         elif not was_open and core.state is _OPEN:
+            self._was_open = True
             if not self.handshake.done():
                 self.handshake.set_result(None)
                 self.opened = True
@@ -1115,7 +1139,11 @@ class Client:
         )
 
     def _deliver(self, messages: list[Message], size: int) -> None:
-        """Queue the messages of one read of ``size`` bytes; apply the policy if over a bound."""
+        """Queue the messages of one read of ``size`` bytes; apply the policy if over a bound.
+
+        With an ``on_message`` callback, hand them to it instead (data_received does that itself
+        on its hot path).
+        """
         callback = self._on_message
         if callback is not None:
             # Straight to the application, in order, with no queue and no task switch.

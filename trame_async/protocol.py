@@ -680,6 +680,7 @@ class ClientCore(_Core):
     """The client's view of its connection to the server."""
 
     __slots__ = (
+        "_fast",
         "_keepalive",
         "_last_rx",
         "_next_keepalive",
@@ -695,6 +696,7 @@ class ClientCore(_Core):
         "group_names",
         "last_refused",
         "missed",
+        "quiet",
         "refused",
         "registry",
         "rtt",
@@ -739,6 +741,11 @@ class ClientCore(_Core):
         #: :attr:`group_names` (in flight when the client left: never an error).
         self.unknown_group = 0
         self._request_seq = 0
+        # Whether receive_data() may scan a read straight away: open, no frame in progress.
+        self._fast = False
+        #: Whether the last receive_data() held only whole data frames of known fixed-size
+        #: trames, all accepted: nothing for the adapter to write, log or hand on but messages.
+        self.quiet = False
         self._last_rx = now
         self._silence_limit = _INF
         self._rtt_interval = rtt_interval
@@ -759,21 +766,51 @@ class ClientCore(_Core):
         return self.welcome.max_frame_size if self.welcome else HANDSHAKE_MAX_FRAME_SIZE
 
     def receive_data(self, data: bytes, now: float) -> list[Message]:
-        """Feed bytes from the server; return the RELAY and DATA frames decoded as messages."""
-        if self.state is _CLOSED:
-            return []
+        """Feed bytes from the server; return the RELAY and DATA frames decoded as messages.
+
+        Afterwards :attr:`quiet` says whether the read held only whole data frames of known
+        fixed-size trames (nothing written, no event, no refusal, no partial frame kept): then the
+        adapter has nothing to do but hand the messages on.
+        """
         self._last_rx = now
-        out: list[Message] = []
-        if self.state is _OPEN and not self.parser.in_frame and type(data) is bytes:
-            pos = self._scan_relays(data, out)
-            if pos == len(data) or self.closed:
+        if self._fast and type(data) is bytes:
+            # The hot path: open, no frame in progress. quiet stays true unless _refuse() drops.
+            self.quiet = True
+            out: list[Message] = []
+            pos = self._scan_relays(data, out, 0)
+            if pos == len(data):
                 return out
-            data = data[pos:]
+            return self._receive_rest(data, pos, out, now)
+        return self._receive_rest(data, 0, [], now)
+
+    def _receive_rest(self, data: bytes, pos: int, out: list[Message], now: float) -> list[Message]:
+        """Take ``data[pos:]`` through the parser, returning to the hot scan between frames."""
+        self.quiet = False
+        parser = self.parser
+        end = len(data)
+        while pos < end and self.state is not _CLOSED:
+            missing = parser.missing
+            if missing and self.state is _OPEN and type(data) is bytes:
+                # Finish the frame in progress alone, then scan the rest: a read that starts
+                # inside a frame (every read of a flood) stays on the hot path for the others.
+                stop = min(end, pos + missing)
+                self._feed(data[pos:stop], now, out)
+                pos = stop
+                if not parser.missing and self.state is _OPEN:
+                    pos = self._scan_relays(data, out, pos)
+                continue
+            self._feed(data[pos:] if pos else data, now, out)
+            break
+        self._fast = self.state is _OPEN and not parser.missing
+        return out
+
+    def _feed(self, data: bytes, now: float, out: list[Message]) -> None:
+        """Parse ``data`` frame by frame, appending its messages to ``out``; handle the rest."""
         try:
             frames = self.parser.feed(data)
         except ProtocolError as err:
             self.fail(err)
-            return out
+            return
         decode = self.registry.decode_frame
         for frame in frames:
             kind = frame[0]
@@ -822,10 +859,9 @@ class ClientCore(_Core):
                     break
         if self.parser.error is not None:
             self.fail(self.parser.error)
-        return out
 
-    def _scan_relays(self, data: bytes, out: list[Message]) -> int:
-        """Decode the leading RELAY and GROUP_RELAY frames of known fixed-size trames from ``data``.
+    def _scan_relays(self, data: bytes, out: list[Message], pos: int) -> int:
+        """Decode the RELAY and GROUP_RELAY frames of known fixed-size trames from ``data[pos:]``.
 
         The hot path of a receiving client: no memoryview per frame, one dict lookup checks code
         and format. Returns where it stopped; the parser takes the rest (other kinds, unknown
@@ -838,7 +874,6 @@ class ClientCore(_Core):
         relay = _KIND_RELAY
         limit = self.parser.max_frame_size
         end = len(data)
-        pos = 0
         while end - pos > 13:
             length, kind, sender = unpack_head(data, pos)
             stop = pos + 4 + length
@@ -885,6 +920,11 @@ class ClientCore(_Core):
         """
         self.refused += 1
         self.last_refused = (sender, err)
+        self.quiet = False  # the adapter logs it
+
+    def _close(self, reason: DisconnectReason, detail: str = "") -> None:
+        self._fast = False
+        super()._close(reason, detail)
 
     def _control(self, frame: memoryview, kind: int, now: float) -> None:
         body = frame[1:]
