@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import enum
 import hmac
+import os
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Final, TypeVar
 
 from .codec import REGISTRY, Message, Registry
@@ -95,6 +97,30 @@ _SENDER_UNPACK: Final = SENDER.unpack_from
 _HEAD_U32_UNPACK: Final = HEADER_U32.unpack_from
 # tuple.__new__ skips the Python-level __new__ of the NamedTuple: half the cost per message.
 _new_message: Final = tuple.__new__
+
+#: Set to 1 to run the pure-Python receive loop even where the compiled one is built.
+PURE_PYTHON_ENV: Final = "TRAME_ASYNC_PURE_PYTHON"
+
+
+def _load_speedups() -> Callable[..., int] | None:
+    """Return the compiled ``scan_relays`` (trame_async/_speedups.c), or None to use Python's.
+
+    None when it was not built (no compiler at install time) or when the environment variable
+    :data:`PURE_PYTHON_ENV` is set to anything but ``0`` or nothing.
+    """
+    if os.environ.get(PURE_PYTHON_ENV, "") not in ("", "0"):
+        return None
+    try:
+        from . import _speedups
+    except ImportError:
+        return None
+    _speedups.setup(Message, Kind.RELAY, Kind.GROUP_RELAY, BadValueError)
+    return _speedups.scan_relays
+
+
+_c_scan: Final = _load_speedups()
+#: Whether the client's hot receive loop runs compiled (see :func:`_load_speedups`).
+SPEEDUPS: Final = _c_scan is not None
 
 # An ERROR code received from the server, as the reason the client reports.
 _REASON_FOR_ERROR: Final = {
@@ -682,11 +708,13 @@ class ClientCore(_Core):
     __slots__ = (
         "_fast",
         "_keepalive",
+        "_known",
         "_last_rx",
         "_next_keepalive",
         "_next_probe",
         "_paused_at",
         "_probe",
+        "_refuser",
         "_request_seq",
         "_rtt_interval",
         "_silence_limit",
@@ -718,6 +746,10 @@ class ClientCore(_Core):
         # A RELAY carries 4 bytes (the sender id) more than the MULTICAST it relays.
         super().__init__(max_frame_size + RELAY_OVERHEAD)
         self.registry = registry
+        # What the hot loop looks trames up in (head -> Trame; the registry keeps it current),
+        # and the bound method it reports refused values to.
+        self._known = registry._by_head
+        self._refuser = self._refuse
         #: Id the server assigned (0 until WELCOME).
         self.client_id = 0
         #: The WELCOME received, with the server's heartbeat settings and limits.
@@ -777,7 +809,18 @@ class ClientCore(_Core):
             # The hot path: open, no frame in progress. quiet stays true unless _refuse() drops.
             self.quiet = True
             out: list[Message] = []
-            pos = self._scan_relays(data, out, 0)
+            if _c_scan is not None:
+                pos = _c_scan(
+                    data,
+                    0,
+                    self._known,
+                    self.parser.max_frame_size,
+                    out,
+                    self.group_names,
+                    self._refuser,
+                )
+            else:
+                pos = self._scan_relays(data, out, 0)
             if pos == len(data):
                 return out
             return self._receive_rest(data, pos, out, now)
@@ -797,7 +840,7 @@ class ClientCore(_Core):
                 self._feed(data[pos:stop], now, out)
                 pos = stop
                 if not parser.missing and self.state is _OPEN:
-                    pos = self._scan_relays(data, out, pos)
+                    pos = self._scan(data, out, pos)
                 continue
             self._feed(data[pos:] if pos else data, now, out)
             break
@@ -860,6 +903,20 @@ class ClientCore(_Core):
         if self.parser.error is not None:
             self.fail(self.parser.error)
 
+    def _scan(self, data: bytes, out: list[Message], pos: int) -> int:
+        """Run the compiled scan if there is one, else :meth:`_scan_relays`."""
+        if _c_scan is not None:
+            return _c_scan(
+                data,
+                pos,
+                self._known,
+                self.parser.max_frame_size,
+                out,
+                self.group_names,
+                self._refuser,
+            )
+        return self._scan_relays(data, out, pos)
+
     def _scan_relays(self, data: bytes, out: list[Message], pos: int) -> int:
         """Decode the RELAY and GROUP_RELAY frames of known fixed-size trames from ``data[pos:]``.
 
@@ -868,7 +925,7 @@ class ClientCore(_Core):
         codes, a partial frame, or anything odd, which it then checks in full). A value that its
         type refuses drops that message alone (:meth:`_refuse`).
         """
-        known = self.registry._by_head.get
+        known = self._known.get
         unpack_head = _HEAD_U32_UNPACK
         make = _new_message
         relay = _KIND_RELAY
