@@ -12,8 +12,9 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#define KIND_RELAY 0x11
-#define KIND_GROUP_RELAY 0x13
+/* The kind bytes of RELAY and GROUP_RELAY, from the Kind members given to setup(). */
+static long relay_byte = -1;
+static long group_relay_byte = -1;
 
 static PyObject *message_type;     /* trame_async.codec.Message */
 static PyObject *kind_relay;       /* Kind.RELAY */
@@ -43,6 +44,12 @@ new_message(PyObject *sender, PyObject *trame, PyObject *value, PyObject *kind, 
     PyTuple_SET_ITEM(msg, 2, Py_NewRef(value));
     PyTuple_SET_ITEM(msg, 3, Py_NewRef(kind));
     PyTuple_SET_ITEM(msg, 4, Py_NewRef(group));
+    if (!PyObject_GC_IsTracked(value)) {
+        /* Nothing in it can lead back to it: its value is plain data, and a cycle through its
+         * trame or kind would go through the registry, which keeps them alive anyway. Left out
+         * of the collector's young generation, a flood of queued messages costs it nothing. */
+        PyObject_GC_UnTrack(msg);
+    }
     return msg;
 }
 
@@ -118,6 +125,9 @@ unpack_value(PyObject *trame, PyObject *data, Py_ssize_t at, PyObject *sender, P
                 for (Py_ssize_t i = 0; i < n; i++) {
                     PyTuple_SET_ITEM(built, i, Py_NewRef(PyTuple_GET_ITEM(items, i)));
                 }
+                /* A struct's items are ints, floats, bytes and bools: no cycle can go through
+                 * this tuple, as the collector itself concludes of an exact tuple of them. */
+                PyObject_GC_UnTrack(built);
             }
             Py_DECREF(items);
             *value = built;
@@ -127,6 +137,7 @@ unpack_value(PyObject *trame, PyObject *data, Py_ssize_t at, PyObject *sender, P
             Py_DECREF(items);
         }
         else {
+            PyObject_GC_UnTrack(items); /* what the collector would do at its first pass */
             *value = items;
         }
         Py_DECREF(plan);
@@ -189,6 +200,10 @@ scan_relays(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *out = args[4];
     PyObject *group_names = args[5];
     PyObject *refuse = args[6];
+    if (message_type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "scan_relays() before setup()");
+        return NULL;
+    }
     if (!PyBytes_CheckExact(data) || !PyDict_CheckExact(known) || !PyList_CheckExact(out) ||
         !PyDict_CheckExact(group_names)) {
         PyErr_SetString(PyExc_TypeError, "scan_relays(bytes, int, dict, int, list, dict, f)");
@@ -218,8 +233,8 @@ scan_relays(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyObject *group = Py_None;
         PyObject *kind_obj = kind_relay;
         Py_ssize_t head_at = pos + 9;
-        if (kind != KIND_RELAY) {
-            if (kind != KIND_GROUP_RELAY || length < 13) {
+        if (kind != relay_byte) {
+            if (kind != group_relay_byte || length < 13) {
                 break;
             }
             PyObject *group_id = PyLong_FromUnsignedLong(be32(buf + pos + 9));
@@ -290,6 +305,13 @@ setup(PyObject *module, PyObject *args)
         PyErr_SetString(PyExc_TypeError, "Message must be a tuple subclass");
         return NULL;
     }
+    long relay_value = PyLong_AsLong(relay);
+    long group_relay_value = PyLong_AsLong(group_relay);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    relay_byte = relay_value;
+    group_relay_byte = group_relay_value;
     Py_XSETREF(message_type, Py_NewRef(msg));
     Py_XSETREF(kind_relay, Py_NewRef(relay));
     Py_XSETREF(kind_group_relay, Py_NewRef(group_relay));

@@ -513,7 +513,11 @@ class Trame(str):
         raw = st.unpack_from
         make = self._make
         if not self._bounds and (self._wrap or make is None):
-            self._plan = (raw, self.cls if self._wrap else None, int(make is None and self._items == 1))
+            self._plan = (
+                raw,
+                self.cls if self._wrap else None,
+                int(make is None and self._items == 1),
+            )
         if self._wrap:
             # tuple.__new__ with the struct's tuple, one item per field: it cannot raise.
             assert make is not None

@@ -23,8 +23,8 @@ from __future__ import annotations
 import enum
 import hmac
 import os
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Final, TypeVar
 
 from .codec import REGISTRY, Message, Registry
