@@ -512,7 +512,9 @@ class Client:
         # never touches another's. A delivery wakes one per queued message not yet promised;
         # those woken that have not taken theirs yet are owed the head of the queue, and a
         # caller that did not wait gets only what lies past it.
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        # A waiter's result is None when it was woken for the head of the queue, or the message
+        # itself when _deliver() handed one over past an empty queue.
+        self._waiters: collections.deque[asyncio.Future[Message | None]] = collections.deque()
         # Zero when receive() may just pop the queue (its one test per message): otherwise one
         # per woken waiter owed a message (see _woken), plus one while reading is paused (a pop
         # may resume it).
@@ -931,23 +933,29 @@ class Client:
                 self._waiters.append(waiter)
             try:
                 if timeout is None:
-                    await waiter
+                    handed = await waiter
                 else:
                     if deadline is None:
                         deadline = loop.time() + timeout
                     async with asyncio.timeout_at(deadline):
-                        await waiter
+                        handed = await waiter
             except BaseException:
                 self._leave(waiter)
                 raise
+            if handed is not None:
+                return handed  # handed over by _deliver(), past the queue
             self._gate -= 1  # no longer owed: it takes the head now, or waits again in front
             woken = True
 
-    def _leave(self, waiter: asyncio.Future[None]) -> None:
+    def _leave(self, waiter: asyncio.Future[Message | None]) -> None:
         """Forget the wait of a caller that gave up (cancelled, timed out)."""
         if waiter.done() and not waiter.cancelled():
             # Woken for a message, then cancelled before it ran: the next waiter takes it.
-            self._gate -= 1
+            handed = waiter.result()
+            if handed is not None:
+                self._queue.appendleft(handed)  # back in front, as it came first
+            else:
+                self._gate -= 1
             self._wake()
         else:
             waiter.cancel()
@@ -1002,10 +1010,12 @@ class Client:
             else:
                 self._waiters.append(waiter)
             try:
-                await waiter
+                handed = await waiter
             except BaseException:
                 self._leave(waiter)
                 raise
+            if handed is not None:
+                return handed  # handed over by _deliver(), past the queue
             self._gate -= 1  # no longer owed: it takes the head now, or waits again in front
             woken = True
 
@@ -1154,6 +1164,15 @@ class Client:
                     logger.exception("on_message callback failed on %r", message[:2])
             return
         queue = self._queue
+        waiters = self._waiters
+        if waiters and not queue and not self._gate and len(messages) == 1:
+            # One message for a task that waits with nothing queued (every message of a paced
+            # stream): handed over as its waiter's result, with no trip through the queue.
+            while waiters:
+                waiter = waiters.popleft()
+                if not waiter.done():  # a cancelled one is gone already (see _leave)
+                    waiter.set_result(messages[0])
+                    return
         chunks = self._chunks
         if queue:
             self._settle()
@@ -1169,7 +1188,6 @@ class Client:
         if len(queue) > self.max_queue or self._chunk_bytes > self.max_queue_bytes:
             if self._over():
                 self._overflow()
-        waiters = self._waiters
         if waiters:
             if self._gate or len(waiters) > 1:
                 self._wake()
