@@ -926,7 +926,7 @@ class Client:
             if loop is None:
                 # Kept: get_running_loop() per message showed in profiles (a getpid() each call).
                 loop = self._loop = asyncio.get_running_loop()
-            waiter = loop.create_future()
+            waiter: asyncio.Future[Message | None] = loop.create_future()
             if woken:  # woken for a message a drop policy removed: keep the turn, in front
                 self._waiters.appendleft(waiter)
             else:
@@ -1004,7 +1004,7 @@ class Client:
             loop = self._loop
             if loop is None:
                 loop = self._loop = asyncio.get_running_loop()
-            waiter = loop.create_future()
+            waiter: asyncio.Future[Message | None] = loop.create_future()
             if woken:
                 self._waiters.appendleft(waiter)
             else:
