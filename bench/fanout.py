@@ -735,7 +735,8 @@ def start_py_spy(pid: int, out: Path, args: argparse.Namespace) -> subprocess.Po
     out.parent.mkdir(parents=True, exist_ok=True)
     fmt = args.py_spy_format
     out = out.with_suffix({"raw": ".txt", "flamegraph": ".svg", "speedscope": ".json"}[fmt])
-    cmd = ["py-spy", "record", "--pid", str(pid), "--rate", "250", "--format", fmt, "-o", str(out)]
+    rate = str(args.py_spy_rate)
+    cmd = ["py-spy", "record", "--pid", str(pid), "--rate", rate, "--format", fmt, "-o", str(out)]
     if args.py_spy_native:
         cmd.append("--native")
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -1138,6 +1139,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --py-spy: also profile this (load) process, to DIR/<cell>-load.txt",
     )
     p.add_argument("--py-spy-native", action="store_true", help="include native frames")
+    p.add_argument(
+        "--py-spy-rate",
+        type=int,
+        default=250,
+        help="samples/s (a paced cell keeps the load process mostly idle: raise it there)",
+    )
     p.add_argument(
         "--py-spy-format",
         choices=("raw", "flamegraph", "speedscope"),
