@@ -30,8 +30,12 @@ Figures per cell (medians over ``--repeat``):
   arrived for ``--stall`` seconds); "subs cut" counts subscribers whose connection ended early;
 - server CPU s (user+system, psutil, from the first send to the end) and µs per delivered frame;
 - server peak RSS (VmHWM of a fresh server process);
-- load CPU %: this process's CPU over the same window (near 100 %: the load generator limits);
-- paced mode: latency p50/p99/max from the send time to the receipt (same clock, same process).
+- load CPU %: this process's CPU over the same window (near 100 %: the load generator limits), and
+  its CPU µs per delivery (what the receiving clients cost; the publisher's share is the same for
+  every relay);
+- paced mode: latency p50/p99/max from the send time to the receipt (same clock, same process);
+- per round: each relay's delivered/s, load CPU per delivery and latencies divided by those of
+  ``floor-uvloop`` in the same repeat, the median (and range) over the repeats printed last.
 
 Relays (``--relays``): ``trame`` (trame_async server, real trame_async clients consuming with
 ``async for``), ``trame-cb`` (the same clients handed each message by ``connect(on_message=...)``,
