@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import os
 import struct
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pytest
 from helpers import Reading
@@ -158,3 +158,21 @@ def test_messages_of_plain_values_stay_out_of_the_cyclic_collector() -> None:
     assert not gc.is_tracked(par) and not gc.is_tracked(par.value)
     # A value of a class of the application's (a dataclass here) may refer to anything.
     assert gc.is_tracked(rdg) and gc.is_tracked(rdg.value)
+
+
+class Tally:
+    """A value class whose constructor returns an untracked dict, which may take a list later."""
+
+    def __new__(cls, count: int) -> Any:
+        return {"count": count}
+
+
+def test_a_message_whose_value_may_become_a_container_of_references_stays_tracked() -> None:
+    registry = Registry()
+    registry.register("TLY", "<q", Tally)
+    frame = registry.encode("TLY", 3, Kind.RELAY)
+    core = ClientCore(0.0, registry=registry)
+    core.receive_data(Welcome(PROTOCOL_VERSION, 0, 3, None, None, 1 << 20).encode(), 0.0)
+    (message,) = core.receive_data(frame, 1.0)
+    assert message.value == {"count": 3} and not gc.is_tracked(message.value)
+    assert gc.is_tracked(message)  # the dict may hold the message one day: a cycle to collect

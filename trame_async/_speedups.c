@@ -32,7 +32,8 @@ be32(const unsigned char *p)
 
 /* Message(sender, trame, value, kind, group) as tuple.__new__ builds it (no Python __new__). */
 static PyObject *
-new_message(PyObject *sender, PyObject *trame, PyObject *value, PyObject *kind, PyObject *group)
+new_message(PyObject *sender, PyObject *trame, PyObject *value, PyObject *kind, PyObject *group,
+            int plain)
 {
     PyTypeObject *type = (PyTypeObject *)message_type;
     PyObject *msg = type->tp_alloc(type, 5);
@@ -44,10 +45,12 @@ new_message(PyObject *sender, PyObject *trame, PyObject *value, PyObject *kind, 
     PyTuple_SET_ITEM(msg, 2, Py_NewRef(value));
     PyTuple_SET_ITEM(msg, 3, Py_NewRef(kind));
     PyTuple_SET_ITEM(msg, 4, Py_NewRef(group));
-    if (!PyObject_GC_IsTracked(value)) {
-        /* Nothing in it can lead back to it: its value is plain data, and a cycle through its
-         * trame or kind would go through the registry, which keeps them alive anyway. Left out
-         * of the collector's young generation, a flood of queued messages costs it nothing. */
+    if (plain || PyLong_CheckExact(value) || PyFloat_CheckExact(value) || PyBool_Check(value) ||
+        PyBytes_CheckExact(value) || PyUnicode_CheckExact(value)) {
+        /* Nothing in it can lead back to it: its value is plain data (never a container that
+         * could take a reference later, as an untracked dict can), and a cycle through its trame
+         * or kind would go through the registry, which keeps them alive anyway. Left out of the
+         * collector's young generation, a flood of queued messages costs it nothing. */
         PyObject_GC_UnTrack(msg);
     }
     return msg;
@@ -86,8 +89,9 @@ lookup(PyObject *known, const char *buf, Py_ssize_t start, Py_ssize_t stop,
     return same ? trame : NULL;
 }
 
-/* The value at buf[at:]: 0 with *value set, 1 when the trame's class refused it (refuse()
- * called, the frame dropped), -1 on any other error. */
+/* The value at buf[at:]: 0 with *value set (2: built from the struct's items alone, plain data),
+ * 1 when the trame's class refused it (refuse() called, the frame dropped), -1 on any other
+ * error. */
 static int
 unpack_value(PyObject *trame, PyObject *data, Py_ssize_t at, PyObject *sender, PyObject *refuse,
              PyObject **value)
@@ -141,7 +145,7 @@ unpack_value(PyObject *trame, PyObject *data, Py_ssize_t at, PyObject *sender, P
             *value = items;
         }
         Py_DECREF(plan);
-        return *value == NULL ? -1 : 0;
+        return *value == NULL ? -1 : 2;
     }
     Py_DECREF(plan);
     PyObject *unpack = PyObject_GetAttr(trame, str_unpack_from);
@@ -274,8 +278,8 @@ scan_relays(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         PyObject *value = NULL;
         int status = unpack_value(trame, data, value_at, sender, refuse, &value);
-        if (status == 0) {
-            PyObject *msg = new_message(sender, trame, value, kind_obj, group);
+        if (status == 0 || status == 2) {
+            PyObject *msg = new_message(sender, trame, value, kind_obj, group, status == 2);
             Py_DECREF(value);
             if (msg == NULL || PyList_Append(out, msg) < 0) {
                 status = -1;
