@@ -94,7 +94,7 @@ def scan_both(data: bytes, pos: int) -> tuple[tuple[int, list[Message], int], ..
         out: list[Message] = []
         if compiled:
             assert _c_scan is not None
-            end = _c_scan(data, pos, core._known, 1 << 20, out, core.group_names, core._refuser)
+            end = _c_scan(data, pos, core._known, 1 << 20, out, core.group_names, core)
         else:
             end = core._scan_relays(data, out, pos)
         results.append((end, out, core.refused))

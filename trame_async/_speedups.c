@@ -22,6 +22,7 @@ static PyObject *kind_group_relay; /* Kind.GROUP_RELAY */
 static PyObject *bad_value;        /* BadValueError */
 static PyObject *str_unpack_from;
 static PyObject *str_plan;
+static PyObject *str_refuse;
 static PyObject *str_size;
 
 static inline uint32_t
@@ -90,10 +91,10 @@ lookup(PyObject *known, const char *buf, Py_ssize_t start, Py_ssize_t stop,
 }
 
 /* The value at buf[at:]: 0 with *value set (2: built from the struct's items alone, plain data),
- * 1 when the trame's class refused it (refuse() called, the frame dropped), -1 on any other
+ * 1 when the trame's class refused it (core._refuse() called, the frame dropped), -1 on any other
  * error. */
 static int
-unpack_value(PyObject *trame, PyObject *data, Py_ssize_t at, PyObject *sender, PyObject *refuse,
+unpack_value(PyObject *trame, PyObject *data, Py_ssize_t at, PyObject *sender, PyObject *core,
              PyObject **value)
 {
     PyObject *plan = PyObject_GetAttr(trame, str_plan);
@@ -182,7 +183,7 @@ unpack_value(PyObject *trame, PyObject *data, Py_ssize_t at, PyObject *sender, P
         return -1;
     }
 #endif
-    PyObject *result = PyObject_CallFunctionObjArgs(refuse, sender, exc, NULL);
+    PyObject *result = PyObject_CallMethodObjArgs(core, str_refuse, sender, exc, NULL);
     Py_DECREF(exc);
     if (result == NULL) {
         return -1;
@@ -191,7 +192,7 @@ unpack_value(PyObject *trame, PyObject *data, Py_ssize_t at, PyObject *sender, P
     return 1;
 }
 
-/* scan_relays(data, pos, known, limit, out, group_names, refuse) -> pos */
+/* scan_relays(data, pos, known, limit, out, group_names, core) -> pos */
 static PyObject *
 scan_relays(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -203,14 +204,14 @@ scan_relays(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *known = args[2];
     PyObject *out = args[4];
     PyObject *group_names = args[5];
-    PyObject *refuse = args[6];
+    PyObject *core = args[6]; /* the ClientCore: its _refuse() takes a refused value */
     if (message_type == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "scan_relays() before setup()");
         return NULL;
     }
     if (!PyBytes_CheckExact(data) || !PyDict_CheckExact(known) || !PyList_CheckExact(out) ||
         !PyDict_CheckExact(group_names)) {
-        PyErr_SetString(PyExc_TypeError, "scan_relays(bytes, int, dict, int, list, dict, f)");
+        PyErr_SetString(PyExc_TypeError, "scan_relays(bytes, int, dict, int, list, dict, core)");
         return NULL;
     }
     Py_ssize_t pos = PyLong_AsSsize_t(args[1]);
@@ -277,7 +278,7 @@ scan_relays(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             return NULL;
         }
         PyObject *value = NULL;
-        int status = unpack_value(trame, data, value_at, sender, refuse, &value);
+        int status = unpack_value(trame, data, value_at, sender, core, &value);
         if (status == 0 || status == 2) {
             PyObject *msg = new_message(sender, trame, value, kind_obj, group, status == 2);
             Py_DECREF(value);
@@ -341,7 +342,8 @@ PyInit__speedups(void)
     str_unpack_from = PyUnicode_InternFromString("unpack_from");
     str_size = PyUnicode_InternFromString("size");
     str_plan = PyUnicode_InternFromString("_plan");
-    if (str_unpack_from == NULL || str_size == NULL || str_plan == NULL) {
+    str_refuse = PyUnicode_InternFromString("_refuse");
+    if (str_unpack_from == NULL || str_size == NULL || str_plan == NULL || str_refuse == NULL) {
         return NULL;
     }
     return PyModule_Create(&module_def);

@@ -9,7 +9,7 @@ def scan_relays(
     limit: int,
     out: list[Any],
     group_names: dict[int, str],
-    refuse: Any,
+    core: Any,
     /,
 ) -> int: ...
 def setup(message: type[Any], relay: Any, group_relay: Any, bad_value: type[Any], /) -> None: ...

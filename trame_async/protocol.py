@@ -714,7 +714,6 @@ class ClientCore(_Core):
         "_next_probe",
         "_paused_at",
         "_probe",
-        "_refuser",
         "_request_seq",
         "_rtt_interval",
         "_silence_limit",
@@ -746,10 +745,8 @@ class ClientCore(_Core):
         # A RELAY carries 4 bytes (the sender id) more than the MULTICAST it relays.
         super().__init__(max_frame_size + RELAY_OVERHEAD)
         self.registry = registry
-        # What the hot loop looks trames up in (head -> Trame; the registry keeps it current),
-        # and the bound method it reports refused values to.
+        # What the hot loop looks trames up in (head -> Trame; the registry keeps it current).
         self._known = registry._by_head
-        self._refuser = self._refuse
         #: Id the server assigned (0 until WELCOME).
         self.client_id = 0
         #: The WELCOME received, with the server's heartbeat settings and limits.
@@ -817,7 +814,7 @@ class ClientCore(_Core):
                     self.parser.max_frame_size,
                     out,
                     self.group_names,
-                    self._refuser,
+                    self,
                 )
             else:
                 pos = self._scan_relays(data, out, 0)
@@ -913,7 +910,7 @@ class ClientCore(_Core):
                 self.parser.max_frame_size,
                 out,
                 self.group_names,
-                self._refuser,
+                self,
             )
         return self._scan_relays(data, out, pos)
 
