@@ -1022,17 +1022,22 @@ def report(
                 line += [e.get(f"latency_{k}") for k in _LATENCIES]
             body.append(line)
         lines.append(_util.table(headers, body))
-    if rounds:
+    for base in ("floor-uvloop", "trame-raw"):
+        # Against trame-raw: the bare Protocol client on the same server, so the real clients'
+        # own cost, without what the server adds for every client.
+        of_base = [e for e in rounds or [] if e["baseline"] == base]
+        if not of_base:
+            continue
         lines += [
             "",
-            "## Per round / floor-uvloop of the same round: median over rounds (min-max)",
+            f"## Per round / {base} of the same round: median over rounds (min-max)",
             "",
         ]
         headers = ["relay", "S", "rounds", "delivered/s", "load µs/delivery"]
         if args.rate:
             headers += ["p50", "p99"]
         body = []
-        for e in sorted(rounds, key=lambda e: (_order(e["relay"]), e["subscribers"])):
+        for e in sorted(of_base, key=lambda e: (_order(e["relay"]), e["subscribers"])):
             keys = ["delivered_per_s", "load_us_per_delivery"]
             if args.rate:
                 keys += ["p50", "p99"]
@@ -1187,7 +1192,9 @@ def main(argv: list[str] | None = None) -> int:
                 cells.append(cell)
     rows = medians(cells)
     ratio_rows = ratios(rows)
-    rounds = round_ratios(cells)
+    rounds = round_ratios(cells) + [
+        e for e in round_ratios(cells, "trame-raw") if e["relay"] in ("trame", "trame-cb")
+    ]
     print(report(rows, ratio_rows, args, rounds))
     if args.json:
         data = {
