@@ -14,9 +14,30 @@ nox.options.reuse_existing_virtualenvs = True
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Run the whole test suite (stock asyncio loop and uvloop)."""
+    """Run the whole test suite (stock asyncio loop and uvloop) on both receive loops.
+
+    Once with the client's compiled hot loop (trame_async/_speedups.c), when the install could
+    build it, and once with TRAME_ASYNC_PURE_PYTHON=1, the pure-Python package every install has.
+    """
     session.install("-e", ".[test]")
-    session.run("pytest", *session.posargs)
+    built = session.run(
+        "python",
+        "-c",
+        "import trame_async.protocol as p; print(int(p.SPEEDUPS))",
+        silent=True,
+        env={"TRAME_ASYNC_PURE_PYTHON": "0"},
+    )
+    if isinstance(built, str) and built.strip() == "1":
+        session.log("compiled receive loop: the whole suite")
+        session.run(
+            "pytest",
+            *session.posargs,
+            env={"TRAME_ASYNC_REQUIRE_SPEEDUPS": "1", "TRAME_ASYNC_PURE_PYTHON": "0"},
+        )
+    else:
+        session.warn("the compiled receive loop was not built (no C compiler?): pure Python only")
+    session.log("pure-Python receive loop (TRAME_ASYNC_PURE_PYTHON=1): the whole suite")
+    session.run("pytest", *session.posargs, env={"TRAME_ASYNC_PURE_PYTHON": "1"})
 
 
 @nox.session

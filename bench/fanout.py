@@ -30,8 +30,12 @@ Figures per cell (medians over ``--repeat``):
   arrived for ``--stall`` seconds); "subs cut" counts subscribers whose connection ended early;
 - server CPU s (user+system, psutil, from the first send to the end) and µs per delivered frame;
 - server peak RSS (VmHWM of a fresh server process);
-- load CPU %: this process's CPU over the same window (near 100 %: the load generator limits);
-- paced mode: latency p50/p99/max from the send time to the receipt (same clock, same process).
+- load CPU %: this process's CPU over the same window (near 100 %: the load generator limits), and
+  its CPU µs per delivery (what the receiving clients cost; the publisher's share is the same for
+  every relay);
+- paced mode: latency p50/p99/max from the send time to the receipt (same clock, same process);
+- per round: each relay's delivered/s, load CPU per delivery and latencies divided by those of
+  ``floor-uvloop`` in the same repeat, the median (and range) over the repeats printed last.
 
 Relays (``--relays``): ``trame`` (trame_async server, real trame_async clients consuming with
 ``async for``), ``trame-cb`` (the same clients handed each message by ``connect(on_message=...)``,
@@ -662,7 +666,7 @@ async def run_cell(
             await asyncio.sleep(1.0)  # let it attach
         server = psutil.Process(server_pid)
         cpu0 = server.cpu_times()
-        load0 = os.times()
+        load0 = time.process_time()  # ns resolution: os.times() counts 10 ms ticks
         wall0 = perf_counter()
         sender = asyncio.get_running_loop().create_task(
             publish(pub, tally, subscribers, frames, args)
@@ -680,7 +684,7 @@ async def run_cell(
                 break
         wall1 = perf_counter()
         cpu1 = server.cpu_times()
-        load1 = os.times()
+        load1 = time.process_time()
         rss_peak = _util.peak_rss(server_pid)
         rss_now = server.memory_info().rss
         cut = sum(1 for sub in subs if sub.ended())
@@ -701,7 +705,7 @@ async def run_cell(
         await close_all([*subs, *([pub] if pub is not None else [])])
     span = tally.last - tally.first_send if tally.total else 0.0
     server_cpu = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
-    load_cpu = (load1.user + load1.system) - (load0.user + load0.system)
+    load_cpu = load1 - load0
     window = wall1 - wall0
     result: dict[str, Any] = {
         "subscribers": subscribers,
@@ -717,6 +721,7 @@ async def run_cell(
         "server_peak_rss_mib": rss_peak / (1 << 20),
         "server_rss_end_mib": rss_now / (1 << 20),
         "load_cpu_pct": 100 * load_cpu / window if window > 0 else 0.0,
+        "load_us_per_delivery": 1e6 * load_cpu / tally.total if tally.total else None,
         "connect_s": connect_s,
     }
     if tally.latencies:
@@ -734,7 +739,8 @@ def start_py_spy(pid: int, out: Path, args: argparse.Namespace) -> subprocess.Po
     out.parent.mkdir(parents=True, exist_ok=True)
     fmt = args.py_spy_format
     out = out.with_suffix({"raw": ".txt", "flamegraph": ".svg", "speedscope": ".json"}[fmt])
-    cmd = ["py-spy", "record", "--pid", str(pid), "--rate", "250", "--format", fmt, "-o", str(out)]
+    rate = str(args.py_spy_rate)
+    cmd = ["py-spy", "record", "--pid", str(pid), "--rate", rate, "--format", fmt, "-o", str(out)]
     if args.py_spy_native:
         cmd.append("--native")
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -792,6 +798,7 @@ _FIGURES = (
     "server_cpu_pct",
     "server_peak_rss_mib",
     "load_cpu_pct",
+    "load_us_per_delivery",
     "seconds",
 )
 _LATENCIES = ("p50", "p99", "max")
@@ -889,12 +896,56 @@ def limit_costs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def round_ratios(cells: list[dict[str, Any]], base: str = "floor-uvloop") -> list[dict[str, Any]]:
+    """Per relay and S, the median over repeats (rounds) of each round's ratio to ``base``.
+
+    The relays of one round run one after the other, so a round's ratio compares cells measured
+    minutes apart at most; on a VM whose speed drifts by the hour, the median of these per-round
+    ratios is steadier than the ratio of the medians. Figures: delivered/s, the load process's
+    CPU µs per delivery (what the receiving clients cost), and the latency percentiles.
+    """
+    by_round = {(c["relay"], c["subscribers"], c["repeat"]): c for c in cells}
+    keys = sorted({(c["relay"], c["subscribers"]) for c in cells if c["relay"] != base})
+    out = []
+    for relay, subscribers in keys:
+        per: dict[str, list[float]] = {}
+        for (name, s, rep), cell in by_round.items():
+            other = by_round.get((base, s, rep))
+            if name != relay or s != subscribers or other is None:
+                continue
+            pairs = [
+                ("delivered_per_s", cell["delivered_per_s"], other["delivered_per_s"]),
+                (
+                    "load_us_per_delivery",
+                    cell.get("load_us_per_delivery"),
+                    other.get("load_us_per_delivery"),
+                ),
+            ]
+            if "latency_ms" in cell and "latency_ms" in other:
+                pairs += [(k, cell["latency_ms"][k], other["latency_ms"][k]) for k in _LATENCIES]
+            for key, a, b in pairs:
+                value = _ratio(a, b)
+                if value is not None:
+                    per.setdefault(key, []).append(value)
+        if per:
+            entry: dict[str, Any] = {"relay": relay, "baseline": base, "subscribers": subscribers}
+            for key, values in per.items():
+                entry[key] = statistics.median(values)
+                entry[f"{key}_range"] = (min(values), max(values))
+            entry["rounds"] = max(len(v) for v in per.values())
+            out.append(entry)
+    return out
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
 def report(
-    rows: list[dict[str, Any]], ratio_rows: list[dict[str, Any]], args: argparse.Namespace
+    rows: list[dict[str, Any]],
+    ratio_rows: list[dict[str, Any]],
+    args: argparse.Namespace,
+    rounds: list[dict[str, Any]] | None = None,
 ) -> str:
     if args.rate:
         mode = f"paced at {args.rate:g} frames/s"
@@ -920,6 +971,7 @@ def report(
         "srv CPU %",
         "srv peak RSS MiB",
         "load CPU %",
+        "load µs/delivery",
     ]
     body = [
         [
@@ -934,6 +986,7 @@ def report(
             r["server_cpu_pct"],
             r["server_peak_rss_mib"],
             r["load_cpu_pct"],
+            r["load_us_per_delivery"],
         ]
         for r in rows
     ]
@@ -967,6 +1020,34 @@ def report(
             ]
             if args.rate:
                 line += [e.get(f"latency_{k}") for k in _LATENCIES]
+            body.append(line)
+        lines.append(_util.table(headers, body))
+    for base in ("floor-uvloop", "trame-raw"):
+        # Against trame-raw: the bare Protocol client on the same server, so the real clients'
+        # own cost, without what the server adds for every client.
+        of_base = [e for e in rounds or [] if e["baseline"] == base]
+        if not of_base:
+            continue
+        lines += [
+            "",
+            f"## Per round / {base} of the same round: median over rounds (min-max)",
+            "",
+        ]
+        headers = ["relay", "S", "rounds", "delivered/s", "load µs/delivery"]
+        if args.rate:
+            headers += ["p50", "p99"]
+        body = []
+        for e in sorted(of_base, key=lambda e: (_order(e["relay"]), e["subscribers"])):
+            keys = ["delivered_per_s", "load_us_per_delivery"]
+            if args.rate:
+                keys += ["p50", "p99"]
+            line: list[Any] = [e["relay"], e["subscribers"], e["rounds"]]
+            for key in keys:
+                if key in e:
+                    low, high = e[f"{key}_range"]
+                    line.append(f"{e[key]:.2f} ({low:.2f}-{high:.2f})")
+                else:
+                    line.append(None)
             body.append(line)
         lines.append(_util.table(headers, body))
     costs = limit_costs(rows)
@@ -1068,6 +1149,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--py-spy-native", action="store_true", help="include native frames")
     p.add_argument(
+        "--py-spy-rate",
+        type=int,
+        default=250,
+        help="samples/s (a paced cell keeps the load process mostly idle: raise it there)",
+    )
+    p.add_argument(
         "--py-spy-format",
         choices=("raw", "flamegraph", "speedscope"),
         default="raw",
@@ -1105,7 +1192,10 @@ def main(argv: list[str] | None = None) -> int:
                 cells.append(cell)
     rows = medians(cells)
     ratio_rows = ratios(rows)
-    print(report(rows, ratio_rows, args))
+    rounds = round_ratios(cells) + [
+        e for e in round_ratios(cells, "trame-raw") if e["relay"] in ("trame", "trame-cb")
+    ]
+    print(report(rows, ratio_rows, args, rounds))
     if args.json:
         data = {
             "meta": _util.finish_metadata(meta),
@@ -1115,6 +1205,7 @@ def main(argv: list[str] | None = None) -> int:
             "cells": cells,
             "medians": rows,
             "ratios": ratio_rows,
+            "round_ratios": rounds,
             "limit_costs": limit_costs(rows),
         }
         Path(args.json).write_text(json.dumps(data, indent=2))

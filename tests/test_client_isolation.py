@@ -421,6 +421,32 @@ async def test_a_waiter_cancelled_after_it_was_woken_passes_its_message_on() -> 
         assert client._gate == 0 and not client._waiters
 
 
+@pytest.mark.parametrize("way", ["async for", "receive(timeout=)"])
+async def test_a_message_handed_to_a_task_cancelled_before_it_ran_goes_back_in_front(
+    way: str,
+) -> None:
+    # One message for one waiting task and an empty queue is handed over as the waiter's result
+    # (no trip through the queue). Cancelled before it runs, the task puts it back in front.
+    async with (
+        trame_async.serve("127.0.0.1", 0) as server,
+        trame_async.connect("127.0.0.1", server.port) as client,
+    ):
+        first = asyncio.create_task(
+            next_message(client) if way == "async for" else client.receive(timeout=10)
+        )
+        await started(first)
+        client._deliver([Message(0, INT, 7, Kind.RELAY)], 20)
+        assert client.queued == 0  # handed over, not queued
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert client.queued == 1
+        server.multicast(INT, 8)
+        assert (await client.receive(timeout=5)).value == 7  # first in, first out
+        assert (await client.receive(timeout=5)).value == 8
+        assert client._gate == 0 and not client._waiters and client.queued_bytes == 0
+
+
 async def test_two_consumers_share_a_stream_each_message_once() -> None:
     n = 500
     async with (

@@ -253,6 +253,8 @@ class _ClientProtocol(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
+        # Whether the core was seen OPEN after a read (the handshake is then over).
+        self._was_open = False
         # Bytes received of a frame the parser has not completed yet: they belong to the next
         # delivery, for the receive queue's byte budget.
         self._unqueued = 0
@@ -278,10 +280,31 @@ class _ClientProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         core = self.core
-        was_open = core.state is _OPEN
+        messages = core.receive_data(data, self.loop.time())
+        if core.quiet:
+            # The hot path: only whole data frames, all decoded, none held back by the parser
+            # (so none of this read's bytes waits for the next delivery).
+            if messages:
+                client = self._client
+                callback = client._on_message
+                if callback is None:
+                    client._deliver(messages, len(data))
+                    return
+                # Straight to the application, in order, with no queue and no task switch.
+                for message in messages:
+                    try:
+                        callback(message)
+                    except Exception:
+                        logger.exception("on_message callback failed on %r", message[:2])
+            return
+        self._received(data, messages)
+
+    def _received(self, data: bytes, messages: list[Message]) -> None:
+        """Do what a read asks beyond handing messages on: answers, events, handshake, close."""
+        core = self.core
+        was_open = self._was_open
         if not was_open and len(self.head) < _HEAD_SIZE:
             self.head += data[: _HEAD_SIZE - len(self.head)]
-        messages = core.receive_data(data, self.loop.time())
         if core.outgoing:
             self._write_outgoing()
         if core.refused != self._refused_seen:
@@ -299,6 +322,7 @@ class _ClientProtocol(asyncio.Protocol):
         if core.state is _CLOSED:
             self._end()
         elif not was_open and core.state is _OPEN:
+            self._was_open = True
             if not self.handshake.done():
                 self.handshake.set_result(None)
                 self.opened = True
@@ -488,7 +512,9 @@ class Client:
         # never touches another's. A delivery wakes one per queued message not yet promised;
         # those woken that have not taken theirs yet are owed the head of the queue, and a
         # caller that did not wait gets only what lies past it.
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        # A waiter's result is None when it was woken for the head of the queue, or the message
+        # itself when _deliver() handed one over past an empty queue.
+        self._waiters: collections.deque[asyncio.Future[Message | None]] = collections.deque()
         # Zero when receive() may just pop the queue (its one test per message): otherwise one
         # per woken waiter owed a message (see _woken), plus one while reading is paused (a pop
         # may resume it).
@@ -900,30 +926,36 @@ class Client:
             if loop is None:
                 # Kept: get_running_loop() per message showed in profiles (a getpid() each call).
                 loop = self._loop = asyncio.get_running_loop()
-            waiter = loop.create_future()
+            waiter: asyncio.Future[Message | None] = loop.create_future()
             if woken:  # woken for a message a drop policy removed: keep the turn, in front
                 self._waiters.appendleft(waiter)
             else:
                 self._waiters.append(waiter)
             try:
                 if timeout is None:
-                    await waiter
+                    handed = await waiter
                 else:
                     if deadline is None:
                         deadline = loop.time() + timeout
                     async with asyncio.timeout_at(deadline):
-                        await waiter
+                        handed = await waiter
             except BaseException:
                 self._leave(waiter)
                 raise
+            if handed is not None:
+                return handed  # handed over by _deliver(), past the queue
             self._gate -= 1  # no longer owed: it takes the head now, or waits again in front
             woken = True
 
-    def _leave(self, waiter: asyncio.Future[None]) -> None:
+    def _leave(self, waiter: asyncio.Future[Message | None]) -> None:
         """Forget the wait of a caller that gave up (cancelled, timed out)."""
         if waiter.done() and not waiter.cancelled():
             # Woken for a message, then cancelled before it ran: the next waiter takes it.
-            self._gate -= 1
+            handed = waiter.result()
+            if handed is not None:
+                self._queue.appendleft(handed)  # back in front, as it came first
+            else:
+                self._gate -= 1
             self._wake()
         else:
             waiter.cancel()
@@ -972,16 +1004,18 @@ class Client:
             loop = self._loop
             if loop is None:
                 loop = self._loop = asyncio.get_running_loop()
-            waiter = loop.create_future()
+            waiter: asyncio.Future[Message | None] = loop.create_future()
             if woken:
                 self._waiters.appendleft(waiter)
             else:
                 self._waiters.append(waiter)
             try:
-                await waiter
+                handed = await waiter
             except BaseException:
                 self._leave(waiter)
                 raise
+            if handed is not None:
+                return handed  # handed over by _deliver(), past the queue
             self._gate -= 1  # no longer owed: it takes the head now, or waits again in front
             woken = True
 
@@ -1115,7 +1149,11 @@ class Client:
         )
 
     def _deliver(self, messages: list[Message], size: int) -> None:
-        """Queue the messages of one read of ``size`` bytes; apply the policy if over a bound."""
+        """Queue the messages of one read of ``size`` bytes; apply the policy if over a bound.
+
+        With an ``on_message`` callback, hand them to it instead (data_received does that itself
+        on its hot path).
+        """
         callback = self._on_message
         if callback is not None:
             # Straight to the application, in order, with no queue and no task switch.
@@ -1126,6 +1164,15 @@ class Client:
                     logger.exception("on_message callback failed on %r", message[:2])
             return
         queue = self._queue
+        waiters = self._waiters
+        if waiters and not queue and not self._gate and len(messages) == 1:
+            # One message for a task that waits with nothing queued (every message of a paced
+            # stream): handed over as its waiter's result, with no trip through the queue.
+            while waiters:
+                waiter = waiters.popleft()
+                if not waiter.done():  # a cancelled one is gone already (see _leave)
+                    waiter.set_result(messages[0])
+                    return
         chunks = self._chunks
         if queue:
             self._settle()
@@ -1141,7 +1188,6 @@ class Client:
         if len(queue) > self.max_queue or self._chunk_bytes > self.max_queue_bytes:
             if self._over():
                 self._overflow()
-        waiters = self._waiters
         if waiters:
             if self._gate or len(waiters) > 1:
                 self._wake()

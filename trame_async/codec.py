@@ -175,6 +175,9 @@ class Trame(str):
     _owner: Registry
     #: Unpack a fixed-size value at ``offset`` of a buffer (its size already checked).
     unpack_from: Callable[..., Any]
+    #: For the compiled receive loop (_speedups.c), when a value is the struct's items as they
+    #: are: (the struct's unpack_from, the NamedTuple class or None, 1 for the lone item or 0).
+    _plan: tuple[Callable[..., Any], type[Any] | None, int] | None
 
     def __new__(cls, code: str, fmt: str, value_cls: type[Any] | None = None) -> Trame:
         """Build a trame type; :func:`register` validates ``code`` and ``fmt`` first."""
@@ -503,11 +506,18 @@ class Trame(str):
     def _compile_unpack(self) -> None:
         """Set :attr:`unpack_from` to the cheapest callable for this type's value shape."""
         st = self._struct
+        self._plan = None
         if st is None:
             self.unpack_from = self._variable_unpack
             return
         raw = st.unpack_from
         make = self._make
+        if not self._bounds and (self._wrap or make is None):
+            self._plan = (
+                raw,
+                self.cls if self._wrap else None,
+                int(make is None and self._items == 1),
+            )
         if self._wrap:
             # tuple.__new__ with the struct's tuple, one item per field: it cannot raise.
             assert make is not None

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import enum
 import hmac
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
@@ -95,6 +97,30 @@ _SENDER_UNPACK: Final = SENDER.unpack_from
 _HEAD_U32_UNPACK: Final = HEADER_U32.unpack_from
 # tuple.__new__ skips the Python-level __new__ of the NamedTuple: half the cost per message.
 _new_message: Final = tuple.__new__
+
+#: Set to 1 to run the pure-Python receive loop even where the compiled one is built.
+PURE_PYTHON_ENV: Final = "TRAME_ASYNC_PURE_PYTHON"
+
+
+def _load_speedups() -> Callable[..., int] | None:
+    """Return the compiled ``scan_relays`` (trame_async/_speedups.c), or None to use Python's.
+
+    None when it was not built (no compiler at install time) or when the environment variable
+    :data:`PURE_PYTHON_ENV` is set to anything but ``0`` or nothing.
+    """
+    if os.environ.get(PURE_PYTHON_ENV, "") not in ("", "0"):
+        return None
+    try:
+        from . import _speedups
+    except ImportError:
+        return None
+    _speedups.setup(Message, Kind.RELAY, Kind.GROUP_RELAY, BadValueError)
+    return _speedups.scan_relays
+
+
+_c_scan: Final = _load_speedups()
+#: Whether the client's hot receive loop runs compiled (see :func:`_load_speedups`).
+SPEEDUPS: Final = _c_scan is not None
 
 # An ERROR code received from the server, as the reason the client reports.
 _REASON_FOR_ERROR: Final = {
@@ -680,7 +706,9 @@ class ClientCore(_Core):
     """The client's view of its connection to the server."""
 
     __slots__ = (
+        "_fast",
         "_keepalive",
+        "_known",
         "_last_rx",
         "_next_keepalive",
         "_next_probe",
@@ -695,6 +723,7 @@ class ClientCore(_Core):
         "group_names",
         "last_refused",
         "missed",
+        "quiet",
         "refused",
         "registry",
         "rtt",
@@ -716,6 +745,8 @@ class ClientCore(_Core):
         # A RELAY carries 4 bytes (the sender id) more than the MULTICAST it relays.
         super().__init__(max_frame_size + RELAY_OVERHEAD)
         self.registry = registry
+        # What the hot loop looks trames up in (head -> Trame; the registry keeps it current).
+        self._known = registry._by_head
         #: Id the server assigned (0 until WELCOME).
         self.client_id = 0
         #: The WELCOME received, with the server's heartbeat settings and limits.
@@ -739,6 +770,11 @@ class ClientCore(_Core):
         #: :attr:`group_names` (in flight when the client left: never an error).
         self.unknown_group = 0
         self._request_seq = 0
+        # Whether receive_data() may scan a read straight away: open, no frame in progress.
+        self._fast = False
+        #: Whether the last receive_data() held only whole data frames of known fixed-size
+        #: trames, all accepted: nothing for the adapter to write, log or hand on but messages.
+        self.quiet = False
         self._last_rx = now
         self._silence_limit = _INF
         self._rtt_interval = rtt_interval
@@ -759,21 +795,62 @@ class ClientCore(_Core):
         return self.welcome.max_frame_size if self.welcome else HANDSHAKE_MAX_FRAME_SIZE
 
     def receive_data(self, data: bytes, now: float) -> list[Message]:
-        """Feed bytes from the server; return the RELAY and DATA frames decoded as messages."""
-        if self.state is _CLOSED:
-            return []
+        """Feed bytes from the server; return the RELAY and DATA frames decoded as messages.
+
+        Afterwards :attr:`quiet` says whether the read held only whole data frames of known
+        fixed-size trames (nothing written, no event, no refusal, no partial frame kept): then the
+        adapter has nothing to do but hand the messages on.
+        """
         self._last_rx = now
-        out: list[Message] = []
-        if self.state is _OPEN and not self.parser.in_frame and type(data) is bytes:
-            pos = self._scan_relays(data, out)
-            if pos == len(data) or self.closed:
+        if self._fast and type(data) is bytes:
+            # The hot path: open, no frame in progress. quiet stays true unless _refuse() drops.
+            self.quiet = True
+            out: list[Message] = []
+            if _c_scan is not None:
+                pos = _c_scan(
+                    data,
+                    0,
+                    self._known,
+                    self.parser.max_frame_size,
+                    out,
+                    self.group_names,
+                    self,
+                )
+            else:
+                pos = self._scan_relays(data, out, 0)
+            if pos == len(data):
                 return out
-            data = data[pos:]
+            return self._receive_rest(data, pos, out, now)
+        return self._receive_rest(data, 0, [], now)
+
+    def _receive_rest(self, data: bytes, pos: int, out: list[Message], now: float) -> list[Message]:
+        """Take ``data[pos:]`` through the parser, returning to the hot scan between frames."""
+        self.quiet = False
+        parser = self.parser
+        end = len(data)
+        while pos < end and self.state is not _CLOSED:
+            missing = parser.missing
+            if missing and self.state is _OPEN and type(data) is bytes:
+                # Finish the frame in progress alone, then scan the rest: a read that starts
+                # inside a frame (every read of a flood) stays on the hot path for the others.
+                stop = min(end, pos + missing)
+                self._feed(data[pos:stop], now, out)
+                pos = stop
+                if not parser.missing and self.state is _OPEN:
+                    pos = self._scan(data, out, pos)
+                continue
+            self._feed(data[pos:] if pos else data, now, out)
+            break
+        self._fast = self.state is _OPEN and not parser.missing
+        return out
+
+    def _feed(self, data: bytes, now: float, out: list[Message]) -> None:
+        """Parse ``data`` frame by frame, appending its messages to ``out``; handle the rest."""
         try:
             frames = self.parser.feed(data)
         except ProtocolError as err:
             self.fail(err)
-            return out
+            return
         decode = self.registry.decode_frame
         for frame in frames:
             kind = frame[0]
@@ -822,23 +899,35 @@ class ClientCore(_Core):
                     break
         if self.parser.error is not None:
             self.fail(self.parser.error)
-        return out
 
-    def _scan_relays(self, data: bytes, out: list[Message]) -> int:
-        """Decode the leading RELAY and GROUP_RELAY frames of known fixed-size trames from ``data``.
+    def _scan(self, data: bytes, out: list[Message], pos: int) -> int:
+        """Run the compiled scan if there is one, else :meth:`_scan_relays`."""
+        if _c_scan is not None:
+            return _c_scan(
+                data,
+                pos,
+                self._known,
+                self.parser.max_frame_size,
+                out,
+                self.group_names,
+                self,
+            )
+        return self._scan_relays(data, out, pos)
+
+    def _scan_relays(self, data: bytes, out: list[Message], pos: int) -> int:
+        """Decode the RELAY and GROUP_RELAY frames of known fixed-size trames from ``data[pos:]``.
 
         The hot path of a receiving client: no memoryview per frame, one dict lookup checks code
         and format. Returns where it stopped; the parser takes the rest (other kinds, unknown
         codes, a partial frame, or anything odd, which it then checks in full). A value that its
         type refuses drops that message alone (:meth:`_refuse`).
         """
-        known = self.registry._by_head.get
+        known = self._known.get
         unpack_head = _HEAD_U32_UNPACK
         make = _new_message
         relay = _KIND_RELAY
         limit = self.parser.max_frame_size
         end = len(data)
-        pos = 0
         while end - pos > 13:
             length, kind, sender = unpack_head(data, pos)
             stop = pos + 4 + length
@@ -885,6 +974,11 @@ class ClientCore(_Core):
         """
         self.refused += 1
         self.last_refused = (sender, err)
+        self.quiet = False  # the adapter logs it
+
+    def _close(self, reason: DisconnectReason, detail: str = "") -> None:
+        self._fast = False
+        super()._close(reason, detail)
 
     def _control(self, frame: memoryview, kind: int, now: float) -> None:
         body = frame[1:]

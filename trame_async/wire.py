@@ -654,6 +654,12 @@ class FrameParser:
         return len(self._buf)
 
     @property
+    def missing(self) -> int:
+        """Bytes that complete the frame in progress (its length field first), 0 if none."""
+        buf = self._buf
+        return (self._need or LENGTH_SIZE) - len(buf) if buf else 0
+
+    @property
     def in_frame(self) -> bool:
         """Whether a frame has been started but not completed."""
         return bool(self._buf)
