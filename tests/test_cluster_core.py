@@ -415,10 +415,21 @@ def test_outbox_drops_the_oldest_past_max_bytes_and_counts_envelopes_and_frames(
         "frames_by_age": 0,
         "envelopes_by_bytes": 1,
         "frames_by_bytes": 1,
+        "control": 0,
         "envelopes": 1,
         "frames": 1,
     }
     assert box.take(0.0) == [c, d]
+
+
+def test_outbox_counts_frameless_messages_apart_from_envelopes() -> None:
+    box = ClusterOutbox(OutboxLimits(max_bytes=100, max_age=1.0))
+    reply = Batch("\x00trame.x.n.1.r1", 0, 0, b"r" * 80)
+    box.push(reply, 0.0)
+    box.push(Batch("\x00trame.x.n.1.r2", 0, 0, b"r" * 80), 0.0)  # over max_bytes: one goes
+    assert box.expire(5.0) == 1  # the other ages out
+    assert box.dropped.control == 2
+    assert box.dropped.envelopes == 0 and box.dropped.frames == 0
 
 
 def test_outbox_drops_an_envelope_larger_than_max_bytes_at_once() -> None:

@@ -3,8 +3,10 @@ last values and ids across nodes (tests/cluster_helpers.py starts the nodes)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +15,13 @@ from cluster_helpers import cluster_config, cluster_nodes
 from helpers import eventually, receive_n
 from hypothesis import given
 from hypothesis import strategies as st
-from nats_helpers import MS, nats_server
+from nats_helpers import MS, NatsServer, nats_server
 
 import trame_async
-from trame_async import INT, REGISTRY
+from trame_async import INT, REGISTRY, PresenceEvent
 from trame_async.cluster import NODE_ID_BITS, ClusterConfig, encode
-from trame_async.cluster.node import group_token
-from trame_async.wire import Kind
+from trame_async.cluster.node import _parts, group_token
+from trame_async.wire import Kind, PresenceNotice
 
 pytestmark = pytest.mark.timeout(60)
 STEP = 5_000 * MS
@@ -218,3 +220,128 @@ async def test_a_group_on_one_node_costs_the_others_nothing(tmp_path: Path) -> N
         stats = b.stats()["cluster"]
         # Node b follows no group and received none of those envelopes (NATS had no interest).
         assert stats["groups_followed"] == 0 and stats["frames_in"] == 0, stats
+
+
+# --- found in review: what a node does when NATS is down at start, forged input, resyncs ---
+
+
+async def test_a_node_starts_and_serves_while_nats_is_down_then_joins(tmp_path: Path) -> None:
+    nats = NatsServer(tmp_path, "late")
+    with socket.socket() as s:  # a port where nothing listens yet
+        s.bind(("127.0.0.1", 0))
+        nats.port = s.getsockname()[1]
+    config = cluster_config([nats.url], "late", node_index=3)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    server = await asyncio.wait_for(trame_async.start_server("127.0.0.1", 0, cluster=config), STEP)
+    try:
+        assert server.cluster is not None and server.cluster.state == "starting"
+        assert loop.time() - began < STEP
+        async with (
+            trame_async.connect("127.0.0.1", server.port) as alice,
+            trame_async.connect("127.0.0.1", server.port) as bob,
+        ):
+            await alice.multicast(INT, 1)
+            (got,) = await receive_n(bob, 1, STEP)  # local delivery does not wait for NATS
+            assert got.value == 1
+            await nats.start()
+            await eventually(lambda: server.stats()["cluster"]["state"] == "connected", STEP)
+    finally:
+        server.close()
+        await server.wait_closed()
+        await nats.stop()
+
+
+async def test_forged_sequence_numbers_and_claims_are_refused(tmp_path: Path) -> None:
+    """Any NATS client can publish on the subjects: a forged envelope or heartbeat with a real
+    node's id and an impossible seq must not make its real envelopes look like duplicates."""
+    async with (
+        nats_server(tmp_path) as nats,
+        cluster_nodes([nats.url], 2, name="forge") as (a, b),
+        trame_async.connect("127.0.0.1", a.port) as alice,
+        trame_async.connect("127.0.0.1", b.port) as bob,
+    ):
+        await alice.multicast(INT, 1)
+        await receive_n(bob, 1, STEP)
+        assert a.cluster is not None
+        node = a.cluster.node_id
+        position = a.cluster._batcher.position("all")
+        assert position is not None
+        rogue = await nats_client(nats.url)
+        try:
+            relay = REGISTRY.encode(INT, 666, Kind.RELAY)
+            await rogue.publish("trame.forge.all", encode(node, position[0], 10**12, [relay]))
+            await rogue.publish("trame.forge.all", encode(node, 2**63, 0, [relay]))
+            beat = {
+                "v": 1,
+                "node": node,
+                "index": 1,
+                "epoch": 1,
+                "pos": {"all": [position[0], 10**9]},
+            }
+            await rogue.publish("trame.forge.ctl.hb", json.dumps(beat).encode())
+            await rogue.flush()
+        finally:
+            await rogue.close()
+        # The two envelopes at once, the claim at the real node's next heartbeat.
+        await eventually(lambda: b.stats()["cluster"]["malformed_in"] >= 3, STEP)
+        for v in range(2, 6):
+            await alice.multicast(INT, v)
+        got = await receive_n(bob, 4, STEP)
+        assert [m.value for m in got] == [2, 3, 4, 5]
+        stats = b.stats()["cluster"]
+        assert stats["duplicates"] == 0 and stats["missed"] == 0, stats
+
+
+async def test_members_announced_by_a_node_never_heard_from_go_away(tmp_path: Path) -> None:
+    async with (
+        nats_server(tmp_path) as nats,
+        cluster_nodes([nats.url], 1, name="ghost") as (b,),
+        trame_async.connect("127.0.0.1", b.port) as bob,
+    ):
+        await bob.join("room", presence=True)
+        rogue = await nats_client(nats.url)
+        ghost = (55 << NODE_ID_BITS) | 7
+        try:
+            notice = PresenceNotice(1, PresenceEvent.JOINED, ghost, 0).encode()
+            await rogue.publish(
+                f"trame.ghost.g.{group_token('room')}", encode(0xBAD, 1, 0, [notice])
+            )
+            await rogue.flush()
+        finally:
+            await rogue.close()
+        joined = await bob.next_presence(STEP)
+        assert (joined.client_id, joined.joined) == (ghost, True)
+        # The "node" never sends a heartbeat: gone after dead_after, its member with it.
+        left = await bob.next_presence(STEP)
+        assert (left.client_id, left.joined) == (ghost, False)
+        assert await bob.members("room") == [bob.id]
+
+
+async def test_a_resync_hands_out_no_last_value_twice(tmp_path: Path) -> None:
+    async with (
+        nats_server(tmp_path) as nats,
+        cluster_nodes([nats.url], 2, last_value_groups=("s.*",)) as (a, b),
+        trame_async.connect("127.0.0.1", a.port) as alice,
+        trame_async.connect("127.0.0.1", b.port) as bob,
+    ):
+        await alice.join("s.room")
+        await alice.multicast(INT, 42, group="s.room")
+        await bob.join("s.room")
+        (got,) = await receive_n(bob, 1, STEP)
+        assert got.value == 42
+        assert b.cluster is not None
+        before = b.cluster.resyncs
+        b.cluster._resync(["s.room"], None)
+        await eventually(lambda: b.cluster is not None and b.cluster.snapshots > before, STEP)
+        await alice.multicast(INT, 43, group="s.room")
+        (got,) = await receive_n(bob, 1, STEP)
+        assert got.value == 43  # not 42 again
+
+
+def test_snapshot_parts_stay_under_nats_max_payload() -> None:
+    members = list(range(1, 100_001))
+    frames = [bytes(200_000), bytes(300_000), bytes(100)] + [bytes(1_000)] * 600
+    parts, skipped = _parts(1, 2, 3, [({"name": "big", "members": members, "pos": None}, frames)])
+    assert skipped == 1  # the 300,000-byte value
+    assert all(len(p) < 1 << 20 for p in parts) and len(parts) > 2

@@ -57,7 +57,7 @@ class ClusterConfig:
     """How long a node gaining its first member in a group waits for the other nodes' presence
     and last values (the join is answered when all live nodes replied, or at this deadline)."""
     probe_interval: float = 2.0
-    """When nothing came from NATS for this long, the node sends itself a probe through NATS."""
+    """The node sends itself a probe through NATS this often (the deaf-subscription check)."""
     probe_timeout: float = 1.0
     """A probe not back within this long means a deaf connection: it is rebuilt."""
     outbox_max_bytes: int | None = 8 << 20

@@ -78,9 +78,21 @@ _SNAP_MAGIC: Final = b"TRSN"
 _SNAP_HEAD: Final = struct.Struct(">4sI")
 #: Largest snapshot reply message; a bigger snapshot goes in several parts.
 _SNAP_PART: Final = 512 << 10
+#: Member ids per snapshot section at most (about 180 KB of JSON).
+_SNAP_MEMBERS: Final = 16_384
+#: A last value larger than this is not sent in a snapshot (counted): with a part's other
+#: contents it could pass NATS's max_payload.
+_SNAP_FRAME_MAX: Final = 256 << 10
 #: Positions of at most this many group streams ride on one heartbeat.
 _HB_STREAMS: Final = 256
 _ALL: Final = "all"
+#: Other nodes remembered at most (gone ones are forgotten first).
+_MAX_PEERS: Final = 4096
+#: Envelopes one stream can have lost at once, at most (an outbox of 8 MiB holds fewer): a
+#: bigger jump is a forged message, refused.
+_MAX_JUMP: Final = 1 << 20
+#: How far in the future (ns) a node's epoch may be (its clock ahead of ours).
+_MAX_CLOCK_AHEAD: Final = 86_400 * 10**9
 _SAFE: Final = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 
 
@@ -142,6 +154,7 @@ class _GroupSub:
         "ready",
         "snapshot",
         "sub",
+        "sub_nc",
         "subject",
         "unused",
     )
@@ -150,6 +163,8 @@ class _GroupSub:
         self.name = name
         self.subject = subject
         self.sub: Any = None
+        #: The connection ``sub`` belongs to.
+        self.sub_nc: Any = None
         self.group: Group[RemoteClient] | None = None
         #: Set once the snapshot is in (or timed out); live envelopes wait in buffer until then.
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -184,6 +199,7 @@ class ClusterNode:
         self._wake = asyncio.Event()
         # Set by the publisher whenever it has emptied the outbox.
         self._drained = asyncio.Event()
+        self._wake_handle: asyncio.TimerHandle | None = None
         self._nc: Any = None
         self._probe_nc: Any = None
         self._subs: list[Any] = []
@@ -224,6 +240,10 @@ class ClusterNode:
         self.reconnects = 0
         self.index_conflicts = 0
         self.nats_errors = 0
+        self.publish_errors = 0
+        self.publish_dropped_frames = 0
+        self.shutdown_dropped_frames = 0
+        self.snapshot_values_skipped = 0
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -250,8 +270,6 @@ class ClusterNode:
                 self.index = random.randrange(1 << (32 - NODE_ID_BITS))
             self._spawn(self._reconnect_loop())
         else:
-            if self.index < 0:
-                self.index = await self._choose_index(nc)
             await self._attach(nc)
         self._spawn(self._publisher())
         self._spawn(self._heartbeats())
@@ -276,6 +294,19 @@ class ClusterNode:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._drained.wait(), 1.0)
         self._closing = True
+        left = self._outbox.frames
+        if left:
+            self.shutdown_dropped_frames += left
+            logger.warning(
+                "cluster %s: shutting down with NATS unreachable: %d frames for the other "
+                "nodes dropped",
+                self.config.name,
+                left,
+                extra={"event": "cluster-dropped", "frames": left},
+            )
+        self._outbox.clear()
+        if self._wake_handle is not None:
+            self._wake_handle.cancel()
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
@@ -301,7 +332,6 @@ class ClusterNode:
     # --- the NATS connection --------------------------------------------------------------------
 
     async def _connect(self) -> Any:
-        import nats
 
         cfg = self.config
         holder: list[Any] = []
@@ -338,7 +368,10 @@ class ClusterNode:
 
         async def error(exc: Exception) -> None:
             self.nats_errors += 1
-            logger.warning("cluster %s: NATS error: %s", cfg.name, _why(exc))
+            # Every failed attempt of a reconnection comes here: logged at 1, 2, 4, 8... and every 100.
+            n = self.nats_errors
+            if n & (n - 1) == 0 or n % 100 == 0:
+                logger.warning("cluster %s: NATS error (%d so far): %s", cfg.name, n, _why(exc))
 
         options: dict[str, Any] = {
             "servers": list(cfg.urls),
@@ -357,7 +390,7 @@ class ClusterNode:
             "error_cb": error,
         }
         options.update(cfg.nats_options)
-        nc = await nats.connect(**options)
+        nc = await _bounded_connect(options, cfg)
         holder.append(nc)
         return nc
 
@@ -390,12 +423,23 @@ class ClusterNode:
             await nc.subscribe(f"{p}.ctl.snap", cb=self._on_snap_request),
             await nc.subscribe(f"{p}.n.{self.node_id:x}.>", cb=self._on_direct),
         ]
-        for gs in self._groups.values():
-            gs.sub = await nc.subscribe(gs.subject, cb=self._on_group)
-        await nc.flush(timeout=self.config.connect_timeout)
+        # Who is there (their snapshots are needed from the first join on), and a free index.
+        used: set[int] = set()
+        for beat in await self._discover(nc):
+            used.add(int(beat["index"]))
+            self._note_peer(int(beat["node"]), int(beat["index"]), int(beat["epoch"]))
+        if self.index < 0:
+            free = [i for i in range(1 << (32 - NODE_ID_BITS)) if i not in used]
+            if not free:
+                raise RuntimeError("every node index of this cluster is taken (1024 nodes)")
+            self.index = random.choice(free)
         old = self._nc
         self._nc = nc
         self._subs = subs
+        # Groups: on this connection now (one opened meanwhile may sit on the old one).
+        for gs in list(self._groups.values()):
+            await self._ensure_sub(gs)
+        await nc.flush(timeout=self.config.connect_timeout)
         self.state = "connected"
         self._connected_since = self._loop.time()
         if old is not None:
@@ -404,17 +448,50 @@ class ClusterNode:
         self._wake.set()
         self._publish_heartbeat()
 
+    async def _ensure_sub(self, gs: _GroupSub) -> None:
+        """Subscribe ``gs`` on the current connection if it is not already."""
+        for _ in range(3):  # the connection may change while subscribing
+            nc = self._nc
+            if nc is None or not nc.is_connected or gs.sub_nc is nc:
+                return
+            if self._groups.get(gs.name) is not gs:
+                return
+            sub = await nc.subscribe(gs.subject, cb=self._on_group)
+            if self._groups.get(gs.name) is not gs:
+                await _unsubscribe(sub)  # closed meanwhile
+                return
+            old, gs.sub, gs.sub_nc = gs.sub, sub, nc
+            if old is not None:
+                self._spawn(_unsubscribe(old))
+
     async def _subscribe_missing(self) -> None:
         """Subscribe the groups opened while NATS was unreachable (nats-py renews the others)."""
-        nc = self._nc
         for gs in list(self._groups.values()):
-            if gs.sub is None and nc is not None and nc.is_connected:
-                with contextlib.suppress(Exception):
-                    gs.sub = await nc.subscribe(gs.subject, cb=self._on_group)
+            with contextlib.suppress(Exception):
+                await self._ensure_sub(gs)
 
-    async def _choose_index(self, nc: Any) -> int:
-        """Ask the live nodes for their indexes; take a free one at random."""
-        used: set[int] = set()
+    def _note_peer(self, node: int, index: int, epoch: int) -> _Peer | None:
+        """Record a node heard from (bounded: a flood of forged ids cannot grow it for ever)."""
+        peer = self._peers.get(node)
+        if peer is None:
+            if node == self.node_id:
+                return None
+            if len(self._peers) >= _MAX_PEERS:
+                self._prune_peers()
+                if len(self._peers) >= _MAX_PEERS:
+                    return None
+            peer = self._peers[node] = _Peer(node, index, epoch, self._loop.time())
+        return peer
+
+    def _prune_peers(self) -> None:
+        """Forget the nodes declared gone long ago."""
+        limit = self._loop.time() - 10 * self.config.dead_after
+        for node in [n for n, p in self._peers.items() if p.gone and p.seen < limit]:
+            del self._peers[node]
+
+    async def _discover(self, nc: Any) -> list[dict[str, Any]]:
+        """Ask the live nodes who they are (a short round of replies)."""
+        beats: list[dict[str, Any]] = []
         inbox = nc.new_inbox()
         sub = await nc.subscribe(inbox)
         try:
@@ -426,16 +503,13 @@ class ClusterNode:
                     msg = await sub.next_msg(timeout=left)
                 except Exception:
                     break
-                peer = self._heartbeat_of(msg.data)
-                if peer is not None:
-                    used.add(peer["index"])
+                beat = self._heartbeat_of(msg.data)
+                if beat is not None and len(beats) < _MAX_PEERS:
+                    beats.append(beat)
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-        free = [i for i in range(1 << (32 - NODE_ID_BITS)) if i not in used]
-        if not free:
-            raise RuntimeError("every node index of this cluster is taken (1024 nodes)")
-        return random.choice(free)
+        return beats
 
     # --- publishing -----------------------------------------------------------------------------
 
@@ -490,8 +564,23 @@ class ClusterNode:
                     break
                 try:
                     await nc.publish(self._subject(batch.stream), batch.data)
-                except Exception:
-                    break  # disconnected meanwhile: it stays first in the outbox
+                except Exception as exc:
+                    if not nc.is_connected:
+                        break  # disconnected meanwhile: it stays first in the outbox
+                    # Refused for itself (over NATS's max_payload...): retrying would block
+                    # everything behind it. Dropped, counted, logged.
+                    outbox.pop()
+                    self.publish_errors += 1
+                    self.publish_dropped_frames += batch.nframes
+                    logger.error(
+                        "cluster %s: NATS refused a message of %d bytes (%s); %d frames dropped",
+                        self.config.name,
+                        len(batch.data),
+                        _why(exc),
+                        batch.nframes,
+                        extra={"event": "cluster-dropped", "frames": batch.nframes},
+                    )
+                    continue
                 outbox.pop()
                 if batch.nframes:
                     self.envelopes_out += 1
@@ -500,8 +589,8 @@ class ClusterNode:
                 if self.envelopes_out % 64 == 0:
                     await asyncio.sleep(0)
             if outbox and outbox.next_expiry < float("inf"):
-                # Wake for the age bound even if nothing else happens.
-                self._loop.call_at(outbox.next_expiry + 0.001, self._wake.set)
+                # Wake for the age bound even if nothing else happens (one timer at a time).
+                self._wake_at(outbox.next_expiry + 0.001)
 
     def _held(self) -> bool:
         since = self._hold_since
@@ -518,8 +607,16 @@ class ClusterNode:
                 self.config.name,
             )
             return False
-        self._loop.call_at(end, self._wake.set)
+        self._wake_at(end)
         return True
+
+    def _wake_at(self, when: float) -> None:
+        handle = self._wake_handle
+        if handle is not None and not handle.cancelled() and handle.when() <= when:
+            return  # an earlier wake is already armed
+        if handle is not None:
+            handle.cancel()
+        self._wake_handle = self._loop.call_at(when, self._wake.set)
 
     def _subject(self, stream: str) -> str:
         if stream[:1] == "\x00":
@@ -530,6 +627,9 @@ class ClusterNode:
 
     # --- receiving ------------------------------------------------------------------------------
 
+    # The subscription callbacks below must never await: nats-py hands each subscription's
+    # messages over in order, and the tail-loss check and the snapshot's "no gap" rest on a
+    # callback finishing its envelope before the next message of any subscription is handled.
     async def _on_all(self, msg: Any) -> None:
         data: bytes = msg.data
         if data[:4] == _PROBE_MAGIC:
@@ -539,6 +639,8 @@ class ClusterNode:
             env = decode(data, kinds=_ALL_KINDS, copy=False)
         except EnvelopeError as exc:
             self._malformed(msg.subject, exc)
+            return
+        if not self._plausible(_ALL, env.node, env.epoch, env.seq):
             return
         verdict = self._tracker.accept(_ALL, env.node, env.epoch, env.seq)
         if verdict < 0:
@@ -571,6 +673,8 @@ class ClusterNode:
         covered = gs.covered.get(env.node)
         if covered is not None and env.epoch == covered[0] and env.seq < covered[1]:
             return  # the snapshot holds it already
+        if not self._plausible(gs.name, env.node, env.epoch, env.seq):
+            return
         verdict = self._tracker.accept(gs.name, env.node, env.epoch, env.seq)
         if verdict < 0:
             return
@@ -615,7 +719,12 @@ class ClusterNode:
                 self._malformed(group.name, exc)
                 continue
             if notice.event == PresenceEvent.JOINED:
-                self._add_member(gs, group, notice.client_id, node, tell=True)
+                # A node never heard from is noted: if it never sends a heartbeat, it is declared
+                # gone after dead_after, and its members with it.
+                if node in self._peers or self._note_peer(
+                    node, notice.client_id >> NODE_ID_BITS, 0
+                ):
+                    self._add_member(gs, group, notice.client_id, node, tell=True)
             elif gs.owner.get(notice.client_id) == node:
                 self._remove_member(gs, group, notice.client_id, notice.reason)
         if run:
@@ -692,10 +801,9 @@ class ClusterNode:
             nc = self._nc
             if nc is not None and nc.is_connected:
                 try:
-                    gs.sub = await nc.subscribe(gs.subject, cb=self._on_group)
+                    await self._ensure_sub(gs)
                     if self._groups.get(gs.name) is not gs:
-                        await _unsubscribe(gs.sub)  # closed meanwhile
-                        return
+                        return  # closed meanwhile
                     # The subscription is known to the server before anyone answers the request
                     # (one connection, in order): every envelope after a reply's position
                     # reaches the buffer.
@@ -884,9 +992,15 @@ class ClusterNode:
             for cid in section.members:
                 self._add_member(gs, group, cid, node, tell=not initial)
             gid = _U32.pack(group.id)
+            last = group.last
+            if last is None:
+                continue  # this node keeps no last values for the group
             for frame in section.frames:
                 relay = b"".join((frame[:9], gid, frame[13:]))
-                table.keep_last(group, _U32.unpack_from(relay, 5)[0], relay[13:16], relay)
+                key = (_U32.unpack_from(relay, 5)[0], relay[13:16])
+                if last.get(key) == relay:
+                    continue  # known already (a resync): not handed out twice
+                table.keep_last(group, key[0], key[1], relay)
                 if late:
                     for member in list(group.members.values()):
                         member._queue(relay)
@@ -911,6 +1025,10 @@ class ClusterNode:
             return
         if asker == self.node_id or not msg.reply:
             return
+        if not str(msg.reply).startswith(f"{self.prefix}.n."):
+            # Replies go to a node's own subjects only: never onto .all or a group.
+            self._malformed(msg.subject, ValueError(f"reply subject {msg.reply!r}"))
+            return
         self._flush()  # positions must cover every frame sealed so far
         sections: list[tuple[dict[str, Any], list[bytes]]] = []
         table = self.server._groups
@@ -925,7 +1043,16 @@ class ClusterNode:
             frames = [] if group is None or not group.last else list(group.last.values())
             sections.append((entry, frames))
         # Replies go after what the outbox holds, so that each position is already sent.
-        for part in _parts(self.node_id, self.index, self.epoch, sections):
+        parts, skipped = _parts(self.node_id, self.index, self.epoch, sections)
+        if skipped:
+            self.snapshot_values_skipped += skipped
+            logger.warning(
+                "cluster %s: %d last values over %d bytes left out of a snapshot",
+                self.config.name,
+                skipped,
+                _SNAP_FRAME_MAX,
+            )
+        for part in parts:
             self._reply_later(msg.reply, part)
 
     def _reply_later(self, subject: str, data: bytes) -> None:
@@ -945,6 +1072,8 @@ class ClusterNode:
             head = json.loads(data[8 : 8 + size])
             node = int(head["node"])
             parts = int(head["parts"])
+            if node not in snap.expected:
+                raise ValueError(f"a reply from node {node:x}, which was not asked")
             frames = split_frames(memoryview(data), 8 + size, None, kinds=frozenset({_GROUP_RELAY}))
             sections = snap.sections.setdefault(node, {})
             at = 0
@@ -1042,7 +1171,12 @@ class ClusterNode:
         index = int(beat["index"])
         if peer is None or peer.gone:
             returned = peer is not None
-            peer = self._peers[node] = _Peer(node, index, int(beat["epoch"]), now)
+            if returned:
+                peer = self._peers[node] = _Peer(node, index, int(beat["epoch"]), now)
+            else:
+                peer = self._note_peer(node, index, int(beat["epoch"]))
+                if peer is None:
+                    return  # too many nodes heard of: ignored (logged once per prune)
             if returned:
                 self.nodes_returned += 1
                 logger.warning(
@@ -1070,12 +1204,17 @@ class ClusterNode:
                     node,
                     index,
                 )
+        peer.index = index
         peer.seen = now
         if self._hold_since is not None:
             self._wake.set()
         # Tail loss: what it claimed a heartbeat ago must have arrived by now.
         for stream, (epoch, nxt) in peer.claimed.items():
-            if stream != _ALL and stream not in self._groups:
+            if stream != _ALL:
+                gs = self._groups.get(stream)
+                if gs is None or gs.buffer is not None:
+                    continue  # not followed, or still buffering behind its snapshot
+            if not self._plausible(stream, node, epoch, nxt - 1):
                 continue
             missed = self._tracker.lost_tail(stream, node, epoch, nxt)
             if missed:
@@ -1084,6 +1223,8 @@ class ClusterNode:
                 if stream != _ALL:
                     self._resync([stream], node)
         positions = beat.get("pos")
+        if not isinstance(positions, dict):
+            positions = None
         if (
             isinstance(positions, dict)
             and _ALL not in positions
@@ -1097,6 +1238,23 @@ class ClusterNode:
             with contextlib.suppress(Exception):
                 claimed[str(stream)] = (int(value[0]), int(value[1]))
         peer.claimed = claimed
+
+    def _plausible(self, stream: str, node: int, epoch: int, seq: int) -> bool:
+        """Whether (epoch, seq) from ``node`` can be real. Any NATS client can publish on the
+        cluster's subjects: a forged huge seq or epoch would make every later real envelope of
+        that node look like a duplicate or stale. Such a message is refused (``malformed_in``)."""
+        if epoch > time.time_ns() + _MAX_CLOCK_AHEAD:
+            self._malformed(
+                stream, ValueError(f"epoch {epoch} from node {node:x} is in the future")
+            )
+            return False
+        known = self._tracker.expected(stream, node)
+        if known is not None and epoch == known[0] and seq - known[1] > _MAX_JUMP:
+            self._malformed(
+                stream, ValueError(f"seq {seq} from node {node:x} jumps past {known[1]}")
+            )
+            return False
+        return True
 
     def _check_peers(self) -> None:
         nc = self._nc
@@ -1153,8 +1311,6 @@ class ClusterNode:
         try:
             nc = self._probe_nc
             if nc is None or nc.is_closed:
-                import nats
-
                 opts = {
                     k: v
                     for k, v in self.config.nats_options.items()
@@ -1164,14 +1320,17 @@ class ClusterNode:
                 async def quiet(exc: Exception) -> None:
                     logger.debug("cluster %s: probe connection: %s", self.config.name, _why(exc))
 
-                nc = self._probe_nc = await nats.connect(
-                    servers=list(self.config.urls),
-                    error_cb=quiet,
-                    name=f"trame-{self.config.name}-{self.node_id:x}-probe",
-                    connect_timeout=self.config.connect_timeout,
-                    reconnect_time_wait=self.config.reconnect_wait,
-                    max_reconnect_attempts=-1,
-                    **opts,
+                nc = self._probe_nc = await _bounded_connect(
+                    {
+                        "servers": list(self.config.urls),
+                        "error_cb": quiet,
+                        "name": f"trame-{self.config.name}-{self.node_id:x}-probe",
+                        "connect_timeout": self.config.connect_timeout,
+                        "reconnect_time_wait": self.config.reconnect_wait,
+                        "max_reconnect_attempts": -1,
+                        **opts,
+                    },
+                    self.config,
                 )
             if not nc.is_connected:
                 return
@@ -1265,33 +1424,73 @@ class ClusterNode:
             "reconnects": self.reconnects,
             "index_conflicts": self.index_conflicts,
             "nats_errors": self.nats_errors,
+            "publish_errors": self.publish_errors,
+            "publish_dropped_frames": self.publish_dropped_frames,
+            "shutdown_dropped_frames": self.shutdown_dropped_frames,
+            "snapshot_values_skipped": self.snapshot_values_skipped,
         }
 
 
 def _parts(
     node: int, index: int, epoch: int, sections: list[tuple[dict[str, Any], list[bytes]]]
-) -> list[bytes]:
-    """Pack snapshot sections into reply messages of about _SNAP_PART bytes each."""
+) -> tuple[list[bytes], int]:
+    """Pack snapshot sections into reply messages of about _SNAP_PART bytes each (member lists
+    split too), so that none passes NATS's max_payload; return them and how many last values
+    were too big to send (over _SNAP_FRAME_MAX)."""
     parts: list[tuple[list[dict[str, Any]], list[bytes]]] = [([], [])]
     size = 0
+    skipped = 0
+
+    def room(n: int) -> bool:
+        """Count ``n`` bytes; true when they start a new part."""
+        nonlocal size
+        new = size + n > _SNAP_PART and bool(parts[-1][0] or parts[-1][1])
+        if new:
+            parts.append(([], []))
+            size = 0
+        size += n
+        return new
+
     for entry, frames in sections:
-        head = dict(entry, frames=0)
-        parts[-1][0].append(head)
+        members = entry["members"]
+        chunks = [members[i : i + _SNAP_MEMBERS] for i in range(0, len(members), _SNAP_MEMBERS)]
+        head: dict[str, Any] = {}
+        for chunk in chunks or [[]]:
+            room(64 + 4 * len(entry["name"]) + 11 * len(chunk))
+            head = dict(entry, members=chunk, frames=0)
+            parts[-1][0].append(head)
         for frame in frames:
-            if size + len(frame) > _SNAP_PART and (parts[-1][1] or len(parts[-1][0]) > 1):
+            if len(frame) > _SNAP_FRAME_MAX:
+                skipped += 1
+                continue
+            if room(len(frame)):
                 head = dict(entry, members=[], frames=0)
-                parts.append(([head], []))
-                size = 0
+                parts[-1][0].append(head)
             parts[-1][1].append(frame)
             head["frames"] += 1
-            size += len(frame)
     out = []
     for groups, frames in parts:
         head_json = json.dumps(
             {"node": node, "index": index, "epoch": epoch, "parts": len(parts), "groups": groups}
         ).encode()
         out.append(b"".join([_SNAP_HEAD.pack(_SNAP_MAGIC, len(head_json)), head_json, *frames]))
-    return out
+    return out, skipped
+
+
+async def _bounded_connect(options: dict[str, Any], config: ClusterConfig) -> Any:
+    """``nats.connect`` that gives up after one round of the servers: with reconnection on for
+    ever, nats-py's own first connect would never return while NATS is down."""
+    from nats.aio.client import Client
+
+    nc = Client()
+    limit = (config.connect_timeout + config.reconnect_wait) * (len(config.urls) + 1)
+    try:
+        await asyncio.wait_for(nc.connect(**options), limit)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await nc.close()
+        raise
+    return nc
 
 
 async def _publish(nc: Any, subject: str, data: bytes) -> None:

@@ -62,6 +62,9 @@ class OutboxDrops:
     envelopes_by_bytes: int = 0
     #: Their frames.
     frames_by_bytes: int = 0
+    #: Messages without frames (a node's replies) dropped for either reason; not envelopes, so
+    #: not in :attr:`envelopes`: the receivers count only envelopes as missed.
+    control: int = 0
 
     @property
     def envelopes(self) -> int:
@@ -123,6 +126,9 @@ class ClusterOutbox:
             while self.size > cap:
                 _, old = queue.popleft()
                 self.size -= len(old.data)
+                if not old.nframes:
+                    drops.control += 1
+                    continue
                 drops.envelopes_by_bytes += 1
                 drops.frames_by_bytes += old.nframes
 
@@ -138,9 +144,12 @@ class ClusterOutbox:
         while queue and queue[0][0] <= limit:
             _, old = queue.popleft()
             self.size -= len(old.data)
+            n += 1
+            if not old.nframes:
+                drops.control += 1
+                continue
             drops.envelopes_by_age += 1
             drops.frames_by_age += old.nframes
-            n += 1
         return n
 
     def take(self, now: float, max_bytes: int | None = None) -> list[Batch]:
