@@ -342,3 +342,39 @@ async def test_a_late_joiner_gets_the_last_value_then_live_frames_without_gap_or
         got = at_bob.values_from(alice.id, "feed")
         # The first is the last value when bob joined; every later one follows it, once each.
         assert got == list(range(got[0], n)), got[:20]
+
+
+async def test_a_first_join_buffers_within_bounds_and_counts_what_it_drops(tmp_path: Path) -> None:
+    """A group's live envelopes wait while its first member here is admitted (an on_join hook
+    that takes its time): at most outbox_max_bytes of them; the oldest go, counted as gaps."""
+    release = asyncio.Event()
+
+    async def on_join(client: Any, name: str) -> bool:
+        if client.id >> 22 == 2:  # the joiner on node b waits
+            await release.wait()
+        return True
+
+    async with (
+        nats_server(tmp_path) as nats,
+        cluster_nodes([nats.url], 2, cluster={"outbox_max_bytes": 2048}, on_join=on_join) as (
+            a,
+            b,
+        ),
+        clients([a.port, b.port]) as (alice, bob),
+    ):
+        await alice.join("feed")
+        at_bob = Inbox(bob)
+        joining = asyncio.create_task(bob.join("feed"))
+        await eventually(lambda: "feed" in b.cluster._groups, STEP)  # type: ignore[union-attr]
+        n = 200
+        for i in range(n):
+            await alice.multicast(INT, i, group="feed")
+            await asyncio.sleep(0)  # one envelope per frame or so: many to buffer
+        await eventually(lambda: b.stats()["cluster"]["buffer_dropped"] > 0, STEP)
+        release.set()
+        await joining
+        await at_bob.wait(lambda: n - 1 in at_bob.values_from(alice.id, "feed"))
+        got = at_bob.values_from(alice.id, "feed")
+        assert got == list(range(got[0], n)) and got[0] > 0, got[:5]
+        stats = b.stats()["cluster"]
+        assert stats["missed"] == stats["buffer_dropped"], stats

@@ -229,6 +229,7 @@ _CLUSTER_METRICS = {
     "publish_dropped_frames": ("counter", "Frames in messages NATS refused (other nodes)."),
     "shutdown_dropped_frames": ("counter", "Frames for other nodes dropped at a shutdown."),
     "snapshot_values_skipped": ("counter", "Last values too large for a snapshot."),
+    "buffer_dropped": ("counter", "Envelopes dropped from a group's first-join buffer."),
     "missed": ("counter", "Envelopes from other nodes lost in NATS (sequence gaps)."),
     "gaps": ("counter", "Sequence gaps seen."),
     "tail_missed": ("counter", "Envelopes found lost at a stream's tail by heartbeats."),

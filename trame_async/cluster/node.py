@@ -47,6 +47,7 @@ import logging
 import random
 import struct
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -147,6 +148,7 @@ class _GroupSub:
 
     __slots__ = (
         "buffer",
+        "buffered",
         "covered",
         "group",
         "name",
@@ -168,7 +170,9 @@ class _GroupSub:
         self.group: Group[RemoteClient] | None = None
         #: Set once the snapshot is in (or timed out); live envelopes wait in buffer until then.
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.buffer: list[bytes] | None = []
+        self.buffer: deque[bytes] | None = deque()
+        #: Bytes in ``buffer``.
+        self.buffered = 0
         #: node -> (epoch, next seq) the snapshot covered: earlier envelopes are in it.
         self.covered: dict[int, tuple[int, int]] = {}
         self.unused: asyncio.TimerHandle | None = None
@@ -244,6 +248,13 @@ class ClusterNode:
         self.publish_dropped_frames = 0
         self.shutdown_dropped_frames = 0
         self.snapshot_values_skipped = 0
+        self.buffer_dropped = 0
+        self._oversize_events = 0
+        self.peers_refused = 0
+        # What a group's first join may buffer of live envelopes (bounded like the outbox).
+        self._buffer_cap = (
+            config.outbox_max_bytes if config.outbox_max_bytes is not None else 8 << 20
+        )
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -479,6 +490,16 @@ class ClusterNode:
             if len(self._peers) >= _MAX_PEERS:
                 self._prune_peers()
                 if len(self._peers) >= _MAX_PEERS:
+                    self.peers_refused += 1
+                    if self.peers_refused & (self.peers_refused - 1) == 0:
+                        logger.error(
+                            "cluster %s: %d nodes known already: node %x ignored (%d so far); "
+                            "is someone forging heartbeats on this NATS account?",
+                            self.config.name,
+                            _MAX_PEERS,
+                            node,
+                            self.peers_refused,
+                        )
                     return None
             peer = self._peers[node] = _Peer(node, index, epoch, self._loop.time())
         return peer
@@ -517,7 +538,20 @@ class ClusterNode:
         """Queue ``count`` whole frames (back to back in ``data``) for the other nodes: RELAY
         frames for everyone (``group`` None) or GROUP_RELAY / PRESENCE frames of ``group``."""
         stream = _ALL if group is None else group
-        self._batcher.add(stream, data, count)
+        if not self._batcher.add(stream, data, count):
+            self._oversize_events += 1
+            if self._oversize_events & (self._oversize_events - 1):
+                return  # logged at the 1st, 2nd, 4th... time
+            logger.warning(
+                "cluster %s: %d frames of %d bytes too large to cross NATS: delivered here "
+                "only (%d in all)",
+                self.config.name,
+                count,
+                len(data),
+                self._batcher.oversize_dropped,
+                extra={"event": "cluster-dropped", "frames": count},
+            )
+            return
         if self._flush_handle is None:
             self._flush_handle = self._loop.call_soon(self._flush)
 
@@ -659,8 +693,26 @@ class ClusterNode:
         gs = self._by_subject.get(msg.subject)
         if gs is None:
             return  # unsubscribed meanwhile
-        if gs.buffer is not None:
-            gs.buffer.append(msg.data)
+        buffer = gs.buffer
+        if buffer is not None:
+            data: bytes = msg.data
+            buffer.append(data)
+            gs.buffered += len(data)
+            # Bounded like the outbox: past it the oldest go, and the gap they leave is counted
+            # (and the group fetched again from their node) when the buffer is replayed.
+            cap = self._buffer_cap
+            while gs.buffered > cap and len(buffer) > 1:
+                gs.buffered -= len(buffer.popleft())
+                self.buffer_dropped += 1
+                if self.buffer_dropped & (self.buffer_dropped - 1) == 0:
+                    logger.warning(
+                        "cluster %s: group %r waits for its first member here; %d envelopes "
+                        "over the %d-byte buffer dropped so far (counted as gaps when it opens)",
+                        self.config.name,
+                        gs.name,
+                        self.buffer_dropped,
+                        cap,
+                    )
             return
         self._group_envelope(gs, msg.data)
 
@@ -840,6 +892,7 @@ class ClusterNode:
             return
         buffer = gs.buffer
         gs.buffer = None
+        gs.buffered = 0
         for data in buffer or ():
             self._group_envelope(gs, data)
 
@@ -1428,6 +1481,8 @@ class ClusterNode:
             "publish_dropped_frames": self.publish_dropped_frames,
             "shutdown_dropped_frames": self.shutdown_dropped_frames,
             "snapshot_values_skipped": self.snapshot_values_skipped,
+            "buffer_dropped": self.buffer_dropped,
+            "peers_refused": self.peers_refused,
         }
 
 
