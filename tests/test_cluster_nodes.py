@@ -345,3 +345,8 @@ def test_snapshot_parts_stay_under_nats_max_payload() -> None:
     parts, skipped = _parts(1, 2, 3, [({"name": "big", "members": members, "pos": None}, frames)])
     assert skipped == 1  # the 300,000-byte value
     assert all(len(p) < 1 << 20 for p in parts) and len(parts) > 2
+
+
+async def test_cluster_takes_a_config_or_urls_and_says_so_otherwise() -> None:
+    with pytest.raises(TypeError, match="ClusterConfig or NATS URLs"):
+        await trame_async.start_server("127.0.0.1", 0, cluster=4222)  # type: ignore[arg-type]

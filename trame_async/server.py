@@ -1385,32 +1385,11 @@ class Server:
                     "cluster-join", self._join_cluster(sender, rid, name, presence), frames, rest
                 )
                 return True
-            hook = self.on_join
-            group = self._groups.by_name.get(name)
-            if hook is None or (group is not None and sender.id in group.members):
-                # A JOIN of a group the client is in is answered OK (the presence flag updated):
-                # the application decided when it joined.
-                self._admit_member(sender, rid, name, presence, None)
+            later = self._join_now(sender, rid, name, presence)
+            if later is None:
                 return False
-            try:
-                verdict = hook(sender, name)
-            except Exception:
-                logger.exception("on_join hook failed for client %d", sender.id)
-                verdict = Refuse("the server failed to decide")
-            if inspect.isawaitable(verdict):
-                sender._run_hook(
-                    "on_join",
-                    self._join_later(sender, rid, name, presence, verdict),
-                    frames,
-                    rest,
-                )
-                return True
-            try:
-                self._decide(sender, rid, name, presence, verdict)
-            except Exception:
-                logger.exception("on_join verdict for client %d could not be applied", sender.id)
-                self._reply(sender, rid, GroupOp.JOIN, GroupStatus.REFUSED, 0)
-            return False
+            sender._run_hook("on_join", later, frames, rest)
+            return True
         if kind == _LEAVE:
             leave = Leave.parse(body)
             group = sender._groups.get(leave.group_id)
@@ -1452,19 +1431,35 @@ class Server:
         if status is not None:
             self._reply(client, rid, GroupOp.JOIN, status, 0)
             return
+        later = self._join_now(client, rid, name, presence)
+        if later is not None:
+            await later
+
+    def _join_now(
+        self, client: RemoteClient, rid: int, name: str, presence: bool
+    ) -> Awaitable[None] | None:
+        """Decide a JOIN the limits allow: ask ``on_join`` and admit or refuse. Return the rest
+        to await when the hook is asynchronous, else None (decided already)."""
         hook = self.on_join
         group = self._groups.by_name.get(name)
         if hook is None or (group is not None and client.id in group.members):
+            # A JOIN of a group the client is in is answered OK (the presence flag updated): the
+            # application decided when it joined.
             self._admit_member(client, rid, name, presence, None)
-            return
+            return None
         try:
             verdict = hook(client, name)
         except Exception:
             logger.exception("on_join hook failed for client %d", client.id)
             verdict = Refuse("the server failed to decide")
         if inspect.isawaitable(verdict):
-            await self._join_later(client, rid, name, presence, verdict)
-            return
+            return self._join_later(client, rid, name, presence, verdict)
+        self._apply_verdict(client, rid, name, presence, verdict)
+        return None
+
+    def _apply_verdict(
+        self, client: RemoteClient, rid: int, name: str, presence: bool, verdict: Any
+    ) -> None:
         try:
             self._decide(client, rid, name, presence, verdict)
         except Exception:
@@ -1495,11 +1490,7 @@ class Server:
             if status is not None:
                 self._reply(client, rid, GroupOp.JOIN, status, 0)
                 return
-            try:
-                self._decide(client, rid, name, presence, decided)
-            except Exception:
-                logger.exception("on_join verdict for client %d could not be applied", client.id)
-                self._reply(client, rid, GroupOp.JOIN, GroupStatus.REFUSED, 0)
+            self._apply_verdict(client, rid, name, presence, decided)
 
     def _decide(
         self, client: RemoteClient, rid: int, name: str, presence: bool, verdict: Any
@@ -2031,6 +2022,11 @@ async def start_server(
 def _cluster_config(cluster: ClusterConfig | str | Sequence[str] | None) -> ClusterConfig | None:
     if cluster is None or isinstance(cluster, ClusterConfig):
         return cluster
+    if not isinstance(cluster, (str, list, tuple)) or not all(isinstance(u, str) for u in cluster):
+        raise TypeError(
+            f"cluster= takes a ClusterConfig or NATS URLs ('nats://h1:4222,nats://h2:4222'), "
+            f"not {cluster!r}"
+        )
     return ClusterConfig(urls=parse_urls(cluster))
 
 
