@@ -48,7 +48,8 @@ class ClusterConfig:
     can share one NATS (letters, digits, ``_`` and ``-``)."""
     node_index: int | None = None
     """This node's index in ``0 .. 1023``: the high bits of its clients' ids. None: pick a free
-    one at start (from the other nodes' heartbeats); give one explicitly to keep ids stable."""
+    one at start (from the live nodes' answers on ``.ctl.who``); give one explicitly to keep
+    ids stable."""
     heartbeat_interval: float = 1.0
     """Every node announces itself on NATS this often."""
     dead_after: float = 3.0
