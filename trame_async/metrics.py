@@ -229,7 +229,10 @@ _CLUSTER_METRICS = {
     "publish_dropped_frames": ("counter", "Frames in messages NATS refused (other nodes)."),
     "shutdown_dropped_frames": ("counter", "Frames for other nodes dropped at a shutdown."),
     "snapshot_values_skipped": ("counter", "Last values too large for a snapshot."),
-    "buffer_dropped": ("counter", "Envelopes dropped from a group's first-join buffer."),
+    "buffer_dropped": (
+        "counter",
+        "Envelopes dropped from a group's first-join buffer and not covered by its snapshot.",
+    ),
     "missed": ("counter", "Envelopes from other nodes lost in NATS (sequence gaps)."),
     "gaps": ("counter", "Sequence gaps seen."),
     "tail_missed": ("counter", "Envelopes found lost at a stream's tail by heartbeats."),

@@ -150,6 +150,7 @@ class _GroupSub:
         "buffer",
         "buffered",
         "covered",
+        "dropped",
         "group",
         "name",
         "owner",
@@ -175,6 +176,9 @@ class _GroupSub:
         self.buffered = 0
         #: node -> (epoch, next seq) the snapshot covered: earlier envelopes are in it.
         self.covered: dict[int, tuple[int, int]] = {}
+        #: node -> [epoch, first seq, last seq, count] of envelopes dropped from ``buffer``
+        #: (oldest first, so one run per node): judged against ``covered`` on replay.
+        self.dropped: dict[int, list[int]] = {}
         self.unused: asyncio.TimerHandle | None = None
         #: The snapshot, kept until the group exists here (its first member is admitted).
         self.snapshot: _Snapshot | None = None
@@ -524,6 +528,8 @@ class ClusterNode:
                     msg = await sub.next_msg(timeout=left)
                 except Exception:
                     break
+                if not msg.data:
+                    break  # NATS's "no responders" status (an empty message): nobody is there
                 beat = self._heartbeat_of(msg.data)
                 if beat is not None and len(beats) < _MAX_PEERS:
                     beats.append(beat)
@@ -702,19 +708,44 @@ class ClusterNode:
             # (and the group fetched again from their node) when the buffer is replayed.
             cap = self._buffer_cap
             while gs.buffered > cap and len(buffer) > 1:
-                gs.buffered -= len(buffer.popleft())
-                self.buffer_dropped += 1
-                if self.buffer_dropped & (self.buffer_dropped - 1) == 0:
-                    logger.warning(
-                        "cluster %s: group %r waits for its first member here; %d envelopes "
-                        "over the %d-byte buffer dropped so far (counted as gaps when it opens)",
-                        self.config.name,
-                        gs.name,
-                        self.buffer_dropped,
-                        cap,
-                    )
+                old = buffer.popleft()
+                gs.buffered -= len(old)
+                self._note_dropped(gs, old, cap)
             return
         self._group_envelope(gs, msg.data)
+
+    def _note_dropped(self, gs: _GroupSub, data: bytes, cap: int) -> None:
+        """Remember an envelope dropped from ``gs``'s full buffer; whether it is lost is known
+        only once the snapshot says what it covers (:meth:`_count_dropped`)."""
+        if len(data) < _HEAD:
+            return  # malformed anyway: it would have been dropped and counted on replay
+        _, _, _, node, epoch, seq, _ = ENVELOPE_HEAD.unpack_from(data)
+        run = gs.dropped.get(node)
+        if run is None or run[0] != epoch:
+            run = gs.dropped[node] = [epoch, seq, seq, 0]
+        run[2] = seq
+        run[3] += 1
+        pending = sum(r[3] for r in gs.dropped.values())
+        if pending & (pending - 1) == 0:
+            logger.warning(
+                "cluster %s: group %r waits for its first member here; %d envelopes over the "
+                "%d-byte buffer dropped so far (those the snapshot does not cover are counted "
+                "as gaps when it opens)",
+                self.config.name,
+                gs.name,
+                pending,
+                cap,
+            )
+
+    def _count_dropped(self, gs: _GroupSub) -> None:
+        """Count, in ``buffer_dropped``, the dropped envelopes the snapshot did not cover: the
+        ones the group's members here will never see (the replay counts the same as gaps)."""
+        for node, (epoch, first, last, count) in gs.dropped.items():
+            covered = gs.covered.get(node)
+            if covered is not None and covered[0] == epoch:
+                count = min(count, max(0, last + 1 - max(first, covered[1])))
+            self.buffer_dropped += count
+        gs.dropped.clear()
 
     def _group_envelope(self, gs: _GroupSub, data: bytes) -> None:
         try:
@@ -893,6 +924,7 @@ class ClusterNode:
         buffer = gs.buffer
         gs.buffer = None
         gs.buffered = 0
+        self._count_dropped(gs)
         for data in buffer or ():
             self._group_envelope(gs, data)
 
