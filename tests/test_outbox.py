@@ -241,6 +241,7 @@ def test_a_new_episode_starts_with_a_new_baseline() -> None:
         st.one_of(
             st.tuples(st.just("push"), st.integers(1, 5), st.integers(0, 3)),
             st.tuples(st.just("take"), st.integers(0, 400), st.just(0)),
+            st.tuples(st.just("single"), st.just(0), st.just(0)),
             st.tuples(st.just("pause"), st.just(0), st.just(0)),
             st.tuples(st.just("resume"), st.just(0), st.just(0)),
             st.tuples(st.just("data"), st.just(0), st.just(0)),
@@ -274,6 +275,8 @@ def test_sizes_and_the_ledger_always_add_up(policy: str, ops: list[tuple[str, in
         elif op == "take":
             if box.size:
                 taken += box.take(a or None)
+        elif op == "single":
+            taken += box.take_single() or b""
         elif op == "pause":
             box.pause(0.0)
         else:
@@ -292,6 +295,32 @@ def test_sizes_and_the_ledger_always_add_up(policy: str, ops: list[tuple[str, in
         pos += 4 + length
     assert frames + box.dropped == pushed
     assert ledger.dropped == box.dropped
+
+
+def test_take_single_takes_only_what_take_would_give_as_it_is() -> None:
+    """The fan-out's fast path: the one pending object, only when nothing else is due."""
+    ledger = Ledger()
+    box = Outbox(OutboxLimits(max_bytes=1000), ledger)
+    a, b = relay(1, INT, 1), relay(1, INT, 2)
+    assert box.take_single() is None  # nothing pending
+    box.push(a)
+    assert box.take_single() is a and box.size == ledger.pending == 0 and box.written == len(a)
+    box.push(a)
+    box.push(b)
+    assert box.take_single() is None  # two objects: take() joins them
+    assert box.take() == a + b
+    box.push(a)
+    box.wrote(10)  # the transport kept some of the last write
+    assert box.take_single() is None
+    box.wrote(0)
+    box.pause(0.0)
+    assert box.take_single() is None  # congested: the policy decides
+    box.resume()
+    assert box.take_single() is a
+    drop = congested("drop-oldest", max_bytes=len(a) + 1)
+    feed(drop, [a, b])  # a dropped: the next take announces it
+    drop.resume()
+    assert drop.take_single() is None and drop.take() == dropped_notice(1) + b
 
 
 def _reply_frame() -> bytes:

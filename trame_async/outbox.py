@@ -255,6 +255,30 @@ class Outbox:
         self.written += len(data)
         return data
 
+    def take_single(self) -> bytes | None:
+        """Remove and return the one pending object when nothing else is to be done about it:
+        the transport's buffer was empty, no congestion, no fold, no drop to report. Otherwise
+        return None (use :meth:`take` and :meth:`wrote`).
+
+        The fan-out's common case, once per recipient: after writing it, the adapter needs to
+        call :meth:`wrote` only if the transport kept some of it.
+        """
+        frames = self.frames
+        if (
+            len(frames) != 1
+            or self.buffered
+            or self.congested
+            or self._latest is not None
+            or self._unreported
+        ):
+            return None
+        data = frames.popleft()
+        n = len(data)
+        self.size -= n
+        self._ledger.pending -= n
+        self.written += n
+        return data
+
     def wrote(self, buffered: int) -> None:
         """Report the transport's buffer after a write (or whenever it is looked at)."""
         self.buffered = buffered

@@ -1626,7 +1626,17 @@ class Server:
         dirty = self._dirty
         self._dirty = []
         for client in dirty:
-            client._flush()
+            # RemoteClient._flush's common case inline (one object pending, the transport's
+            # buffer empty before and after): paced, this runs once per recipient and frame.
+            transport = client._transport
+            if transport is None or (data := client.outbox.take_single()) is None:
+                client._flush()
+                continue
+            client._dirty = False
+            transport.write(data)  # may call pause_writing
+            buffered = transport.get_write_buffer_size()
+            if buffered:
+                client.outbox.wrote(buffered)
         if self._over_total and self._ledger.pending <= self._total_low:
             self._total_ok()
 
