@@ -53,6 +53,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import collections
 import contextlib
 import json
 import os
@@ -116,6 +117,8 @@ RELAYS: dict[str, Relay] = {
     "trame-asyncio": Relay("trame.py", "asyncio", "trame"),
     "floor-uvloop": Relay("floor.py", "uvloop", "floor"),
     "floor-asyncio": Relay("floor.py", "asyncio", "floor"),
+    # The floor's client with a task hand-off per message: the least ``async for`` can cost.
+    "floor-task": Relay("floor.py", "uvloop", "floor-task"),
     "ws": Relay("ws_broadcast.py", "uvloop", "ws"),
     "ws-asyncio": Relay("ws_broadcast.py", "asyncio", "ws"),
 }
@@ -348,6 +351,62 @@ class FloorClient(RawClient):
             self.tally.add(count, now)
 
 
+class FloorTaskClient(FloorClient):
+    """The floor's client handing each payload to a consumer task, as ``async for`` must: one
+    future per wait, no queue object, no checks. What a task hand-off costs at the least in
+    asyncio, the fair floor of ``trame`` (``async for``)."""
+
+    def __init__(self, tally: Counts, host: str, port: int, token: bytes = b"") -> None:
+        super().__init__(tally, host, port, token)
+        self.pending: collections.deque[float] = collections.deque()
+        self.waiter: asyncio.Future[float] | None = None
+        self.task = asyncio.get_running_loop().create_task(self._consume())
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        end = len(buf)
+        pos = 0
+        pending = self.pending
+        with memoryview(buf) as view:
+            while end - pos >= 4:
+                stop = pos + 4 + _U32.unpack_from(view, pos)[0]
+                if stop > end:
+                    break
+                sent = _BE_F64.unpack_from(view, pos + 12)[0]
+                waiter = self.waiter
+                if waiter is not None and not pending:
+                    self.waiter = None
+                    waiter.set_result(sent)
+                else:
+                    pending.append(sent)
+                pos = stop
+        del buf[:pos]
+        self._overflow()
+
+    async def _consume(self) -> None:
+        loop = asyncio.get_running_loop()
+        pending = self.pending
+        tally = self.tally
+        lat = tally.latencies
+        while True:
+            if pending:
+                sent = pending.popleft()
+            else:
+                waiter = self.waiter = loop.create_future()
+                sent = await waiter
+            now = perf_counter()
+            if lat is not None:
+                lat.append(now - sent)
+            tally.add(1, now)
+
+    async def close(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+        await super().close()
+
+
 class TrameRawClient(RawClient):
     """A minimal trame_async client: HELLO, WELCOME, PING->PONG, count RELAY frames."""
 
@@ -462,6 +521,7 @@ class WsClient(RawClient):
 
 _RAW_CLASSES: dict[str, type[RawClient]] = {
     "floor": FloorClient,
+    "floor-task": FloorTaskClient,
     "trame-raw": TrameRawClient,
     "ws": WsClient,
 }
@@ -1022,7 +1082,7 @@ def report(
                 line += [e.get(f"latency_{k}") for k in _LATENCIES]
             body.append(line)
         lines.append(_util.table(headers, body))
-    for base in ("floor-uvloop", "trame-raw"):
+    for base in ("floor-uvloop", "trame-raw", "floor-task"):
         # Against trame-raw: the bare Protocol client on the same server, so the real clients'
         # own cost, without what the server adds for every client.
         of_base = [e for e in rounds or [] if e["baseline"] == base]
@@ -1195,6 +1255,8 @@ def main(argv: list[str] | None = None) -> int:
     rounds = round_ratios(cells) + [
         e for e in round_ratios(cells, "trame-raw") if e["relay"] in ("trame", "trame-cb")
     ]
+    # async for against the least a task hand-off per message costs (when floor-task ran).
+    rounds += [e for e in round_ratios(cells, "floor-task") if e["relay"] == "trame"]
     print(report(rows, ratio_rows, args, rounds))
     if args.json:
         data = {
