@@ -447,6 +447,38 @@ async def test_a_message_handed_to_a_task_cancelled_before_it_ran_goes_back_in_f
         assert client._gate == 0 and not client._waiters and client.queued_bytes == 0
 
 
+@pytest.mark.parametrize("end", ["server shutdown", "goodbye", "connection lost"])
+async def test_tasks_waiting_in_async_for_learn_of_the_end_together(end: str) -> None:
+    """Several tasks wait in ``async for`` (and one in receive()) when the connection ends:
+    each iteration stops on a clean end and raises ConnectionClosed on the others."""
+    async with (
+        await trame_async.start_server("127.0.0.1", 0) as server,
+        trame_async.connect("127.0.0.1", server.port) as client,
+    ):
+        iterations = [asyncio.create_task(next_message(client)) for _ in range(3)]
+        receiver = asyncio.create_task(client.receive())
+        await started(*iterations, receiver)
+        (remote,) = server.clients
+        if end == "server shutdown":
+            await server.shutdown()
+        elif end == "goodbye":
+            remote.disconnect("bye")
+        else:
+            assert remote._transport is not None
+            remote._transport.abort()
+        done = await bounded(
+            asyncio.gather(*iterations, receiver, return_exceptions=True), 5, "the end"
+        )
+        clean = end != "connection lost"
+        for outcome in done[:3]:
+            if clean:  # next_message() saw the iteration stop
+                assert isinstance(outcome, AssertionError), outcome
+            else:
+                assert isinstance(outcome, ConnectionClosed), outcome
+        assert isinstance(done[3], ConnectionClosed), done[3]
+        assert not client._waiters
+
+
 async def test_two_consumers_share_a_stream_each_message_once() -> None:
     n = 500
     async with (
