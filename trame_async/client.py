@@ -24,7 +24,7 @@ import os
 import random
 import socket
 import ssl as _ssl
-from collections.abc import Awaitable, Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, NamedTuple, TypeAlias, cast
 
@@ -455,33 +455,6 @@ class _ClientProtocol(asyncio.Protocol):
             self._flush_handle = self.loop.call_soon(self._flush)
 
 
-class _Handoff(asyncio.Future["Message"]):
-    """The wait of an ``async for`` that found nothing queued, awaited as it is (no coroutine
-    per message: at one message per read, that was a measurable share of the receive cost).
-
-    Unlike the futures of :meth:`Client.receive`, it is resolved with the message itself, or
-    with the exception that ends the iteration, never with None. Cancelled after a message was
-    handed to it (its task cancelled before it could run), it gives the message back to the
-    front of the queue, for the next waiter.
-    """
-
-    __slots__ = ("_client",)
-    _client: Client | None
-
-    def cancel(self, msg: Any | None = None) -> bool:
-        """Cancel the wait; a message already handed over goes back to the client's queue."""
-        client = self._client
-        self._client = None
-        if self.done():
-            if client is not None and not self.cancelled() and self.exception() is None:
-                client._give_back(self.result())
-            return False
-        if client is not None:
-            with contextlib.suppress(ValueError):  # already taken off by a delivery
-                client._waiters.remove(self)
-        return super().cancel(msg)
-
-
 class Client:
     """A connection to a trame_async server. Get one from :func:`connect`.
 
@@ -541,10 +514,7 @@ class Client:
         # caller that did not wait gets only what lies past it.
         # A waiter's result is None when it was woken for the head of the queue, or the message
         # itself when _deliver() handed one over past an empty queue.
-        # An async for's waiter (_Handoff) always gets the message itself.
-        self._waiters: collections.deque[asyncio.Future[Message | None] | _Handoff] = (
-            collections.deque()
-        )
+        self._waiters: collections.deque[asyncio.Future[Message | None]] = collections.deque()
         # Zero when receive() may just pop the queue (its one test per message): otherwise one
         # per woken waiter owed a message (see _woken), plus one while reading is paused (a pop
         # may resume it).
@@ -992,12 +962,6 @@ class Client:
             with contextlib.suppress(ValueError):  # already taken off by _wake()
                 self._waiters.remove(waiter)
 
-    def _give_back(self, message: Message) -> None:
-        """Take back a message handed to an ``async for`` whose task was cancelled before it
-        could take it: to the front of the queue, for the next waiter."""
-        self._queue.appendleft(message)
-        self._wake()
-
     @property
     def _woken(self) -> int:
         """Waiters woken for a message that have not taken it yet."""
@@ -1010,34 +974,18 @@ class Client:
         while spare > 0 and waiters:
             waiter = waiters.popleft()
             if not waiter.done():  # a cancelled one is gone already (see _leave)
-                if isinstance(waiter, _Handoff):
-                    # The message itself, now: the first one not owed to a waiter woken before.
-                    waiter.set_result(self._pop(self._gate - self._read_paused))
-                else:
-                    waiter.set_result(None)
-                    self._gate += 1
+                waiter.set_result(None)
+                self._gate += 1
                 spare -= 1
 
     def __aiter__(self) -> Client:
         return self
 
-    def __anext__(self) -> Awaitable[Message]:
+    async def __anext__(self) -> Message:
         """Iterate over messages; stop on a clean close or server shutdown, raise on other ends.
 
         Waits as :meth:`receive` does, in turn with the other waiting tasks.
         """
-        loop = self._loop
-        if self._queue or self._gate or self._error is not None or loop is None:
-            return self._next()
-        # Nothing queued, nobody owed: wait on a future the next delivery resolves with the
-        # message itself, returned as the awaitable (the task awaits it with no coroutine).
-        waiter = _Handoff(loop=loop)
-        waiter._client = self
-        self._waiters.append(waiter)
-        return waiter
-
-    async def _next(self) -> Message:
-        """:meth:`__anext__` when a message is queued, a turn is owed, or the end is known."""
         queue = self._queue
         if queue and not self._gate:
             return queue.popleft()  # the common case at high rates, as in receive()
@@ -1150,15 +1098,8 @@ class Client:
             raise InvalidStateError("client is not connected")
         return proto
 
-    def _pop(self, at: int = 0) -> Message:
-        """Take the message at ``at`` from the queue (the head, or the first one past those owed
-        to woken waiters); resume reading when the queue fell low enough."""
-        queue = self._queue
-        if at:
-            msg = queue[at]
-            del queue[at]
-        else:
-            msg = queue.popleft()
+    def _pop(self) -> Message:
+        msg = self._queue.popleft()
         if (
             self._read_paused
             and len(self._queue) <= self.max_queue // 4
@@ -1255,11 +1196,8 @@ class Client:
                 # message): this runs once per read, and the call showed in the profile.
                 waiter = waiters.popleft()
                 if not waiter.done():
-                    if isinstance(waiter, _Handoff):
-                        waiter.set_result(self._pop())
-                    else:
-                        waiter.set_result(None)
-                        self._gate += 1
+                    waiter.set_result(None)
+                    self._gate += 1
 
     def _drop_oldest(self, max_count: int, max_bytes: int) -> None:
         """Drop messages from the front down to both bounds; the newest one always stays."""
@@ -1366,16 +1304,11 @@ class Client:
             logger.info("connection to %s:%d closed: %s", self.host, self.port, error)
         # Every waiter learns of the end (those owed a message still get it first).
         waiters = self._waiters
-        end: BaseException = StopAsyncIteration() if error.reason in _ITER_END else error
         while waiters:
             waiter = waiters.popleft()
             if not waiter.done():
-                if isinstance(waiter, _Handoff):
-                    # Made only with nothing queued; every message since was handed over.
-                    waiter.set_exception(end)
-                else:
-                    waiter.set_result(None)
-                    self._gate += 1
+                waiter.set_result(None)
+                self._gate += 1
         presence_waiter = self._presence_waiter
         if presence_waiter is not None and not presence_waiter.done():
             presence_waiter.set_result(None)
