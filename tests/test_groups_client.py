@@ -33,7 +33,7 @@ from trame_async import (
     Presence,
     encode,
 )
-from trame_async.protocol import ClientCore
+from trame_async.protocol import ClientCore, GroupPresence
 from trame_async.wire import (
     FLAG_PRESENCE,
     GROUP_HEAD,
@@ -139,11 +139,17 @@ def test_presence_and_member_lists_are_events() -> None:
         MemberList(4, 5, True, (3, 8)),
     ]
     assert core.receive_data(b"".join(f.encode() for f in frames), 0) == []
-    assert core.events == frames
+    assert core.events == [GroupPresence("g", frames[0]), GroupPresence("g", frames[1]), frames[2]]
     # A PRESENCE of a group not mapped (yet: its REPLY comes after it) is dropped in order.
     core.events.clear()
     core.receive_data(PresenceNotice(6, 1, 8, 0).encode() + Reply(2, JOIN, 0, 6, "h").encode(), 0)
     assert core.events == [Reply(2, JOIN, 0, 6, "h")] and core.unknown_group == 1
+    # One just before this client's own LEAVE of that group, in the same read, keeps its name.
+    core.events.clear()
+    leave = Reply(3, LEAVE, 0, 5, "g")
+    core.receive_data(PresenceNotice(5, 2, 9, 0).encode() + leave.encode(), 0)
+    assert core.events == [GroupPresence("g", PresenceNotice(5, 2, 9, 0)), leave]
+    assert 5 not in core.group_names
 
 
 def test_group_frames_before_welcome_are_unexpected() -> None:
@@ -448,6 +454,13 @@ async def test_presence_events_by_queue_and_by_callback() -> None:
                 PresenceNotice(3, 2, 8, int(DisconnectReason.HEARTBEAT_TIMEOUT)).encode(),
                 PresenceNotice(3, 2, 9, 0).encode(),
             )
+        elif kind == Kind.LEAVE:
+            # Someone left just before this client: both in one write, so in one read.
+            leave = Leave.parse(body)
+            conn.send(
+                PresenceNotice(3, 2, 7, 0).encode(),
+                Reply(leave.request_id, LEAVE, 0, leave.group_id, "room").encode(),
+            )
 
     expected = [
         Presence("room", 8, True, None),
@@ -461,6 +474,9 @@ async def test_presence_events_by_queue_and_by_callback() -> None:
             assert got == expected
             with pytest.raises(TimeoutError):
                 await client.next_presence(timeout=20 * MS)
+            # A PRESENCE read with this client's own LEAVE answer still names its group.
+            await client.leave("room")
+            assert await client.next_presence(timeout=5) == Presence("room", 7, False, None)
         seen: list[Presence] = []
         async with trame_async.connect("127.0.0.1", server.port, on_presence=seen.append) as client:
             await client.join("room", presence=True)

@@ -41,7 +41,7 @@ from .exceptions import (
     InvalidStateError,
     TrameError,
 )
-from .protocol import _CLOSED, _OPEN, ClientCore, GroupEvent
+from .protocol import _CLOSED, _OPEN, ClientCore, GroupEvent, GroupPresence
 from .wire import (
     DEFAULT_MAX_FRAME_SIZE,
     LENGTH_SIZE,
@@ -796,10 +796,9 @@ class Client:
 
     def _group_events(self, proto: _ClientProtocol, events: list[GroupEvent]) -> None:
         """Resolve the requests answered by ``events``; hand on presence events."""
-        core = proto.core
         for event in events:
-            if isinstance(event, PresenceNotice):
-                self._presence_event(core, event)
+            if isinstance(event, GroupPresence):
+                self._presence_event(event.group, event.notice)
                 continue
             request = proto.requests.pop(event.request_id, None) if event.request_id else None
             if request is None:
@@ -828,10 +827,7 @@ class Client:
                 reply.text,
             )
 
-    def _presence_event(self, core: ClientCore, notice: PresenceNotice) -> None:
-        group = core.group_names.get(notice.group_id)
-        if group is None:
-            return  # the core kept it, but a LEAVE later in the same read dropped the group
+    def _presence_event(self, group: str, notice: PresenceNotice) -> None:
         joined = notice.event == PresenceEvent.JOINED
         reason: DisconnectReason | None = None
         if notice.reason:

@@ -25,7 +25,7 @@ import hmac
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, TypeVar
+from typing import Final, NamedTuple, TypeVar
 
 from .codec import REGISTRY, Message, Registry
 from .codes import DisconnectReason, ErrorCode, GroupOp
@@ -70,7 +70,7 @@ from .wire import (
     pong,
 )
 
-__all__ = ["ClientCore", "CoreState", "GroupEvent", "ServerCore", "ServerLimits"]
+__all__ = ["ClientCore", "CoreState", "GroupEvent", "GroupPresence", "ServerCore", "ServerLimits"]
 
 _MULTICAST: Final = int(Kind.MULTICAST)
 _DATA: Final = int(Kind.DATA)
@@ -88,7 +88,17 @@ _GROUP_REQUESTS: Final = {
     int(Kind.MEMBERS): Members.parse,
 }
 #: What a client core hands its adapter in ClientCore.events.
-GroupEvent = Reply | PresenceNotice | MemberList
+
+
+class GroupPresence(NamedTuple):
+    """A PRESENCE notice and the name its group had when the notice arrived (a LEAVE's REPLY
+    later in the same read may unmap the id before the adapter looks)."""
+
+    group: str
+    notice: PresenceNotice
+
+
+GroupEvent = Reply | GroupPresence | MemberList
 _INF: Final = float("inf")
 _BANG: Final = ord("!")
 #: length[4] + kind[1] + magic[4]: what identifies a HELLO.
@@ -1008,8 +1018,9 @@ class ClientCore(_Core):
             notice = PresenceNotice.parse(body)
             # Judged here, in stream order, as GROUP_RELAY: a PRESENCE of a group not (yet, or
             # no longer) ours is dropped, even if a REPLY later in the same read maps its id.
-            if notice.group_id in self.group_names:
-                self.events.append(notice)
+            group = self.group_names.get(notice.group_id)
+            if group is not None:
+                self.events.append(GroupPresence(group, notice))
             else:
                 self.unknown_group += 1
         elif kind == Kind.MEMBER_LIST:
