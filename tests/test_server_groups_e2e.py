@@ -9,7 +9,7 @@ import pytest
 from helpers import eventually, running
 
 import trame_async
-from trame_async import INT, POS, STR, DisconnectReason, GroupRefused, Position
+from trame_async import BYT, INT, POS, STR, DisconnectReason, GroupRefused, Position
 from trame_async.codes import GroupStatus
 from trame_async.groups import Refuse
 
@@ -99,6 +99,36 @@ async def test_a_late_joiner_sees_the_last_values_then_the_live_stream() -> None
             (robot2.id, Position(9.0, 9.0)),
             (robot1.id, Position(5.0, 5.0)),
         ]
+
+
+async def test_last_values_past_half_a_joiners_budget_are_left_out_and_counted() -> None:
+    """20 senders' last values of 4 KiB (80 KiB) for a late joiner with a 64 KiB budget: the
+    newest that fit in half of it are sent, the others counted; the joiner is not cut."""
+    async with (
+        running(
+            last_value_groups=("zone/*",), max_frame_size=16 << 10, max_queue_bytes=64 << 10
+        ) as server,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        *robots, dashboard = await clients(stack, server.port, 21)
+        for robot in robots:
+            await robot.join("zone/1")
+        group = server._groups.by_name["zone/1"]
+        for i, robot in enumerate(robots):
+            # One at a time: the robots, members too, are not flooded past their own budget.
+            await robot.multicast(BYT, bytes([i]) * 4096, group="zone/1")
+            await eventually(lambda n=i + 1: len(group.last or ()) == n, 5.0, what="kept")
+        await dashboard.join("zone/1")
+        await robots[0].multicast(BYT, b"live", group="zone/1")
+        got = []
+        while not got or got[-1] != b"live":
+            got.append((await dashboard.receive(timeout=5)).value)
+        sent = len(got) - 1
+        assert 0 < sent < 20 and sent * 4096 <= 32 << 10
+        # The newest ones, in the order they were kept: the last senders.
+        assert got[:-1] == [bytes([i]) * 4096 for i in range(20 - sent, 20)]
+        assert server.stats()["last_values_skipped"] == 20 - sent
+        assert dashboard.connected
 
 
 async def test_the_server_places_a_client_and_it_learns_the_name() -> None:

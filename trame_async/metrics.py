@@ -176,6 +176,10 @@ class _Collector:
                 "Group last values evicted by their bounds.",
                 stats["last_values_dropped"],
             ),
+            "last_values_skipped": (
+                "Last values left out for late joiners (past half of max_queue_bytes).",
+                stats["last_values_skipped"],
+            ),
             "connects": ("Clients that completed their handshake.", server.connects),
         }
         for name, (doc, value) in counters.items():

@@ -793,6 +793,10 @@ class Server:
         self.budget_pauses = 0
         #: Clients shed (cut, or emptied under the drop policies) for the server-wide budget.
         self.budget_sheds = 0
+        #: Last values not sent to a late joiner because all of them would not fit in half its
+        #: outbound budget (the oldest ones are left out; counted, and logged now and then).
+        self.last_values_skipped = 0
+        self._skip_events = 0
         self._batch_relays = config.slow_consumer_policy == "disconnect"
         # How long a closing client may take to drain (the shutdown's override, once it runs).
         self._drain_timeout = config.drain_timeout
@@ -921,6 +925,7 @@ class Server:
             "groups": len(self._groups),
             "memberships": sum(len(c._groups) for c in self._open.values()),
             "last_values_dropped": self._groups.last_values_dropped,
+            "last_values_skipped": self.last_values_skipped,
             "disconnects": {str(r): n for r, n in self.disconnects.items()},
             **({"cluster": self.cluster.stats()} if self.cluster is not None else {}),
         }
@@ -1535,13 +1540,44 @@ class Server:
         if new:
             if group.last:
                 core = client._core
-                for frame in list(group.last.values()):
+                frames = list(group.last.values())
+                room = self.config.max_queue_bytes // 2
+                if group.last_bytes > room:
+                    frames = self._newest_that_fit(group, frames, room)
+                for frame in frames:
                     if core.state is not _OPEN:
                         break  # cut by its own backlog: it left the group on the way
                     client._queue(frame)
             if client._core.state is _OPEN and client.id in group.members:
                 self._presence(group, PresenceEvent.JOINED, client.id, 0)
         return group.id
+
+    def _newest_that_fit(
+        self, group: Group[RemoteClient], frames: list[bytes], room: int
+    ) -> list[bytes]:
+        """The newest of a group's last values that fit in ``room`` bytes (at least one): more
+        at once would cut a late joiner on its own budget. The others are counted and logged."""
+        total = group.last_bytes
+        start = 0
+        while total > room and start < len(frames) - 1:
+            total -= len(frames[start])
+            start += 1
+        self.last_values_skipped += start
+        self._skip_events += 1
+        if self._skip_events & (self._skip_events - 1) == 0:  # the 1st, 2nd, 4th... time
+            logger.warning(
+                "group %r: %d of its %d last values (%d bytes) left out for a late joiner, "
+                "past half of max_queue_bytes (%d; %d joiners so far): lower "
+                "last_values_max_bytes or raise max_queue_bytes",
+                group.name,
+                start,
+                len(frames),
+                group.last_bytes,
+                self.config.max_queue_bytes,
+                self._skip_events,
+                extra={"event": "last-values-skipped", "skipped": start},
+            )
+        return frames[start:]
 
     def _leave(self, client: RemoteClient, group: Group[RemoteClient], reason: int) -> None:
         client._groups.pop(group.id, None)
