@@ -236,12 +236,7 @@ class Outbox:
         elif cap is None or self.size <= cap:
             frames = self.frames
             if not self._unreported and len(frames) == 1:
-                data = frames.popleft()
-                n = len(data)
-                self.size -= n
-                self._ledger.pending -= n
-                self.written += n
-                return data
+                return self._pop_single()
             parts = list(frames)
             frames.clear()
             self._ledger.pending -= self.size
@@ -272,7 +267,11 @@ class Outbox:
             or self._unreported
         ):
             return None
-        data = frames.popleft()
+        return self._pop_single()
+
+    def _pop_single(self) -> bytes:
+        """Remove the one pending object and count it as written."""
+        data = self.frames.popleft()
         n = len(data)
         self.size -= n
         self._ledger.pending -= n
