@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from nats_helpers import MS, NatsServer, nats_server
 
 import trame_async
-from trame_async import INT, REGISTRY, PresenceEvent
+from trame_async import BYT, INT, REGISTRY, PresenceEvent
 from trame_async.cluster import NODE_ID_BITS, ClusterConfig, encode
 from trame_async.cluster.node import _parts, group_token
 from trame_async.wire import Kind, PresenceNotice
@@ -88,6 +88,40 @@ async def test_server_multicasts_reach_every_node_and_remote_group_members(tmp_p
         a.multicast(INT, 2, group="far")  # no member on node a: only node b delivers it
         got = await receive_n(bob, 2, STEP)
         assert [(m.sender, m.value, m.group) for m in got] == [(0, 1, None), (0, 2, "far")]
+
+
+async def test_remote_last_values_past_half_a_members_budget_are_left_out(tmp_path: Path) -> None:
+    """A member placed on node b (server.join) gets node a's last values when the snapshot comes:
+    at most half of its 64 KiB budget of them, the rest counted; it is not cut."""
+    limits = {"last_value_groups": ("zone/*",), "max_frame_size": 16 << 10}
+    async with (
+        nats_server(tmp_path) as nats,
+        cluster_nodes([nats.url], 2, max_queue_bytes=64 << 10, **limits) as (a, b),
+        contextlib.AsyncExitStack() as stack,
+    ):
+        robots = [
+            await stack.enter_async_context(trame_async.connect("127.0.0.1", a.port))
+            for _ in range(20)
+        ]
+        dashboard = await stack.enter_async_context(trame_async.connect("127.0.0.1", b.port))
+        for robot in robots:
+            await robot.join("zone/1")
+        group = a._groups.by_name["zone/1"]
+        for i, robot in enumerate(robots):
+            await robot.multicast(BYT, bytes([i]) * 4096, group="zone/1")
+            await eventually(lambda n=i + 1: len(group.last or ()) == n, STEP)
+        await eventually(lambda: b.stats()["cluster"]["nodes"] == 1, STEP)
+        (remote,) = b.clients
+        b.join(remote, "zone/1")
+        await eventually(lambda: b.stats()["last_values_skipped"] > 0, STEP)
+        await robots[0].multicast(BYT, b"live", group="zone/1")
+        got = []
+        while not got or got[-1] != b"live":
+            got.append((await dashboard.receive(timeout=5)).value)
+        sent = len(got) - 1
+        assert 0 < sent < 20 and sent * 4096 <= 32 << 10, sent
+        assert b.stats()["last_values_skipped"] == 20 - sent
+        assert dashboard.connected
 
 
 async def test_nodes_without_an_index_pick_distinct_ones(tmp_path: Path) -> None:

@@ -1061,6 +1061,10 @@ class ClusterNode:
         group = gs.group
         if group is None:
             return
+        # As for a late joiner (Server._admit_member): at most half of a member's budget at once,
+        # or the values would cut it; the rest are counted (kept for later joiners all the same).
+        room = server.config.max_queue_bytes // 2
+        skipped = 0
         for node, sections in snap.sections.items():
             section = sections.get(gs.name)
             if section is None:
@@ -1087,8 +1091,23 @@ class ClusterNode:
                     continue  # known already (a resync): not handed out twice
                 table.keep_last(group, key[0], key[1], relay)
                 if late:
-                    for member in list(group.members.values()):
+                    members = list(group.members.values())
+                    room -= len(relay)
+                    if room < 0:
+                        skipped += len(members)
+                        continue
+                    for member in members:
                         member._queue(relay)
+        if skipped:
+            server.last_values_skipped += skipped
+            logger.warning(
+                "cluster %s: group %r: %d last values from other nodes left out for its members "
+                "here, past half of max_queue_bytes (%d): lower last_values_max_bytes",
+                self.config.name,
+                gs.name,
+                skipped,
+                server.config.max_queue_bytes,
+            )
 
     async def _on_snap_request(self, msg: Any) -> None:
         await self._answer_snapshot(msg)
