@@ -93,6 +93,35 @@ def test_last_values_byte_bound_keeps_at_least_the_newest() -> None:
     assert list(group.last.values()) == [b"z" * 50]
 
 
+def test_last_values_of_all_groups_are_bounded_together() -> None:
+    """Past last_values_total_max_bytes, the least recently changed values go, whatever their
+    group; groups forgotten and values replaced cost nothing in the bound."""
+    table: GroupTable[str] = GroupTable(
+        GroupLimits(
+            last_value_groups=("*",), last_values_max_bytes=30, last_values_total_max_bytes=40
+        )
+    )
+    a, _ = table.join(1, "x", "a", presence=False)
+    b, _ = table.join(2, "y", "b", presence=False)
+    table.keep_last(a, 1, b"POS", b"a" * 10)
+    table.keep_last(b, 2, b"POS", b"b" * 10)
+    table.keep_last(a, 1, b"VEL", b"c" * 10)
+    table.keep_last(b, 2, b"VEL", b"d" * 10)
+    assert table.last_bytes == 40 and table.last_values_dropped == 0
+    table.keep_last(b, 2, b"ACC", b"e" * 10)  # 50 bytes: a's POS, the oldest of all, goes
+    assert a.last is not None and b.last is not None
+    assert list(a.last.values()) == [b"c" * 10]
+    assert list(b.last.values()) == [b"b" * 10, b"d" * 10, b"e" * 10]
+    assert table.last_bytes == 40 and table.last_values_dropped == 1
+    table.keep_last(a, 1, b"VEL", b"f" * 10)  # a replaced value: no growth, nothing goes
+    assert table.last_bytes == 40 and table.last_values_dropped == 1
+    table.leave(1, a)  # a forgotten: its bytes leave the bound
+    assert table.last_bytes == 30
+    for i in range(1000):  # replacing one value keeps the order bounded (stale entries dropped)
+        table.keep_last(b, 2, b"POS", bytes([i % 256]) * 10)
+    assert table.last_bytes == 30 and len(table._last_order) <= 2 * 3 + 64 + 1
+
+
 def test_members_after_pages_in_ascending_order() -> None:
     table: GroupTable[str] = GroupTable(GroupLimits())
     for cid in (9, 3, 7, 1, 5):
@@ -114,11 +143,15 @@ class GroupMachine(RuleBasedStateMachine):
             max_groups=3,
             last_value_groups=("a", "b"),
             last_values_max_count=4,
+            last_values_max_bytes=16,
+            last_values_total_max_bytes=24,  # six values of 4 bytes: two full groups are over
         )
         self.table: GroupTable[int] = GroupTable(self.limits)
         self.model: dict[str, set[int]] = {}
         self.of: dict[int, set[str]] = {c: set() for c in range(1, 7)}
         self.last: dict[str, dict[tuple[int, bytes], bytes]] = {}
+        # Every kept value, least recently changed first (the server-wide bound's order).
+        self.order: list[tuple[str, tuple[int, bytes]]] = []
 
     @rule(client=st.integers(1, 6), name=st.sampled_from("abcd"), presence=st.booleans())
     def join(self, client: int, name: str, presence: bool) -> None:
@@ -148,10 +181,12 @@ class GroupMachine(RuleBasedStateMachine):
         self.model[name].discard(client)
         self.of[client].discard(name)
         self.last[name] = {k: v for k, v in self.last[name].items() if k[0] != client}
+        self.order = [(n, k) for n, k in self.order if n != name or k[0] != client]
         assert forgotten == (not self.model[name])
         if forgotten:
             del self.model[name]
             del self.last[name]
+            self.order = [(n, k) for n, k in self.order if n != name]
 
     @precondition(lambda self: any(self.of.values()))
     @rule(data=st.data(), code=st.sampled_from([b"POS", b"VEL"]), n=st.integers(0, 9))
@@ -163,10 +198,18 @@ class GroupMachine(RuleBasedStateMachine):
         self.table.keep_last(group, client, code, frame)
         if group.last is not None:
             model = self.last[name]
-            model.pop((client, code), None)
-            model[(client, code)] = frame
+            key = (client, code)
+            if model.pop(key, None) is not None:
+                self.order.remove((name, key))
+            model[key] = frame
+            self.order.append((name, key))
             while len(model) > 4:
-                del model[next(iter(model))]
+                oldest = next(iter(model))
+                del model[oldest]
+                self.order.remove((name, oldest))
+            while 4 * len(self.order) > 24 and len(self.order) > 1:
+                old_name, old_key = self.order.pop(0)
+                del self.last[old_name][old_key]
 
     @invariant()
     def table_matches_model(self) -> None:
@@ -181,6 +224,15 @@ class GroupMachine(RuleBasedStateMachine):
                 assert list(group.last) == list(self.last[name])
                 assert group.last_bytes == sum(map(len, group.last.values()))
                 assert all(k[0] in group.members for k in group.last)
+        kept = [g for g in table.by_name.values() if g.last is not None]
+        assert table.last_bytes == sum(g.last_bytes for g in kept) == 4 * len(self.order) <= 24
+        live = [
+            (g.name, k)
+            for g, k, f in table._last_order
+            if g.last is not None and g.last.get(k) is f and table.by_id.get(g.id) is g
+        ]
+        assert live == self.order
+        assert len(table._last_order) <= 2 * 6 + 64 + 1  # stale entries stay bounded
 
 
 GroupMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)

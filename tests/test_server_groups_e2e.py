@@ -131,6 +131,32 @@ async def test_last_values_past_half_a_joiners_budget_are_left_out_and_counted()
         assert dashboard.connected
 
 
+async def test_last_values_of_all_groups_share_one_bound() -> None:
+    """Two groups' last values over last_values_total_max_bytes: the older one goes, counted;
+    a late joiner of its group then gets no stale value, only what comes next."""
+    with pytest.raises(ValueError, match="last_values_total_max_bytes"):
+        trame_async.ServerConfig(last_values_max_bytes=2048, last_values_total_max_bytes=1024)
+    async with (
+        running(
+            last_value_groups=("g*",),
+            last_values_max_bytes=8 << 10,
+            last_values_total_max_bytes=8 << 10,
+        ) as server,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        robot, late = await clients(stack, server.port, 2)
+        await robot.join("g1")
+        await robot.join("g2")
+        await robot.multicast(BYT, b"1" * 6000, group="g1")
+        await eventually(lambda: server.stats()["last_values_bytes"] > 0, 5.0, what="kept")
+        await robot.multicast(BYT, b"2" * 6000, group="g2")
+        await eventually(lambda: server.stats()["last_values_dropped"] == 1, 5.0, what="evicted")
+        assert 6000 < server.stats()["last_values_bytes"] <= 8 << 10
+        await late.join("g1")
+        await robot.multicast(BYT, b"live", group="g1")
+        assert (await late.receive(timeout=5)).value == b"live"
+
+
 async def test_the_server_places_a_client_and_it_learns_the_name() -> None:
     async with running() as server, contextlib.AsyncExitStack() as stack:
         (a,) = await clients(stack, server.port, 1)

@@ -374,6 +374,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="bytes of last values kept per group at most",
     )
+    grp.add_argument(
+        "--last-values-total-max-bytes",
+        type=_size,
+        default=d.last_values_total_max_bytes,
+        metavar="N",
+        help="bytes of last values kept by all groups together at most",
+    )
     sec.add_argument(
         "--max-unknown-formats",
         type=_count_or_off,
@@ -616,6 +623,7 @@ def _config(
             last_value_groups=tuple(args.last_value_groups),
             last_values_max_count=args.last_values_max_count,
             last_values_max_bytes=args.last_values_max_bytes,
+            last_values_total_max_bytes=args.last_values_total_max_bytes,
         )
     except ValueError as err:
         parser.error(_option_names(str(err)))

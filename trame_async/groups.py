@@ -13,6 +13,13 @@ last changed, bounded in count and bytes (the oldest goes first, counted in
 :attr:`GroupTable.last_values_dropped`). A sender's entries go when it leaves the group. A new
 member is handed them before any live frame, so that it sees the current state at once.
 
+The last values of all groups together are bounded too (``last_values_total_max_bytes``): many
+clients each filling the groups they may join cannot grow the server without limit. Past it, the
+values that changed least recently, whatever their group, go first (counted the same way). The
+table keeps every kept value in one deque in the order it was stored; a value replaced or dropped
+since is skipped when the deque is read (and the deque is rebuilt when stale entries outnumber
+live ones), so the bound costs O(1) amortised per stored value.
+
 Everything here is plain data and O(1) per call, but for :meth:`GroupTable.members_after` (a
 sorted view, cached until the membership changes) and a leave from a group that keeps last
 values (a scan of that group's entries, at most ``last_values_max_count``).
@@ -22,7 +29,7 @@ from __future__ import annotations
 
 import bisect
 import fnmatch
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -43,6 +50,7 @@ class GroupLimits:
     last_value_groups: tuple[str, ...] = ()
     last_values_max_count: int = 1024
     last_values_max_bytes: int = 1 << 20
+    last_values_total_max_bytes: int = 256 << 20
 
 
 class Group(Generic[_M]):
@@ -73,7 +81,16 @@ class Group(Generic[_M]):
 class GroupTable(Generic[_M]):
     """Every group of one server, by name and by id."""
 
-    __slots__ = ("_next_id", "by_id", "by_name", "last_values_dropped", "limits")
+    __slots__ = (
+        "_last_count",
+        "_last_order",
+        "_next_id",
+        "by_id",
+        "by_name",
+        "last_bytes",
+        "last_values_dropped",
+        "limits",
+    )
 
     def __init__(self, limits: GroupLimits) -> None:
         """Make an empty table enforcing ``limits``."""
@@ -81,8 +98,13 @@ class GroupTable(Generic[_M]):
         self.by_name: dict[str, Group[_M]] = {}
         self.by_id: dict[int, Group[_M]] = {}
         self._next_id = 0
-        #: Last values evicted by the count or byte bound since the start.
+        #: Last values evicted by the count or byte bounds since the start.
         self.last_values_dropped = 0
+        #: Bytes of the last values of every live group.
+        self.last_bytes = 0
+        # Every value stored, oldest first, as (group, key, frame); stale ones are skipped.
+        self._last_order: deque[tuple[Group[_M], tuple[int, bytes], bytes]] = deque()
+        self._last_count = 0  # live values: what _last_order holds that is not stale
 
     def __len__(self) -> int:
         return len(self.by_name)
@@ -135,6 +157,9 @@ class GroupTable(Generic[_M]):
             return False
         del self.by_name[group.name]
         del self.by_id[group.id]
+        if group.last:
+            self.last_bytes -= group.last_bytes
+            self._last_count -= len(group.last)
         return True
 
     def drop_sender(self, group: Group[_M], sender: int) -> None:
@@ -142,7 +167,15 @@ class GroupTable(Generic[_M]):
         last = group.last
         if last:
             for key in [k for k in last if k[0] == sender]:
-                group.last_bytes -= len(last.pop(key))
+                self._forget(group, last, key)
+
+    def _forget(
+        self, group: Group[_M], last: OrderedDict[tuple[int, bytes], bytes], key: tuple[int, bytes]
+    ) -> None:
+        n = len(last.pop(key))
+        group.last_bytes -= n
+        self.last_bytes -= n
+        self._last_count -= 1
 
     def add_remote(self, group: Group[_M], client_id: int) -> bool:
         """Note a member on another node; return whether it is new."""
@@ -181,17 +214,51 @@ class GroupTable(Generic[_M]):
             return
         key = (sender, code)
         old = last.pop(key, None)
-        if old is not None:
-            group.last_bytes -= len(old)
+        n = len(frame)
+        if old is None:
+            self._last_count += 1
+        else:  # a replacement, the common case: _forget inline
+            n -= len(old)
         last[key] = frame
-        group.last_bytes += len(frame)
+        group.last_bytes += n
+        self.last_bytes += n
+        order = self._last_order
+        order.append((group, key, frame))
         limits = self.limits
         while len(last) > 1 and (
             len(last) > limits.last_values_max_count
             or group.last_bytes > limits.last_values_max_bytes
         ):
-            group.last_bytes -= len(last.popitem(last=False)[1])
+            self._forget(group, last, next(iter(last)))
             self.last_values_dropped += 1
+        # The server-wide bound: the values that changed least recently go, whatever their group
+        # (the one just stored stays, as a group's newest does).
+        while (
+            self.last_bytes > limits.last_values_total_max_bytes and self._last_count > 1 and order
+        ):
+            old_group, old_key, old_frame = order.popleft()
+            old_last = old_group.last
+            if (
+                old_last is not None
+                and old_last.get(old_key) is old_frame
+                and self.by_id.get(old_group.id) is old_group
+            ):
+                self._forget(old_group, old_last, old_key)
+                self.last_values_dropped += 1
+        if len(order) > 2 * self._last_count + 64:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Rebuild the order of stored values without the stale ones (replaced, dropped, or of
+        groups forgotten since)."""
+        by_id = self.by_id
+        self._last_order = deque(
+            (group, key, frame)
+            for group, key, frame in self._last_order
+            if group.last is not None
+            and group.last.get(key) is frame
+            and by_id.get(group.id) is group
+        )
 
     def members_after(
         self, group: Group[_M], after: int, limit: int = 1024

@@ -152,6 +152,10 @@ class _Collector:
             "pending_bytes": ("Bytes in all the outboxes.", stats["pending_bytes"]),
             "groups": ("Live multicast groups.", stats["groups"]),
             "memberships": ("Group memberships of connected clients.", stats["memberships"]),
+            "last_values_bytes": (
+                "Bytes of the last values kept by all groups.",
+                stats["last_values_bytes"],
+            ),
             "publishers_paused": (
                 "1 while reading from publishers waits (pace mode, server-wide budget).",
                 int(stats["publishers_paused"]),

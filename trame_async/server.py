@@ -166,6 +166,9 @@ class ServerConfig:
     """Last values kept per group at most (the oldest goes first)."""
     last_values_max_bytes: int = 1 << 20
     """Bytes of last values kept per group at most (the oldest goes first)."""
+    last_values_total_max_bytes: int = 256 << 20
+    """Bytes of last values kept by all groups together at most: past it, the values that
+    changed least recently go first, whatever their group."""
     write_high_water: int = 64 << 10
     """Transport buffer size at which a client counts as congested (pause_writing)."""
     send_buffer_size: int | None = 128 << 10
@@ -212,6 +215,12 @@ class ServerConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.last_values_total_max_bytes < self.last_values_max_bytes:
+            raise ValueError(
+                f"last_values_total_max_bytes ({self.last_values_total_max_bytes}) must be at "
+                f"least last_values_max_bytes ({self.last_values_max_bytes}): it bounds all "
+                f"groups together"
+            )
         if not 1 <= self.max_group_name_length <= 255:
             raise ValueError("max_group_name_length must be between 1 and 255 bytes")
         if isinstance(self.last_value_groups, str):  # type: ignore[unreachable]
@@ -259,6 +268,7 @@ class ServerConfig:
             last_value_groups=tuple(self.last_value_groups),
             last_values_max_count=self.last_values_max_count,
             last_values_max_bytes=self.last_values_max_bytes,
+            last_values_total_max_bytes=self.last_values_total_max_bytes,
         )
 
     def outbox_limits(self) -> OutboxLimits:
@@ -925,6 +935,7 @@ class Server:
             "groups": len(self._groups),
             "memberships": sum(len(c._groups) for c in self._open.values()),
             "last_values_dropped": self._groups.last_values_dropped,
+            "last_values_bytes": self._groups.last_bytes,
             "last_values_skipped": self.last_values_skipped,
             "disconnects": {str(r): n for r, n in self.disconnects.items()},
             **({"cluster": self.cluster.stats()} if self.cluster is not None else {}),
