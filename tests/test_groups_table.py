@@ -120,6 +120,9 @@ def test_last_values_of_all_groups_are_bounded_together() -> None:
     for i in range(1000):  # replacing one value keeps the order bounded (stale entries dropped)
         table.keep_last(b, 2, b"POS", bytes([i % 256]) * 10)
     assert table.last_bytes == 30 and len(table._last_order) <= 2 * 3 + 64 + 1
+    # A value for a group forgotten meanwhile (a hook took its last member out) is not kept.
+    table.keep_last(a, 1, b"POS", b"g" * 10)
+    assert table.last_bytes == 30 and not a.last
 
 
 def test_members_after_pages_in_ascending_order() -> None:

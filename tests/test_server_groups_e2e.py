@@ -157,6 +157,39 @@ async def test_last_values_of_all_groups_share_one_bound() -> None:
         assert (await late.receive(timeout=5)).value == b"live"
 
 
+async def test_a_sender_taken_out_by_on_multicast_relays_nothing_and_leaves_no_value() -> None:
+    """on_multicast takes the sender out of the group and says keep: the frame is not relayed
+    (the sender is no longer a member) and leaves no last value behind, even when the sender
+    was the group's last member (the group is gone)."""
+    servers: list[trame_async.Server] = []
+
+    def on_multicast(client: Any, message: trame_async.Message) -> bool:
+        if message.group is not None and message.value == 13:
+            servers[0].leave(client, message.group)
+        return True
+
+    async with (
+        running(last_value_groups=("zone/*",), on_multicast=on_multicast) as server,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        servers.append(server)
+        alone, robot, watcher, listener = await clients(stack, server.port, 4)
+        await alone.join("zone/alone")
+        await alone.multicast(INT, 13, group="zone/alone")
+        await eventually(lambda: "zone/alone" not in server._groups.by_name, 5.0, what="gone")
+        assert server.stats()["last_values_bytes"] == 0
+        for member in (robot, watcher, listener):
+            await member.join("zone/1")
+        await robot.multicast(INT, 13, group="zone/1")
+        await eventually(lambda: robot.groups == frozenset(), 5.0, what="robot out")
+        await watcher.multicast(INT, 1, group="zone/1")  # after robot's 13, had it been relayed
+        got = await listener.receive(timeout=5)
+        assert (got.sender, got.value) == (watcher.id, 1)
+        group = server._groups.by_name["zone/1"]
+        assert group.last is not None and [k[0] for k in group.last] == [watcher.id]
+        assert server.stats()["last_values_bytes"] == group.last_bytes
+
+
 async def test_the_server_places_a_client_and_it_learns_the_name() -> None:
     async with running() as server, contextlib.AsyncExitStack() as stack:
         (a,) = await clients(stack, server.port, 1)

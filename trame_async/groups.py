@@ -210,8 +210,8 @@ class GroupTable(Generic[_M]):
     def keep_last(self, group: Group[_M], sender: int, code: bytes, frame: bytes) -> None:
         """Keep ``frame`` as the newest of (sender, code) in ``group``, within the bounds."""
         last = group.last
-        if last is None:
-            return
+        if last is None or self.by_id.get(group.id) is not group:
+            return  # a group forgotten meanwhile (its last member left in a hook) keeps nothing
         key = (sender, code)
         old = last.pop(key, None)
         n = len(frame)

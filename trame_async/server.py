@@ -1367,8 +1367,8 @@ class Server:
             except Exception:
                 logger.exception("on_multicast hook failed for client %d", sender.id)
                 keep = False
-            if not keep or sender._core.state is not _OPEN:
-                return
+            if not keep or sender._core.state is not _OPEN or sender.id not in group.members:
+                return  # refused, or the hook took the sender out of the group (or cut it)
         relay = GROUP_HEAD.pack(len(frame) + 4, _GROUP_RELAY, sender.id, gid) + frame[5:]
         self._send_run(relay, exclude, 1, group)
         if group.last is not None:
