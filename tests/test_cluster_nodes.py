@@ -20,7 +20,7 @@ from nats_helpers import MS, NatsServer, nats_server
 import trame_async
 from trame_async import BYT, INT, REGISTRY, PresenceEvent
 from trame_async.cluster import NODE_ID_BITS, ClusterConfig, encode
-from trame_async.cluster.node import _parts, group_token
+from trame_async.cluster.node import _parts, _uncovered, group_token
 from trame_async.wire import Kind, PresenceNotice
 
 pytestmark = pytest.mark.timeout(60)
@@ -120,6 +120,8 @@ async def test_remote_last_values_past_half_a_members_budget_are_left_out(tmp_pa
             got.append((await dashboard.receive(timeout=5)).value)
         sent = len(got) - 1
         assert 0 < sent < 20 and sent * 4096 <= 32 << 10, sent
+        # The newest ones, in the order they were kept: the last senders' values.
+        assert got[:-1] == [bytes([i]) * 4096 for i in range(20 - sent, 20)]
         assert b.stats()["last_values_skipped"] == 20 - sent
         assert dashboard.connected
 
@@ -373,6 +375,18 @@ async def test_a_resync_hands_out_no_last_value_twice(tmp_path: Path) -> None:
         await alice.multicast(INT, 43, group="s.room")
         (got,) = await receive_n(bob, 1, STEP)
         assert got.value == 43  # not 42 again
+
+
+def test_envelopes_dropped_while_a_group_waits_count_as_lost_unless_covered() -> None:
+    """A first-join buffer's drops, judged against the snapshot's positions (node 7's epoch 100
+    covered up to seq 4): per stream life, only the envelopes past the position are lost."""
+    covered = {7: (100, 5)}
+    assert _uncovered({(7, 100): [2, 10, 9]}, covered) == 6  # seqs 2-4 covered, 5-10 lost
+    assert _uncovered({(7, 100): [0, 4, 5]}, covered) == 0  # all covered
+    assert _uncovered({(7, 99): [0, 50, 51]}, covered) == 0  # an older life: before the snapshot
+    # The stream retired and reopened meanwhile: the new life is not covered at all.
+    assert _uncovered({(7, 100): [5, 10, 6], (7, 101): [0, 3, 4]}, covered) == 10
+    assert _uncovered({(8, 1): [0, 2, 3]}, covered) == 3  # a node the snapshot did not cover
 
 
 def test_snapshot_parts_stay_under_nats_max_payload() -> None:

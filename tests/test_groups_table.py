@@ -66,6 +66,7 @@ def test_last_values_keep_the_newest_per_sender_and_code_within_bounds() -> None
     limits = GroupLimits(last_value_groups=("zone/*",), last_values_max_count=3)
     table: GroupTable[str] = GroupTable(limits)
     group, _ = table.join(1, "a", "zone/1", presence=False)
+    table.join(3, "c", "zone/1", presence=False)
     plain, _ = table.join(1, "a", "chat", presence=False)
     assert group.last is not None and plain.last is None
     table.keep_last(group, 1, b"POS", b"p1")
@@ -78,7 +79,9 @@ def test_last_values_keep_the_newest_per_sender_and_code_within_bounds() -> None
     assert table.last_values_dropped == 1
     table.leave(1, group)  # sender 1's entries go with it
     assert list(group.last.values()) == [b"r1"]
-    assert group.last_bytes == 2
+    assert group.last_bytes == table.last_bytes == 2
+    table.leave(3, group)  # the last member: the group and its values go
+    assert not group.last and table.last_bytes == 0 and not table._last_order
 
 
 def test_last_values_byte_bound_keeps_at_least_the_newest() -> None:
@@ -117,12 +120,34 @@ def test_last_values_of_all_groups_are_bounded_together() -> None:
     assert table.last_bytes == 40 and table.last_values_dropped == 1
     table.leave(1, a)  # a forgotten: its bytes leave the bound
     assert table.last_bytes == 30
-    for i in range(1000):  # replacing one value keeps the order bounded (stale entries dropped)
+    assert not a.last  # and its values released
+    for i in range(1000):  # the order holds one entry per kept value, no stale one
         table.keep_last(b, 2, b"POS", bytes([i % 256]) * 10)
-    assert table.last_bytes == 30 and len(table._last_order) <= 2 * 3 + 64 + 1
+    assert table.last_bytes == 30 and len(table._last_order) == 3
     # A value for a group forgotten meanwhile (a hook took its last member out) is not kept.
     table.keep_last(a, 1, b"POS", b"g" * 10)
     assert table.last_bytes == 30 and not a.last
+
+
+def test_the_bound_on_all_groups_holds_what_it_counts_and_no_more() -> None:
+    """Replaced and evicted values are released: what the table references is what it counts."""
+    table: GroupTable[str] = GroupTable(
+        GroupLimits(
+            last_value_groups=("*",),
+            last_values_max_count=100_000,
+            last_values_max_bytes=1 << 20,
+            last_values_total_max_bytes=1 << 20,
+        )
+    )
+    g, _ = table.join(1, "x", "g", presence=False)
+    for i in range(5000):
+        table.keep_last(g, 1, i.to_bytes(3, "big"), b"x" * 20)
+    h, _ = table.join(2, "y", "h", presence=False)
+    for _ in range(300):
+        table.keep_last(h, 2, b"abc", bytes(300_000))
+    held = sum(len(f) for group in (g, h) for f in (group.last or {}).values())
+    assert held == table.last_bytes <= 1 << 20
+    assert len(table._last_order) == len(g.last or ()) + len(h.last or ())
 
 
 def test_members_after_pages_in_ascending_order() -> None:
@@ -229,13 +254,8 @@ class GroupMachine(RuleBasedStateMachine):
                 assert all(k[0] in group.members for k in group.last)
         kept = [g for g in table.by_name.values() if g.last is not None]
         assert table.last_bytes == sum(g.last_bytes for g in kept) == 4 * len(self.order) <= 24
-        live = [
-            (g.name, k)
-            for g, k, f in table._last_order
-            if g.last is not None and g.last.get(k) is f and table.by_id.get(g.id) is g
-        ]
-        assert live == self.order
-        assert len(table._last_order) <= 2 * 6 + 64 + 1  # stale entries stay bounded
+        order = [(table.by_id[gid].name, (snd, code)) for gid, snd, code in table._last_order]
+        assert order == self.order
 
 
 GroupMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)

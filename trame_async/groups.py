@@ -15,10 +15,9 @@ member is handed them before any live frame, so that it sees the current state a
 
 The last values of all groups together are bounded too (``last_values_total_max_bytes``): many
 clients each filling the groups they may join cannot grow the server without limit. Past it, the
-values that changed least recently, whatever their group, go first (counted the same way). The
-table keeps every kept value in one deque in the order it was stored; a value replaced or dropped
-since is skipped when the deque is read (and the deque is rebuilt when stale entries outnumber
-live ones), so the bound costs O(1) amortised per stored value.
+values that changed least recently, whatever their group, go first (counted the same way). One
+ordered dictionary of every kept value, moved to its end when it changes, gives that order in
+O(1) per stored value; it holds nothing a group does not hold.
 
 Everything here is plain data and O(1) per call, but for :meth:`GroupTable.members_after` (a
 sorted view, cached until the membership changes) and a leave from a group that keeps last
@@ -29,7 +28,7 @@ from __future__ import annotations
 
 import bisect
 import fnmatch
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -82,7 +81,6 @@ class GroupTable(Generic[_M]):
     """Every group of one server, by name and by id."""
 
     __slots__ = (
-        "_last_count",
         "_last_order",
         "_next_id",
         "by_id",
@@ -102,9 +100,9 @@ class GroupTable(Generic[_M]):
         self.last_values_dropped = 0
         #: Bytes of the last values of every live group.
         self.last_bytes = 0
-        # Every value stored, oldest first, as (group, key, frame); stale ones are skipped.
-        self._last_order: deque[tuple[Group[_M], tuple[int, bytes], bytes]] = deque()
-        self._last_count = 0  # live values: what _last_order holds that is not stale
+        # Every kept value of every live group, least recently changed first:
+        # (group id, sender, code) -> group.
+        self._last_order: OrderedDict[tuple[int, int, bytes], Group[_M]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self.by_name)
@@ -157,9 +155,10 @@ class GroupTable(Generic[_M]):
             return False
         del self.by_name[group.name]
         del self.by_id[group.id]
-        if group.last:
-            self.last_bytes -= group.last_bytes
-            self._last_count -= len(group.last)
+        last = group.last
+        if last:
+            for key in list(last):  # out of the server-wide order, and released
+                self._forget(group, last, key)
         return True
 
     def drop_sender(self, group: Group[_M], sender: int) -> None:
@@ -175,7 +174,7 @@ class GroupTable(Generic[_M]):
         n = len(last.pop(key))
         group.last_bytes -= n
         self.last_bytes -= n
-        self._last_count -= 1
+        del self._last_order[(group.id, *key)]
 
     def add_remote(self, group: Group[_M], client_id: int) -> bool:
         """Note a member on another node; return whether it is new."""
@@ -213,17 +212,17 @@ class GroupTable(Generic[_M]):
         if last is None or self.by_id.get(group.id) is not group:
             return  # a group forgotten meanwhile (its last member left in a hook) keeps nothing
         key = (sender, code)
+        order = self._last_order
+        where = (group.id, sender, code)
         old = last.pop(key, None)
         n = len(frame)
-        if old is None:
-            self._last_count += 1
-        else:  # a replacement, the common case: _forget inline
+        if old is not None:  # a replacement, the common case: _forget inline
             n -= len(old)
+            del order[where]
         last[key] = frame
+        order[where] = group
         group.last_bytes += n
         self.last_bytes += n
-        order = self._last_order
-        order.append((group, key, frame))
         limits = self.limits
         while len(last) > 1 and (
             len(last) > limits.last_values_max_count
@@ -233,32 +232,13 @@ class GroupTable(Generic[_M]):
             self.last_values_dropped += 1
         # The server-wide bound: the values that changed least recently go, whatever their group
         # (the one just stored stays, as a group's newest does).
-        while (
-            self.last_bytes > limits.last_values_total_max_bytes and self._last_count > 1 and order
-        ):
-            old_group, old_key, old_frame = order.popleft()
+        while self.last_bytes > limits.last_values_total_max_bytes and len(order) > 1:
+            (_, old_sender, old_code), old_group = next(iter(order.items()))
             old_last = old_group.last
-            if (
-                old_last is not None
-                and old_last.get(old_key) is old_frame
-                and self.by_id.get(old_group.id) is old_group
-            ):
-                self._forget(old_group, old_last, old_key)
-                self.last_values_dropped += 1
-        if len(order) > 2 * self._last_count + 64:
-            self._compact()
-
-    def _compact(self) -> None:
-        """Rebuild the order of stored values without the stale ones (replaced, dropped, or of
-        groups forgotten since)."""
-        by_id = self.by_id
-        self._last_order = deque(
-            (group, key, frame)
-            for group, key, frame in self._last_order
-            if group.last is not None
-            and group.last.get(key) is frame
-            and by_id.get(group.id) is group
-        )
+            if old_last is None:
+                break  # not reached: only groups that keep last values are in the order
+            self._forget(old_group, old_last, (old_sender, old_code))
+            self.last_values_dropped += 1
 
     def members_after(
         self, group: Group[_M], after: int, limit: int = 1024

@@ -176,9 +176,9 @@ class _GroupSub:
         self.buffered = 0
         #: node -> (epoch, next seq) the snapshot covered: earlier envelopes are in it.
         self.covered: dict[int, tuple[int, int]] = {}
-        #: node -> [epoch, first seq, last seq, count] of envelopes dropped from ``buffer``
-        #: (oldest first, so one run per node): judged against ``covered`` on replay.
-        self.dropped: dict[int, list[int]] = {}
+        #: (node, epoch) -> [first seq, last seq, count] of envelopes dropped from ``buffer``
+        #: (oldest first, so one run per stream life): judged against ``covered`` on replay.
+        self.dropped: dict[tuple[int, int], list[int]] = {}
         self.unused: asyncio.TimerHandle | None = None
         #: The snapshot, kept until the group exists here (its first member is admitted).
         self.snapshot: _Snapshot | None = None
@@ -720,12 +720,12 @@ class ClusterNode:
         if len(data) < _HEAD:
             return  # malformed anyway: it would have been dropped and counted on replay
         _, _, _, node, epoch, seq, _ = ENVELOPE_HEAD.unpack_from(data)
-        run = gs.dropped.get(node)
-        if run is None or run[0] != epoch:
-            run = gs.dropped[node] = [epoch, seq, seq, 0]
-        run[2] = seq
-        run[3] += 1
-        pending = sum(r[3] for r in gs.dropped.values())
+        run = gs.dropped.get((node, epoch))
+        if run is None:
+            run = gs.dropped[(node, epoch)] = [seq, seq, 0]
+        run[1] = seq
+        run[2] += 1
+        pending = sum(r[2] for r in gs.dropped.values())
         if pending & (pending - 1) == 0:
             logger.warning(
                 "cluster %s: group %r waits for its first member here; %d envelopes over the "
@@ -740,11 +740,7 @@ class ClusterNode:
     def _count_dropped(self, gs: _GroupSub) -> None:
         """Count, in ``buffer_dropped``, the dropped envelopes the snapshot did not cover: the
         ones the group's members here will never see (the replay counts the same as gaps)."""
-        for node, (epoch, first, last, count) in gs.dropped.items():
-            covered = gs.covered.get(node)
-            if covered is not None and covered[0] == epoch:
-                count = min(count, max(0, last + 1 - max(first, covered[1])))
-            self.buffer_dropped += count
+        self.buffer_dropped += _uncovered(gs.dropped, gs.covered)
         gs.dropped.clear()
 
     def _group_envelope(self, gs: _GroupSub, data: bytes) -> None:
@@ -1061,10 +1057,7 @@ class ClusterNode:
         group = gs.group
         if group is None:
             return
-        # As for a late joiner (Server._admit_member): at most half of a member's budget at once,
-        # or the values would cut it; the rest are counted (kept for later joiners all the same).
-        room = server.config.max_queue_bytes // 2
-        skipped = 0
+        handout: list[bytes] = []  # last values new to the members here, if ``late``
         for node, sections in snap.sections.items():
             section = sections.get(gs.name)
             if section is None:
@@ -1091,23 +1084,35 @@ class ClusterNode:
                     continue  # known already (a resync): not handed out twice
                 table.keep_last(group, key[0], key[1], relay)
                 if late:
-                    members = list(group.members.values())
-                    room -= len(relay)
-                    if room < 0:
-                        skipped += len(members)
-                        continue
-                    for member in members:
-                        member._queue(relay)
-        if skipped:
-            server.last_values_skipped += skipped
+                    handout.append(relay)
+        if handout:
+            self._hand_out(gs, group, handout)
+
+    def _hand_out(self, gs: _GroupSub, group: Group[RemoteClient], values: list[bytes]) -> None:
+        """Queue for the group's members here the last values the snapshot brought: as for a
+        late joiner (Server._admit_member), the newest that fit in half of a member's budget,
+        in order; the others are counted and logged (kept for later joiners all the same)."""
+        server = self.server
+        room = server.config.max_queue_bytes // 2
+        start = len(values)
+        while start > 0 and (room >= len(values[start - 1]) or start == len(values)):
+            start -= 1
+            room -= len(values[start])
+        members = list(group.members.values())
+        if start:
+            server.last_values_skipped += start * len(members)
             logger.warning(
-                "cluster %s: group %r: %d last values from other nodes left out for its members "
-                "here, past half of max_queue_bytes (%d): lower last_values_max_bytes",
+                "cluster %s: group %r: %d of %d last values from other nodes left out for its "
+                "members here, past half of max_queue_bytes (%d): lower last_values_max_bytes",
                 self.config.name,
                 gs.name,
-                skipped,
+                start,
+                len(values),
                 server.config.max_queue_bytes,
             )
+        for member in members:
+            for relay in values[start:]:
+                member._queue(relay)
 
     async def _on_snap_request(self, msg: Any) -> None:
         await self._answer_snapshot(msg)
@@ -1535,6 +1540,23 @@ class ClusterNode:
             "buffer_dropped": self.buffer_dropped,
             "peers_refused": self.peers_refused,
         }
+
+
+def _uncovered(
+    dropped: dict[tuple[int, int], list[int]], covered: dict[int, tuple[int, int]]
+) -> int:
+    """How many of the ``dropped`` envelopes ((node, epoch) -> [first seq, last seq, count]) a
+    snapshot's positions (node -> (epoch, next seq)) do not cover: those are lost."""
+    lost = 0
+    for (node, epoch), (first, last, count) in dropped.items():
+        position = covered.get(node)
+        if position is not None:
+            if position[0] > epoch:
+                continue  # an older life of that stream: the snapshot came after all of it
+            if position[0] == epoch:
+                count = min(count, max(0, last + 1 - max(first, position[1])))
+        lost += count
+    return lost
 
 
 def _parts(
