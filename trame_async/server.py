@@ -1552,7 +1552,8 @@ class Server:
             if group.last:
                 core = client._core
                 frames = list(group.last.values())
-                room = self.config.max_queue_bytes // 2
+                # Half the budget, less what is queued already (joins in a row add up).
+                room = self.config.max_queue_bytes // 2 - client.queued_bytes
                 if group.last_bytes > room:
                     frames = self._newest_that_fit(group, frames, room)
                 for frame in frames:
