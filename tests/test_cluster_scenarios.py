@@ -366,11 +366,13 @@ async def test_a_first_join_buffers_within_bounds_and_counts_what_it_drops(tmp_p
         at_bob = Inbox(bob)
         joining = asyncio.create_task(bob.join("feed"))
         await eventually(lambda: "feed" in b.cluster._groups, STEP)  # type: ignore[union-attr]
+        feed = b.cluster._groups["feed"]  # type: ignore[union-attr]
+        # The snapshot first (its position then precedes every frame below: all drops are lost).
+        await eventually(lambda: feed.ready.done(), STEP)
         n = 200
         for i in range(n):
             await alice.multicast(INT, i, group="feed")
             await asyncio.sleep(0)  # one envelope per frame or so: many to buffer
-        feed = b.cluster._groups["feed"]  # type: ignore[union-attr]
         await eventually(lambda: feed.dropped, STEP)  # the buffer is full: the oldest went
         release.set()
         await joining
