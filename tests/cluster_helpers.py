@@ -46,17 +46,20 @@ async def cluster_nodes(
     name: str | None = None,
     rotate: bool = False,
     cluster: dict[str, Any] | None = None,
+    cluster_each: Sequence[dict[str, Any]] = (),
     **options: Any,
 ) -> AsyncIterator[list[trame_async.Server]]:
-    """Run ``count`` clustered servers; ``cluster`` overrides ClusterConfig fields, ``options``
-    are ServerConfig fields. ``rotate``: node i prefers the i-th URL (then the next ones), so
-    the nodes spread over the NATS servers."""
+    """Run ``count`` clustered servers; ``cluster`` overrides ClusterConfig fields (and
+    ``cluster_each[i]`` those of node i), ``options`` are ServerConfig fields. ``rotate``: node
+    i prefers the i-th URL (then the next ones), so the nodes spread over the NATS servers."""
     name = name or f"t{next(_NAMES)}"
     async with contextlib.AsyncExitStack() as stack:
         servers = []
         for i in range(count):
             mine = list(urls)
             extra = dict(cluster or {})
+            if i < len(cluster_each):
+                extra.update(cluster_each[i])
             if rotate:
                 k = i % len(mine)
                 mine = mine[k:] + mine[:k]

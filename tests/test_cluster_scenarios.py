@@ -186,6 +186,32 @@ async def test_nats_down_for_two_seconds_the_outbox_replays_in_order(tmp_path: P
         await at_bob.wait(lambda: at_bob.values_from(alice.id, "room") == [5])
 
 
+async def test_a_node_declared_gone_for_a_slow_reconnect_still_has_its_gaps_counted(
+    tmp_path: Path,
+) -> None:
+    """Node a reconnects to NATS a second after node b: b declares it gone meanwhile (dead_after
+    0.3 s), then hears it again. What a dropped during the outage is still counted at b as
+    gaps, exactly (b kept a's sequence numbers while it was gone)."""
+    async with (
+        nats_server(tmp_path) as nats,
+        cluster_nodes(
+            [nats.url],
+            2,
+            cluster={"outbox_max_bytes": 1_000},
+            cluster_each=[{"reconnect_wait": 1.0}],
+        ) as (a, b),
+        clients([a.port, b.port]) as (alice, bob),
+    ):
+        at_bob = Inbox(bob)
+        values = await stop_nats_for(nats, (a, b), alice, 100)
+        await nats.start()
+        await at_bob.wait(lambda: values[-1] in at_bob.values_from(alice.id))
+        a_stats, b_stats = a.stats()["cluster"], b.stats()["cluster"]
+        assert b_stats["nodes_lost"] >= 1 and b_stats["nodes_returned"] >= 1, b_stats
+        assert a_stats["outbox_dropped_envelopes"] > 0
+        assert b_stats["missed"] == a_stats["outbox_dropped_envelopes"], (a_stats, b_stats)
+
+
 async def test_nats_down_past_the_outbox_bound_drops_are_counted_exactly(tmp_path: Path) -> None:
     async with (
         nats_server(tmp_path) as nats,

@@ -28,7 +28,8 @@ listened. The first envelope ever seen from a (stream, node) sets the expectatio
 counting anything lost: this node was not listening before.
 
 :meth:`forget_stream` must be called when this node unsubscribes from a stream (what is
-published meanwhile is not lost *for it*), :meth:`forget_node` when a node is known gone.
+published meanwhile is not lost *for it*), :meth:`forget_node` when a node is forgotten (gone long
+enough not to come back with the same epoch).
 Counters are kept per node and in total (:meth:`counters`); totals survive :meth:`forget_node`.
 """
 

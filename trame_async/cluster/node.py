@@ -513,6 +513,7 @@ class ClusterNode:
         limit = self._loop.time() - 10 * self.config.dead_after
         for node in [n for n, p in self._peers.items() if p.gone and p.seen < limit]:
             del self._peers[node]
+            self._tracker.forget_node(node)
 
     async def _discover(self, nc: Any) -> list[dict[str, Any]]:
         """Ask the live nodes who they are (a short round of replies)."""
@@ -1379,7 +1380,9 @@ class ClusterNode:
     def _node_gone(self, peer: _Peer) -> None:
         peer.gone = True
         self.nodes_lost += 1
-        self._tracker.forget_node(peer.node)
+        # Its sequence expectations stay until it is pruned: a node that comes back with the
+        # same epoch (cut off from NATS for longer than dead_after) resumes its counters, and
+        # what it could not send meanwhile (its outbox's drops) shows here as gaps.
         removed = 0
         for gs in self._groups.values():
             group = gs.group
