@@ -212,7 +212,9 @@ async def test_a_node_declared_gone_for_a_slow_reconnect_still_has_its_gaps_coun
         assert b_stats["missed"] == a_stats["outbox_dropped_envelopes"], (a_stats, b_stats)
 
 
-async def test_nats_down_past_the_outbox_bound_drops_are_counted_exactly(tmp_path: Path) -> None:
+async def test_nats_down_past_the_outbox_bound_drops_are_counted_exactly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     async with (
         nats_server(tmp_path) as nats,
         cluster_nodes([nats.url], 2, cluster={"outbox_max_bytes": 1_000}) as (a, b),
@@ -229,6 +231,17 @@ async def test_nats_down_past_the_outbox_bound_drops_are_counted_exactly(tmp_pat
         assert got == values[dropped:]
         a_stats, b_stats = a.stats()["cluster"], b.stats()["cluster"]
         assert b_stats["missed"] == a_stats["outbox_dropped_envelopes"]
+
+        # ... logged, at most a line a second, the last ones too ...
+        def logged() -> list[int]:
+            return [
+                r.frames  # type: ignore[attr-defined]
+                for r in caplog.records
+                if getattr(r, "event", None) == "cluster-dropped"
+            ]
+
+        await eventually(lambda: sum(logged()) == dropped, STEP)
+        assert len(logged()) <= 4, logged()  # a 2 s outage
         # ... and visible to the operator, read over HTTP.
         pytest.importorskip("prometheus_client")
         for server, name, value in (

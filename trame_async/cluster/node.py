@@ -253,6 +253,8 @@ class ClusterNode:
         self.shutdown_dropped_frames = 0
         self.snapshot_values_skipped = 0
         self.buffer_dropped = 0
+        self._drops_logged = 0  # outbox drops already in a log line
+        self._drops_logged_at = float("-inf")
         self._oversize_events = 0
         self.peers_refused = 0
         # What a group's first join may buffer of live envelopes (bounded like the outbox).
@@ -573,19 +575,24 @@ class ClusterNode:
         for batch in self._batcher.flush():
             outbox.push(batch, now)
             self._changed[batch.stream] = None
-        if outbox.dropped.frames != before:
-            self._log_drops(before)
+        if outbox.dropped.frames != before and now - self._drops_logged_at >= 1.0:
+            self._log_drops(now)
         self._wake.set()
 
-    def _log_drops(self, before: int) -> None:
+    def _log_drops(self, now: float) -> None:
+        """Log the outbox's drops since the last such line (at most one a second: an outage
+        under a flood drops at every loop iteration; the counters have every drop)."""
         drops = self._outbox.dropped
+        new = drops.frames - self._drops_logged
+        self._drops_logged = drops.frames
+        self._drops_logged_at = now
         logger.warning(
             "cluster %s: outbox over its bounds, %d frames for the other nodes dropped (%d in "
             "all since the start)",
             self.config.name,
-            drops.frames - before,
+            new,
             drops.frames,
-            extra={"event": "cluster-dropped", "frames": drops.frames - before},
+            extra={"event": "cluster-dropped", "frames": new},
         )
 
     async def _publisher(self) -> None:
@@ -597,9 +604,10 @@ class ClusterNode:
             nc = self._nc
             while nc is not None and nc.is_connected and not self._held():
                 before = outbox.dropped.frames
-                batch = outbox.peek(self._loop.time())
-                if outbox.dropped.frames != before:
-                    self._log_drops(before)
+                now = self._loop.time()
+                batch = outbox.peek(now)
+                if outbox.dropped.frames != before and now - self._drops_logged_at >= 1.0:
+                    self._log_drops(now)  # aged out
                 if batch is None:
                     self._drained.set()
                     break
@@ -1215,6 +1223,12 @@ class ClusterNode:
             self._check_peers()
             self._publish_heartbeat()
             self._check_probe()
+            now = self._loop.time()
+            if (
+                self._outbox.dropped.frames != self._drops_logged
+                and now - self._drops_logged_at >= 1.0
+            ):
+                self._log_drops(now)  # the last ones of a burst, in a line of their own
 
     def _heartbeat_body(self) -> bytes:
         positions: dict[str, list[int]] = {}
