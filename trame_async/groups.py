@@ -216,11 +216,12 @@ class GroupTable(Generic[_M]):
         where = (group.id, sender, code)
         old = last.pop(key, None)
         n = len(frame)
-        if old is not None:  # a replacement, the common case: _forget inline
+        if old is None:
+            order[where] = group
+        else:  # a replacement, the common case
             n -= len(old)
-            del order[where]
+            order.move_to_end(where)
         last[key] = frame
-        order[where] = group
         group.last_bytes += n
         self.last_bytes += n
         limits = self.limits
