@@ -253,7 +253,7 @@ class ClusterNode:
         self.shutdown_dropped_frames = 0
         self.snapshot_values_skipped = 0
         self.buffer_dropped = 0
-        self._drops_logged = 0  # outbox drops already in a log line
+        self._drops_logged = (0, 0)  # outbox drops (frames, replies) already in a log line
         self._drops_logged_at = float("-inf")
         self._oversize_events = 0
         self.peers_refused = 0
@@ -571,28 +571,31 @@ class ClusterNode:
             return
         now = self._loop.time()
         outbox = self._outbox
-        before = outbox.dropped.frames
         for batch in self._batcher.flush():
             outbox.push(batch, now)
             self._changed[batch.stream] = None
-        if outbox.dropped.frames != before and now - self._drops_logged_at >= 1.0:
-            self._log_drops(now)
+        self._log_drops(now)
         self._wake.set()
 
     def _log_drops(self, now: float) -> None:
-        """Log the outbox's drops since the last such line (at most one a second: an outage
-        under a flood drops at every loop iteration; the counters have every drop)."""
+        """Log the outbox's drops (envelopes' frames, and replies to other nodes) since the last
+        such line, at most one a second: an outage under a flood drops at every loop iteration,
+        and the counters have every drop. The heartbeat loop calls this too, for the last ones."""
         drops = self._outbox.dropped
-        new = drops.frames - self._drops_logged
-        self._drops_logged = drops.frames
+        frames, control = self._drops_logged
+        if (drops.frames, drops.control) == (frames, control) or now - self._drops_logged_at < 1:
+            return
+        self._drops_logged = (drops.frames, drops.control)
         self._drops_logged_at = now
         logger.warning(
-            "cluster %s: outbox over its bounds, %d frames for the other nodes dropped (%d in "
-            "all since the start)",
+            "cluster %s: outbox over its bounds, %d frames for the other nodes and %d replies "
+            "to them dropped (%d frames, %d replies in all since the start)",
             self.config.name,
-            new,
+            drops.frames - frames,
+            drops.control - control,
             drops.frames,
-            extra={"event": "cluster-dropped", "frames": new},
+            drops.control,
+            extra={"event": "cluster-dropped", "frames": drops.frames - frames},
         )
 
     async def _publisher(self) -> None:
@@ -603,11 +606,9 @@ class ClusterNode:
             self._wake.clear()
             nc = self._nc
             while nc is not None and nc.is_connected and not self._held():
-                before = outbox.dropped.frames
                 now = self._loop.time()
                 batch = outbox.peek(now)
-                if outbox.dropped.frames != before and now - self._drops_logged_at >= 1.0:
-                    self._log_drops(now)  # aged out
+                self._log_drops(now)  # any aged out
                 if batch is None:
                     self._drained.set()
                     break
@@ -1223,12 +1224,7 @@ class ClusterNode:
             self._check_peers()
             self._publish_heartbeat()
             self._check_probe()
-            now = self._loop.time()
-            if (
-                self._outbox.dropped.frames != self._drops_logged
-                and now - self._drops_logged_at >= 1.0
-            ):
-                self._log_drops(now)  # the last ones of a burst, in a line of their own
+            self._log_drops(self._loop.time())  # the last ones of a burst
 
     def _heartbeat_body(self) -> bytes:
         positions: dict[str, list[int]] = {}
