@@ -6,11 +6,11 @@ A hypothesis state machine drives join/leave/multicast interleavings against a p
 from __future__ import annotations
 
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from trame_async.groups import GroupLimits, GroupTable
+from trame_async.groups import GroupLimits, GroupTable, newest_that_fit
 from trame_async.wire import check_group_name
 
 
@@ -148,6 +148,15 @@ def test_the_bound_on_all_groups_holds_what_it_counts_and_no_more() -> None:
     held = sum(len(f) for group in (g, h) for f in (group.last or {}).values())
     assert held == table.last_bytes <= 1 << 20
     assert len(table._last_order) == len(g.last or ()) + len(h.last or ())
+
+
+@given(sizes=st.lists(st.integers(1, 50), max_size=20), room=st.integers(-10, 300))
+def test_newest_that_fit_keeps_the_longest_suffix_within_room(sizes: list[int], room: int) -> None:
+    frames = [b"x" * n for n in sizes]
+    start = newest_that_fit(frames, room)
+    kept = sizes[start:]
+    assert len(kept) == min(len(sizes), 1) or sum(kept) <= room  # the newest is always in
+    assert start == 0 or sum(sizes[start - 1 :]) > room or start == len(sizes)
 
 
 def test_members_after_pages_in_ascending_order() -> None:

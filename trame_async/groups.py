@@ -29,10 +29,11 @@ from __future__ import annotations
 import bisect
 import fnmatch
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-__all__ = ["Accept", "Group", "GroupLimits", "GroupTable", "Refuse"]
+__all__ = ["Accept", "Group", "GroupLimits", "GroupTable", "Refuse", "newest_that_fit"]
 
 _M = TypeVar("_M")
 _MAX_ID = 0xFFFF_FFFF
@@ -276,3 +277,13 @@ class Refuse:
     """An ``on_join`` verdict: refuse, telling the client ``reason`` (at most 255 bytes)."""
 
     reason: str = "refused by the server"
+
+
+def newest_that_fit(frames: Sequence[bytes], room: int) -> int:
+    """Return where the newest of ``frames`` (oldest first) that fit in ``room`` bytes start;
+    the newest one is always in."""
+    start = len(frames)
+    while start > 0 and (start == len(frames) or room >= len(frames[start - 1])):
+        start -= 1
+        room -= len(frames[start])
+    return start

@@ -31,7 +31,7 @@ from .cluster.config import NODE_ID_BITS, ClusterConfig, parse_urls
 from .codec import REGISTRY, Message, Registry, TrameLike
 from .codes import DisconnectReason, ErrorCode, GroupOp, GroupStatus, PresenceEvent
 from .exceptions import GroupRefused, InvalidStateError, ProtocolError
-from .groups import Accept, Group, GroupLimits, GroupTable, Refuse
+from .groups import Accept, Group, GroupLimits, GroupTable, Refuse, newest_that_fit
 from .outbox import CUT, WRITE, Ledger, Outbox, OutboxLimits
 from .protocol import _OPEN, ServerCore, ServerLimits
 from .timers import TimerWheel
@@ -1551,12 +1551,7 @@ class Server:
         if new:
             if group.last:
                 core = client._core
-                frames = list(group.last.values())
-                # Half the budget, less what is queued already (joins in a row add up).
-                room = self.config.max_queue_bytes // 2 - client.queued_bytes
-                if group.last_bytes > room:
-                    frames = self._newest_that_fit(group, frames, room)
-                for frame in frames:
+                for frame in self._last_values_for(client, group, list(group.last.values())):
                     if core.state is not _OPEN:
                         break  # cut by its own backlog: it left the group on the way
                     client._queue(frame)
@@ -1564,31 +1559,29 @@ class Server:
                 self._presence(group, PresenceEvent.JOINED, client.id, 0)
         return group.id
 
-    def _newest_that_fit(
-        self, group: Group[RemoteClient], frames: list[bytes], room: int
+    def _last_values_for(
+        self, client: RemoteClient, group: Group[RemoteClient], frames: list[bytes]
     ) -> list[bytes]:
-        """The newest of a group's last values that fit in ``room`` bytes (at least one): more
-        at once would cut a late joiner on its own budget. The others are counted and logged."""
-        total = group.last_bytes
-        start = 0
-        while total > room and start < len(frames) - 1:
-            total -= len(frames[start])
-            start += 1
-        self.last_values_skipped += start
-        self._skip_events += 1
-        if self._skip_events & (self._skip_events - 1) == 0:  # the 1st, 2nd, 4th... time
-            logger.warning(
-                "group %r: %d of its %d last values (%d bytes) left out for a late joiner, "
-                "past half of max_queue_bytes (%d; %d joiners so far): lower "
-                "last_values_max_bytes or raise max_queue_bytes",
-                group.name,
-                start,
-                len(frames),
-                group.last_bytes,
-                self.config.max_queue_bytes,
-                self._skip_events,
-                extra={"event": "last-values-skipped", "skipped": start},
-            )
+        """The newest of ``group``'s last values ``frames`` (oldest first) that ``client`` may be
+        sent at once: within half its budget, less what is queued for it already (joins in a row
+        add up), or they would cut it. The others are counted and logged."""
+        start = newest_that_fit(frames, self.config.max_queue_bytes // 2 - client.queued_bytes)
+        if start:
+            self.last_values_skipped += start
+            self._skip_events += 1
+            if self._skip_events & (self._skip_events - 1) == 0:  # the 1st, 2nd, 4th... time
+                logger.warning(
+                    "group %r: %d of its %d last values left out for client %d, past half of "
+                    "max_queue_bytes (%d; %d times so far): lower last_values_max_bytes or "
+                    "raise max_queue_bytes",
+                    group.name,
+                    start,
+                    len(frames),
+                    client.id,
+                    self.config.max_queue_bytes,
+                    self._skip_events,
+                    extra={"event": "last-values-skipped", "skipped": start},
+                )
         return frames[start:]
 
     def _leave(self, client: RemoteClient, group: Group[RemoteClient], reason: int) -> None:

@@ -1096,32 +1096,15 @@ class ClusterNode:
                 if late:
                     handout.append(relay)
         if handout:
-            self._hand_out(gs, group, handout)
+            self._hand_out(group, handout)
 
-    def _hand_out(self, gs: _GroupSub, group: Group[RemoteClient], values: list[bytes]) -> None:
-        """Queue for the group's members here the last values the snapshot brought: as for a
-        late joiner (Server._admit_member), the newest that fit in half of a member's budget,
-        in order; the others are counted and logged (kept for later joiners all the same)."""
+    def _hand_out(self, group: Group[RemoteClient], values: list[bytes]) -> None:
+        """Queue for the group's members here the last values the snapshot brought, as for a
+        late joiner (Server._last_values_for: the newest that fit, the others counted and
+        logged; all kept for later joiners)."""
         server = self.server
-        room = server.config.max_queue_bytes // 2
-        start = len(values)
-        while start > 0 and (room >= len(values[start - 1]) or start == len(values)):
-            start -= 1
-            room -= len(values[start])
-        members = list(group.members.values())
-        if start:
-            server.last_values_skipped += start * len(members)
-            logger.warning(
-                "cluster %s: group %r: %d of %d last values from other nodes left out for its "
-                "members here, past half of max_queue_bytes (%d): lower last_values_max_bytes",
-                self.config.name,
-                gs.name,
-                start,
-                len(values),
-                server.config.max_queue_bytes,
-            )
-        for member in members:
-            for relay in values[start:]:
+        for member in list(group.members.values()):
+            for relay in server._last_values_for(member, group, values):
                 member._queue(relay)
 
     async def _on_snap_request(self, msg: Any) -> None:
